@@ -1,0 +1,229 @@
+"""The attention-intervention hook.
+
+One wrapper per base implementation ("attnkit_sdpa", "attnkit_eager", ...) is registered with
+transformers' AttentionInterface, and with AttentionMaskInterface under the base's own mask
+function, so the model builds exactly the masks it would have built. While `intervene` is active
+the model's attention implementation points at the wrapper, and every attention module carries a
+reference to the controller that says what to do:
+
+* head masks: `uniform` zeroes a head's query (its attention becomes uniform over visible keys),
+  `zero` zeroes the head's output; in prefill, decode or both;
+* decode probes: on single-query steps, the top-k attended key positions of every query head.
+
+With nothing active the wrapper calls the base function with the very same arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from attnkit.errors import AttnkitError
+
+WRAPPABLE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+PREFIX = "attnkit_"
+
+
+@dataclass(frozen=True)
+class HeadMask:
+    """Heads to knock out: (layer, query head) pairs, how, and in which phase."""
+
+    heads: frozenset = field(default_factory=frozenset)
+    mode: str = "uniform"  # "uniform" (zero the query) or "zero" (zero the output)
+    phase: str = "decode"  # "decode", "prefill" or "both"; the retrieval-head authors masked decode only
+
+    def __post_init__(self):
+        object.__setattr__(self, "heads", frozenset((int(l), int(h)) for l, h in self.heads))
+        if self.mode not in ("uniform", "zero"):
+            raise AttnkitError(f"unknown mask mode '{self.mode}' (use uniform or zero)")
+        if self.phase not in ("decode", "prefill", "both"):
+            raise AttnkitError(f"unknown mask phase '{self.phase}' (use decode, prefill or both)")
+
+    def applies(self, query_len: int) -> bool:
+        decode = query_len == 1
+        return self.phase == "both" or (self.phase == "decode") == decode
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Record the top-k attended key positions per query head on decode steps.
+
+    `prefill_last` also probes the last query row of a prefill (the step that produces the first
+    generated token).
+    """
+
+    top_k: int = 1
+    prefill_last: bool = False
+
+
+def check_wrappable(implementation: str) -> None:
+    if implementation.removeprefix(PREFIX) not in WRAPPABLE:
+        raise AttnkitError(f"attention implementation '{implementation}' cannot be wrapped by attnkit's hook "
+                           f"(supported: {', '.join(WRAPPABLE)})")
+
+
+def _base_function(name: str, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _make_wrapper(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        ctl: Controller | None = getattr(module, "_attnkit_controller", None)
+        fn = _base_function(base, module)
+        if ctl is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        return ctl.attend(fn, module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _register(base: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = PREFIX + base
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_wrapper(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """Attention modules by layer index."""
+    found = {}
+    for m in model.modules():
+        if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups") and hasattr(m, "config"):
+            found[m.layer_idx] = m
+    if not found:
+        raise AttnkitError(f"{type(model).__name__}: no attention modules that use transformers' AttentionInterface")
+    return found
+
+
+class Controller:
+    """What the wrapped attention does for one model; see `intervene`."""
+
+    def __init__(self, model, mask: HeadMask | None = None, probe: Probe | None = None):
+        self.modules = attention_modules(model)
+        self.num_layers = len(self.modules)
+        self.num_heads = model.config.num_attention_heads
+        self.mask = mask
+        self.probe = probe
+        self._keep: dict = {}
+        self.steps: list[torch.Tensor] = []  # per probed step: [layers, batch, heads, k] key indices
+        self.step_probs: list[torch.Tensor] = []
+
+    # --- configuration -------------------------------------------------------------------------
+    def set_mask(self, mask: HeadMask | None) -> None:
+        if mask is not None:
+            bad = [(l, h) for l, h in mask.heads if not (0 <= l < self.num_layers and 0 <= h < self.num_heads)]
+            if bad:
+                raise AttnkitError(f"head {bad[0]} is outside the model ({self.num_layers} layers x {self.num_heads} heads)")
+        self.mask = mask
+        self._keep = {}
+
+    def reset_probes(self) -> None:
+        self.steps, self.step_probs = [], []
+
+    # --- results -------------------------------------------------------------------------------
+    def positions(self) -> torch.Tensor:
+        """Top-k key indices of all probed steps: [steps, layers, batch, heads, k]."""
+        if not self.steps:
+            return torch.empty(0, self.num_layers, 0, self.num_heads, self.probe.top_k if self.probe else 1, dtype=torch.long)
+        return torch.stack(self.steps)
+
+    def probabilities(self) -> torch.Tensor:
+        """Attention weights of those positions, same shape as `positions()`."""
+        return torch.stack(self.step_probs) if self.step_probs else torch.empty(0)
+
+    # --- the work ------------------------------------------------------------------------------
+    def _keep_vector(self, layer: int, device, dtype) -> torch.Tensor | None:
+        key = (layer, device, dtype)
+        if key not in self._keep:
+            heads = [h for l, h in self.mask.heads if l == layer]
+            if not heads:
+                self._keep[key] = None
+            else:
+                keep = torch.ones(self.num_heads, device=device, dtype=dtype)
+                keep[heads] = 0
+                self._keep[key] = keep
+        return self._keep[key]
+
+    def attend(self, fn, module, query, key, value, attention_mask, **kwargs):
+        layer, q_len = module.layer_idx, query.shape[2]
+        keep = None
+        if self.mask is not None and self.mask.heads and self.mask.applies(q_len):
+            keep = self._keep_vector(layer, query.device, query.dtype)
+        if keep is not None and self.mask.mode == "uniform":
+            query = query * keep.view(1, -1, 1, 1)
+        if self.probe is not None and (q_len == 1 or self.probe.prefill_last):
+            self._probe(module, query[:, :, -1:], key, attention_mask, kwargs)
+        out, weights = fn(module, query, key, value, attention_mask, **kwargs)
+        if keep is not None and self.mask.mode == "zero":
+            out = out * keep.view(1, 1, -1, 1)  # out is [batch, q_len, heads, head_dim]
+        return out, weights
+
+    def _probe(self, module, query, key, attention_mask, kwargs) -> None:
+        """Top-k over one [heads x keys] score row per layer; GQA heads read their own KV head."""
+        b, h, _, d = query.shape
+        kv = key.shape[1]
+        scaling = kwargs.get("scaling") or d ** -0.5
+        grouped = query.reshape(b, kv, h // kv, d)
+        scores = torch.matmul(grouped, key.transpose(-1, -2)).reshape(b, h, -1).float() * scaling
+        if kwargs.get("softcap"):
+            scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+        if attention_mask is not None:
+            mask = attention_mask
+            if mask.dim() == 4:
+                mask = mask[:, :, -1, : scores.shape[-1]]  # [b, 1, keys]
+            elif mask.dim() == 2:
+                mask = mask[:, None, -scores.shape[-1]:]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            elif mask.dim() == 3 and attention_mask.dim() == 2:
+                scores = scores.masked_fill(mask == 0, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        k = min(self.probe.top_k, scores.shape[-1])
+        top, idx = scores.topk(k, dim=-1)
+        probs = torch.exp(top - torch.logsumexp(scores, dim=-1, keepdim=True))
+        layer = module.layer_idx
+        if layer == 0 or not self.steps or self.steps[-1].shape[1] != b:
+            self.steps.append(torch.zeros(self.num_layers, b, h, k, dtype=torch.long, device=idx.device))
+            self.step_probs.append(torch.zeros(self.num_layers, b, h, k, dtype=torch.float32, device=idx.device))
+        self.steps[-1][layer] = idx
+        self.step_probs[-1][layer] = probs
+
+
+@contextmanager
+def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None):
+    """Wrap the model's attention for the duration of the block; yields the Controller.
+
+        with intervene(model, mask=HeadMask({(3, 1)}, mode="uniform"), probe=Probe()) as ctl:
+            model.generate(...)
+        ctl.positions()  # [steps, layers, batch, heads, k]
+    """
+    base = model.config._attn_implementation
+    if base.startswith(PREFIX):
+        raise AttnkitError("intervene() is already active on this model")
+    check_wrappable(base)
+    ctl = Controller(model, probe=probe)
+    ctl.set_mask(mask)
+    name = _register(base)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise AttnkitError(f"{type(model).__name__} does not let attnkit set its attention implementation")
+    for m in ctl.modules.values():
+        m._attnkit_controller = ctl
+    try:
+        yield ctl
+    finally:
+        for m in ctl.modules.values():
+            m.__dict__.pop("_attnkit_controller", None)
+        model.set_attn_implementation(base)

@@ -1,0 +1,97 @@
+"""Load a Hugging Face causal LM from a local directory (or the embedded model) and describe it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from attnkit.errors import AttnkitError
+
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
+
+
+def resolve_spec(spec: str | Path) -> Path:
+    if str(spec) == "embedded":
+        return EMBEDDED_DIR
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise AttnkitError(f"model path not found: {path}")
+    if not (path / "config.json").is_file():
+        raise AttnkitError(f"no config.json in {path}: not a Hugging Face model directory")
+    return path
+
+
+def load_config(spec: str | Path):
+    from transformers import AutoConfig
+
+    path = resolve_spec(spec)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise AttnkitError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
+               device_map: str | dict | None = None, attn_implementation: str = "sdpa"):
+    """Return (model, tokenizer) for a local model directory or the word "embedded"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from attnkit.core.hook import check_wrappable
+
+    check_wrappable(attn_implementation)
+    path = resolve_spec(spec)
+    config = load_config(path)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise AttnkitError(f"{path}: model type '{config.model_type}' is not a causal language model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise AttnkitError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype or torch.float32, "attn_implementation": attn_implementation,
+              "local_files_only": True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def rope_base(config) -> float | None:
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    theta = getattr(config, "rope_theta", None)
+    return float(theta) if theta is not None else None
+
+
+def model_info(spec: str | Path) -> dict:
+    """Architecture facts read from the config, plus the parameter count (from a meta-device model)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    heads = config.num_attention_heads
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    params = getattr(config, "rope_parameters", None) or {}
+    return {
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "query_heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "rope_base": rope_base(config),
+        "rope_scaling": params.get("rope_type", "default") if params else None,
+        "max_positions": getattr(config, "max_position_embeddings", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }

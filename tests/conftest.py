@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_config(family: str, kv_heads: int = 2, attn: str = "sdpa"):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256)
+    if family in ("qwen3",):
+        kwargs["head_dim"] = 16
+    config = cls(**kwargs)
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_model(family: str = "llama", kv_heads: int = 2, attn: str = "sdpa", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, kv_heads, attn), attn_implementation=attn)
+    return model.eval()
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED
