@@ -56,7 +56,10 @@ def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str |
               "local_files_only": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise AttnkitError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
     if device_map is None:
         model = model.to(device)
     model.eval()
@@ -82,6 +85,7 @@ def model_info(spec: str | Path) -> dict:
     heads = config.num_attention_heads
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
     params = getattr(config, "rope_parameters", None) or {}
     return {
         "architecture": (config.architectures or [type(model).__name__])[0],

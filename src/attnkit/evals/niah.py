@@ -1,3 +1,206 @@
-"""Needle-in-a-haystack prompts, trials and grids."""
+"""Needle-in-a-haystack: prompts built as the retrieval-head authors built them, trials, and grids.
+
+Prompt: the haystack cut to fit the context length (room is left for needle, question and answer),
+the needle inserted at the depth on a sentence boundary, then the question template. Greedy decoding
+up to 50 tokens, stopping at a newline or EOS. Score: ROUGE-1 recall (stemmed) against the
+needle's answer, 0-100.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from attnkit.errors import AttnkitError
 
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
+ANSWER_ROOM = 50
+
+
+@dataclass(frozen=True)
+class Needle:
+    needle: str
+    question: str
+    real_needle: str
+
+
+@dataclass
+class NiahPrompt:
+    input_ids: torch.Tensor  # [1, tokens]
+    span: tuple[int, int]  # token positions of the answer span inside the prompt
+    length: int
+    depth: float
+
+
+def load_needles(path: str | Path | None = None) -> list[Needle]:
+    """Needles from a JSONL file (needle, question, real_needle); None gives the built-in ones."""
+    if path is None:
+        text = resources.files("attnkit.evals").joinpath("data/needles.jsonl").read_text()
+        name = "built-in needles"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise AttnkitError(f"needles file not found: {p}")
+        text, name = p.read_text(), str(p)
+    needles = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            needles.append(Needle(row["needle"], row["question"], row["real_needle"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AttnkitError(f"{name}, line {n}: not a needle record ({type(e).__name__}: {e})") from None
+    if not needles:
+        raise AttnkitError(f"{name}: no needles")
+    return needles
+
+
+def load_haystack(path: str | Path | None = None, min_chars: int = 0) -> str:
+    """A .txt file, or every .txt file of a folder in name order; None gives the built-in filler prose."""
+    if path is None:
+        from attnkit.evals.prose import filler_text
+        return filler_text(max(min_chars, 200_000))
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        text = "".join(f.read_text(errors="replace") for f in files)
+    elif p.is_file():
+        text = p.read_text(errors="replace")
+    else:
+        raise AttnkitError(f"haystack not found: {p}")
+    if not text.strip():
+        raise AttnkitError(f"haystack {p} is empty")
+    return text
+
+
+def find_span(prompt_ids: list[int], answer_ids: list[int]) -> tuple[int, int]:
+    """First window of len(answer) tokens whose token set covers > 90% of the answer's token set."""
+    want = set(answer_ids)
+    n = len(answer_ids)
+    for i in range(len(prompt_ids) - n + 1):
+        if len(set(prompt_ids[i:i + n]) & want) / len(want) > 0.9:
+            return i, i + n
+    return -1, -1
+
+
+class PromptBuilder:
+    """Builds NIAH prompts for one tokenizer and haystack, tokenising the haystack once."""
+
+    def __init__(self, tokenizer, haystack: str, chat_template: bool = False, answer_room: int = ANSWER_ROOM):
+        self.tok = tokenizer
+        self.chat = chat_template
+        self.answer_room = answer_room
+        self.hay_ids = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+        if not self.hay_ids:
+            raise AttnkitError("haystack is empty after tokenisation")
+
+    def _text(self, context: str, needle: Needle) -> list[int]:
+        if self.chat:
+            msg = [{"role": "user", "content": context + QUESTION_TEMPLATE.format(question=needle.question)}]
+            return self.tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return self.tok(context + QUESTION_TEMPLATE.format(question=needle.question))["input_ids"]
+
+    def build(self, needle: Needle, length: int, depth: float) -> NiahPrompt:
+        tok = self.tok
+        needle_ids = tok(" " + needle.needle.strip(), add_special_tokens=False)["input_ids"]
+        overhead = len(self._text("", needle))
+        budget = length - overhead - len(needle_ids) - self.answer_room
+        if budget <= 0:
+            raise AttnkitError(f"context length {length} leaves no room for a haystack")
+        hay = self.hay_ids
+        while len(hay) < budget:  # repeat a short haystack as needed
+            hay = hay + self.hay_ids
+        context = hay[:budget]
+        at = len(context) if depth >= 100 else int(len(context) * depth / 100)
+        if depth < 100:
+            while at > 0 and not tok.decode(context[at - 1:at]).rstrip().endswith("."):
+                at -= 1
+        text = tok.decode(context[:at]) + tok.decode(needle_ids) + tok.decode(context[at:])
+        ids = self._text(text, needle)
+        # byte-level BPE tokenises a word differently after a space, so try both spellings
+        for variant in (needle.real_needle, " " + needle.real_needle.lstrip()):
+            span = find_span(ids, tok(variant, add_special_tokens=False)["input_ids"])
+            if span[0] >= 0:
+                break
+        if span[0] < 0:
+            raise AttnkitError(f"needle not found in the token stream after tokenisation: {needle.needle[:60]!r}")
+        return NiahPrompt(torch.tensor([ids]), span, length, depth)
+
+
+def recall(answer: str, reference: str) -> float:
+    return 100.0 * _scorer().score(reference, answer)["rouge1"].recall
+
+
+_SCORER = None
+
+
+def _scorer():
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+        _SCORER = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return _SCORER
+
+
+def check_lengths(model, lengths: list[int]) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = [L for L in lengths if limit and L > limit]
+    if too_long:
+        raise AttnkitError(f"context length {too_long[0]} is above the model's max positions ({limit})")
+    if any(L <= 0 for L in lengths):
+        raise AttnkitError("context lengths must be positive")
+
+
+def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM) -> dict:
+    from attnkit.core.decode import greedy_decode
+
+    ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens)
+    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return {"answer": answer, "recall": recall(answer, needle.real_needle)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean recall overall and per (length, depth) cell over needles; skipped trials are counted."""
+    scored = [r for r in rows if r.get("recall") is not None]
+    grid: dict[tuple, list[float]] = {}
+    for r in scored:
+        grid.setdefault((r["length"], r["depth"]), []).append(r["recall"])
+    cells = {k: sum(v) / len(v) for k, v in grid.items()}
+    return {
+        "mean_recall": round(sum(r["recall"] for r in scored) / len(scored), 2) if scored else None,
+        "trials": len(scored),
+        "skipped": len(rows) - len(scored),
+        "grid": [{"length": L, "depth": d, "recall": round(v, 2)} for (L, d), v in sorted(cells.items())],
+    }
+
+
+def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], **extra) -> list[dict]:
+    return [{**extra, "needle": i, "length": L, "depth": d}
+            for L in lengths for d in depths for i in range(len(needles))]
+
+
+def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
+             out: Path | None = None, chat_template: bool = False, quiet: bool = False, label: str = "niah",
+             extra: dict | None = None) -> list[dict]:
+    """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`)."""
+    from attnkit.evals.runner import run_grid
+
+    check_lengths(model, lengths)
+    builder = PromptBuilder(tokenizer, haystack, chat_template)
+
+    def work(cell):
+        needle = needles[cell["needle"]]
+        try:
+            prompt = builder.build(needle, cell["length"], cell["depth"])
+        except AttnkitError as e:
+            return {"answer": None, "recall": None, "skipped": str(e)}
+        return run_trial(model, tokenizer, prompt, needle)
+
+    cells = grid_cells(needles, lengths, depths, **(extra or {}))
+    fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")
+    return run_grid(cells, fields, work, out, description=label, quiet=quiet)

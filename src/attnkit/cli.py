@@ -1,0 +1,140 @@
+"""The `attnkit` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnkit.errors import AttnkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fix and explain how LLMs use their context.")
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AttnkitError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AttnkitError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="local model directory or 'embedded'"),
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Architecture facts: layers, heads, KV heads, head dim, RoPE, max positions, parameters."""
+    from attnkit.core.loading import model_info
+
+    facts = model_info(model)
+    if as_json:
+        print(json.dumps(facts))
+        return
+    table = Table(title=str(model), show_header=False)
+    for k, v in facts.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) and k == "parameters" else str(v))
+    Console().print(table)
+
+
+def _niah_table(summary: dict, title: str) -> Table:
+    lengths = sorted({c["length"] for c in summary["grid"]})
+    depths = sorted({c["depth"] for c in summary["grid"]})
+    cell = {(c["length"], c["depth"]): c["recall"] for c in summary["grid"]}
+    table = Table(title=f"{title}: mean ROUGE-1 recall {summary['mean_recall']}")
+    table.add_column("depth \\ length")
+    for L in lengths:
+        table.add_column(str(L), justify="right")
+    for d in depths:
+        table.add_row(f"{d:g}%", *[f"{cell[(L, d)]:.0f}" if (L, d) in cell else "-" for L in lengths])
+    return table
+
+
+@app.command()
+def niah(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+         needles: Optional[Path] = typer.Option(None, help="needles JSONL (needle, question, real_needle)"),
+         haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
+         lengths: str = typer.Option("512,1024,2048", help="context lengths in tokens"),
+         depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
+         chat_template: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+         device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+         out: Optional[Path] = typer.Option(None, help="append results here as they finish; reruns resume"),
+         plot: Optional[Path] = typer.Option(None, help="write a depth x length heatmap PNG"),
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Needle-in-a-haystack recall over a (length, depth) grid."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+
+    _quiet_transformers()
+    length_list, depth_list = _ints(lengths, "--lengths"), _floats(depths, "--depths")
+    needle_list = N.load_needles(needles)
+    text = N.load_haystack(haystack)
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
+                      quiet=as_json)
+    summary = N.summarize(rows)
+    if plot:
+        from attnkit.evals.plots import niah_heatmaps
+        grid = {(c["length"], c["depth"]): c["recall"] for c in summary["grid"]}
+        niah_heatmaps({"NIAH": grid}, plot, length_list, depth_list)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        Console().print(_niah_table(summary, str(model)))
+        if summary["skipped"]:
+            console.print(f"skipped trials: {summary['skipped']} (see --out for reasons)")
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots and results go")):
+    """The main job on the embedded model: a small NIAH grid, a table and a heatmap."""
+    from attnkit.core.loading import load_model, model_info
+    from attnkit.evals import niah as N
+    from attnkit.evals.plots import niah_heatmaps
+
+    _quiet_transformers()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    facts = model_info("embedded")
+    Console().print(f"embedded model: {facts['parameters']:,} parameters, {facts['layers']} layers x "
+                    f"{facts['query_heads']} heads, context {facts['max_positions']}")
+    mdl, tok = load_model("embedded")
+    lengths, depths = [256, 512, 1024, 2048], [0, 25, 50, 75, 100]
+    rows = N.evaluate(mdl, tok, N.load_needles(), N.load_haystack(), lengths, depths,
+                      out=out_dir / "niah.jsonl", label="NIAH")
+    summary = N.summarize(rows)
+    Console().print(_niah_table(summary, "embedded model, built-in haystack and needles"))
+    grid = {(c["length"], c["depth"]): c["recall"] for c in summary["grid"]}
+    niah_heatmaps({"embedded NIAH": grid}, out_dir / "niah.png", lengths, depths)
+    Console().print(f"heatmap: {out_dir / 'niah.png'}; results: {out_dir / 'niah.jsonl'}")
+
+
+def main() -> None:
+    try:
+        app()
+    except AttnkitError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; finished results are kept")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
