@@ -127,6 +127,27 @@ class Batcher:
         return x, answer_mask
 
 
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless batches built in DataLoader worker processes, each worker with its own seed.
+
+    Half of the batches are short (up to 512 tokens), where copying is learned fastest; the rest
+    spread over the whole length range.
+    """
+
+    def __init__(self, batcher: Batcher, args):
+        self.batcher, self.args = batcher, args
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        self.batcher.rng = np.random.default_rng(self.args.seed * 1000 + wid + 1)
+        a, rng = self.args, self.batcher.rng
+        while True:
+            hi = min(512, a.context) if rng.random() < a.short_fraction else a.context
+            length = int(rng.integers(a.min_length, hi + 1))
+            yield (length,) + self.batcher.batch(length, max(1, a.tokens_per_step // length))
+
+
 def _needles_job(args):
     seed, n = args
     f = NeedleFactory(seed)
@@ -163,6 +184,10 @@ def train(args) -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device == "cuda")
 
+    loader = torch.utils.data.DataLoader(BatchStream(batcher, args), batch_size=None,
+                                         num_workers=args.loader_workers, prefetch_factor=4 if args.loader_workers else None,
+                                         persistent_workers=bool(args.loader_workers), pin_memory=device == "cuda")
+    batches = iter(loader)
     start = time.time()
     log = []
     step = 0
@@ -175,8 +200,7 @@ def train(args) -> None:
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
-        length = int(batcher.rng.integers(args.min_length, args.context + 1))
-        x, answer_mask = batcher.batch(length, max(1, args.tokens_per_step // length))
+        length, x, answer_mask = next(batches)
         x, answer_mask = x.to(device, non_blocking=True), answer_mask.to(device, non_blocking=True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(input_ids=x).logits[:, :-1].float()
@@ -223,6 +247,8 @@ def main() -> None:
     ap.add_argument("--answer-weight", type=float, default=1.0)
     ap.add_argument("--corpus-chars", type=int, default=40_000_000)
     ap.add_argument("--needles", type=int, default=400_000)
+    ap.add_argument("--short-fraction", type=float, default=0.5)
+    ap.add_argument("--loader-workers", type=int, default=max(0, min(12, mp.cpu_count() - 2)))
     ap.add_argument("--workers", type=int, default=max(1, min(16, mp.cpu_count())))
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
