@@ -1,0 +1,53 @@
+"""Retrieval scores of attention heads for one needle-in-a-haystack trial (Wu et al. 2024).
+
+At each generation step a query head *copies* when its top-1 attended key lies inside the needle's
+answer span and the token generated at that step equals the token at that key. Per trial:
+
+* count="unique" (default, the paper's |g ∩ k| / |k|): the number of distinct span positions the head
+  copied from, divided by the span length, so a trial scores at most 1;
+* count="repeats" (the authors' code): every copy adds 1 / span length, so repeated copies of the
+  same token count again and a trial can score above 1.
+
+first_token=True also scores the token produced by the prefill (the paper's definition covers every
+generated token); the authors' code starts at the first decode step (first_token=False).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.core.decode import greedy_decode
+from attnkit.core.hook import Probe, intervene
+
+
+def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torch.Tensor,
+                span: tuple[int, int], count: str = "unique") -> torch.Tensor:
+    """Scores [layers, heads] from top-1 key indices [steps, layers, heads], the token generated at
+    each step [steps], and the token ids of the whole sequence (prompt + generated) [tokens]."""
+    start, end = span
+    length = end - start
+    in_span = (positions >= start) & (positions < end)
+    copied = in_span & (sequence[positions] == generated[:, None, None])
+    if count == "repeats":
+        return copied.sum(0).float() / length
+    if count != "unique":
+        raise ValueError(f"count must be 'unique' or 'repeats', not {count!r}")
+    offsets = (positions - start).clamp(0, length - 1).unsqueeze(-1)
+    hit = torch.zeros(*positions.shape, length, dtype=torch.bool, device=positions.device)
+    hit.scatter_(-1, offsets, copied.unsqueeze(-1))  # each (step, layer, head) sets one slot
+    seen = hit.any(0)
+    return seen.sum(-1).float() / length
+
+
+def trial(model, tokenizer, input_ids: torch.Tensor, span: tuple[int, int], max_new_tokens: int = 50,
+          count: str = "unique", first_token: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Greedy-decode one prompt with decode probes on; return (scores [layers, heads], generated ids)."""
+    with intervene(model, probe=Probe(top_k=1, prefill_last=first_token)) as ctl:
+        generated = greedy_decode(model, tokenizer, input_ids, max_new_tokens)
+    positions = ctl.positions()[:, :, 0, :, 0]  # [steps, layers, heads]
+    gen = torch.tensor(generated, device=positions.device)
+    # step s of the probes produced generated[s] (with the prefill row) or generated[s + 1]
+    gen = gen[: positions.shape[0]] if first_token else gen[1: positions.shape[0] + 1]
+    positions = positions[: len(gen)]
+    sequence = torch.cat([input_ids[0].to(positions.device), torch.tensor(generated, device=positions.device)])
+    return copy_scores(positions, gen, sequence, span, count), generated
