@@ -125,6 +125,35 @@ def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots an
     Console().print(f"heatmap: {out_dir / 'niah.png'}; results: {out_dir / 'niah.jsonl'}")
 
 
+heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2024).")
+app.add_typer(heads_app, name="heads")
+
+
+@heads_app.command("show")
+def heads_show(file: Path = typer.Argument(..., help="score file: one JSON object, 'layer-head' -> per-trial scores"),
+               top: int = typer.Option(20, help="how many heads to list"),
+               threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
+               plot: Optional[Path] = typer.Option(None, help="write a layer x head heatmap PNG"),
+               as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Rank the heads of a retrieval-score file."""
+    from attnkit.heads import scores as S
+
+    data = S.load_scores(file)
+    result = S.summary(data, top, threshold)
+    if plot:
+        S.plot_heatmap(S.as_grid(data), plot, title=file.stem)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{file.name}: {result['above_threshold']} of {result['heads']} heads above "
+                        f"{threshold} ({100 * result['fraction_above']:.1f}%)")
+    for col in ("rank", "layer", "head", "score"):
+        table.add_column(col, justify="right")
+    for i, (l, h, m) in enumerate(result["top"], 1):
+        table.add_row(str(i), str(l), str(h), f"{m:.2f}")
+    Console().print(table)
+
+
 def main() -> None:
     try:
         app()

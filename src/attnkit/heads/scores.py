@@ -1,0 +1,78 @@
+"""Retrieval-score files in the authors' published format: one JSON object on one line,
+"layer-head" -> list of per-trial scores. Heads are ranked by the mean of their list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from attnkit.errors import AttnkitError
+
+THRESHOLD = 0.1  # the paper's: a head with mean score above it is a retrieval head
+
+
+def load_scores(path: str | Path) -> dict[tuple[int, int], list[float]]:
+    p = Path(path)
+    if not p.is_file():
+        raise AttnkitError(f"score file not found: {p}")
+    try:
+        raw = json.loads(p.read_text())
+        return {tuple(int(x) for x in k.split("-")): [float(v) for v in vals] for k, vals in raw.items()}
+    except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as e:
+        raise AttnkitError(f"{p}: not a retrieval-score file ({type(e).__name__}: {e})") from None
+
+
+def save_scores(scores: dict[tuple[int, int], list[float]], path: str | Path) -> None:
+    Path(path).write_text(json.dumps({f"{l}-{h}": v for (l, h), v in sorted(scores.items())}))
+
+
+def mean_scores(scores: dict[tuple[int, int], list[float]]) -> dict[tuple[int, int], float]:
+    return {k: (sum(v) / len(v) if v else 0.0) for k, v in scores.items()}
+
+
+def ranked(scores: dict[tuple[int, int], list[float]]) -> list[tuple[int, int, float]]:
+    """(layer, head, mean) from the highest mean down; ties keep layer-head order."""
+    means = mean_scores(scores)
+    return sorted(((l, h, m) for (l, h), m in means.items()), key=lambda t: (-t[2], t[0], t[1]))
+
+
+def summary(scores, top: int = 20, threshold: float = THRESHOLD) -> dict:
+    rank = ranked(scores)
+    above = sum(1 for *_, m in rank if m > threshold)
+    return {"heads": len(rank), "above_threshold": above, "threshold": threshold,
+            "fraction_above": round(above / len(rank), 4) if rank else 0.0,
+            "top": [[l, h, round(m, 2)] for l, h, m in rank[:top]]}
+
+
+def as_grid(scores) -> torch.Tensor:
+    """Mean scores as a [layers, heads] tensor."""
+    means = mean_scores(scores)
+    layers = 1 + max(l for l, _ in means)
+    heads = 1 + max(h for _, h in means)
+    grid = torch.zeros(layers, heads)
+    for (l, h), m in means.items():
+        grid[l, h] = m
+    return grid
+
+
+def kv_view(grid: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-KV-head scores for GQA models: the max over each KV head's query group."""
+    layers, heads = grid.shape
+    return grid.view(layers, kv_heads, heads // kv_heads).amax(-1)
+
+
+def plot_heatmap(grid: torch.Tensor, path: str | Path, title: str = "retrieval score") -> None:
+    from attnkit.evals.plots import _plt
+
+    plt = _plt()
+    layers, heads = grid.shape
+    fig, ax = plt.subplots(figsize=(2 + heads * 0.25, 1.5 + layers * 0.22))
+    im = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto", vmin=0)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="mean retrieval score")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
