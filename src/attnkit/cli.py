@@ -129,6 +129,52 @@ heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2
 app.add_typer(heads_app, name="heads")
 
 
+@heads_app.command("detect")
+def heads_detect(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+                 needles: Optional[Path] = typer.Option(None, help="needles JSONL; default: built-in"),
+                 haystack: Optional[Path] = typer.Option(None, help="haystack file/folder, or a detection folder with part{i}/p1.txt"),
+                 lengths: Optional[str] = typer.Option(None, help="context lengths; default 20 evenly spaced up to --max-length"),
+                 max_length: Optional[int] = typer.Option(None, help="default: the model's max positions"),
+                 depths: Optional[str] = typer.Option(None, help="depths in percent; default 10 evenly spaced 0-100"),
+                 count: str = typer.Option("unique", help="unique (paper: distinct needle tokens) or repeats (authors' code)"),
+                 first_token: bool = typer.Option(True, help="also score the token produced by the prefill (paper); off = authors' code"),
+                 threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
+                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 out: Path = typer.Option(Path("detect_trials.jsonl"), help="trials, appended as they finish; reruns resume"),
+                 scores: Path = typer.Option(Path("head_scores.json"), help="score file to write (authors' format)"),
+                 top: int = typer.Option(20), plot: Optional[Path] = typer.Option(None),
+                 as_json: bool = typer.Option(False, "--json")):
+    """Detect retrieval heads with NIAH trials (Wu et al. 2024)."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads import detect as D
+    from attnkit.heads import scores as S
+
+    _quiet_transformers()
+    if count not in ("unique", "repeats"):
+        raise AttnkitError(f"--count must be unique or repeats, not {count!r}")
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    limit = max_length or mdl.config.max_position_embeddings
+    length_list = _ints(lengths, "--lengths") if lengths else D.default_lengths(limit)
+    depth_list = _floats(depths, "--depths") if depths else D.default_depths()
+    needle_list = N.load_needles(needles)
+    per_head, rows = D.detect(mdl, tok, needle_list, D.haystacks_for(needle_list, haystack), length_list,
+                              depth_list, out=out, count=count, first_token=first_token, quiet=as_json)
+    S.save_scores(per_head, scores)
+    result = S.summary(per_head, top, threshold)
+    result["trials"] = len(rows)
+    result["counted_trials"] = sum(1 for r in rows if r.get("recall") is not None and r["recall"] > D.MIN_RECALL)
+    if result["counted_trials"] == 0:
+        console.print("no trial was answered well enough to count (recall > 50): every score is 0")
+    if plot:
+        S.plot_heatmap(S.as_grid(per_head), plot, title=f"retrieval score ({count})")
+    if as_json:
+        print(json.dumps(result))
+    else:
+        Console().print(f"{result['counted_trials']} of {result['trials']} trials counted; "
+                        f"{result['above_threshold']} of {result['heads']} heads above {threshold}; scores: {scores}")
+
+
 @heads_app.command("show")
 def heads_show(file: Path = typer.Argument(..., help="score file: one JSON object, 'layer-head' -> per-trial scores"),
                top: int = typer.Option(20, help="how many heads to list"),

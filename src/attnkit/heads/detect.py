@@ -1,0 +1,72 @@
+"""Retrieval-head detection: NIAH trials over (needle, length, depth), copy scores per head.
+
+A trial counts only when its answer's ROUGE-1 recall against real_needle exceeds 50; a head's
+retrieval score is the mean of its per-trial scores over counted trials. Every trial is appended to a
+JSONL file as it finishes, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from attnkit.errors import AttnkitError
+from attnkit.evals import niah as N
+from attnkit.evals.runner import run_grid
+from attnkit.heads.score import trial
+
+MIN_RECALL = 50.0
+
+
+def default_lengths(max_length: int, n: int = 20) -> list[int]:
+    return sorted({round(max_length * (i + 1) / n) for i in range(n)})
+
+
+def default_depths(n: int = 10) -> list[float]:
+    return [round(100 * i / (n - 1), 2) for i in range(n)]
+
+
+def haystacks_for(needles: list[N.Needle], haystack: str | Path | None) -> list[str]:
+    """One haystack text per needle: part{i}/p1.txt of a detection folder pairs with needle i."""
+    if haystack is not None and Path(haystack).is_dir() and (Path(haystack) / "part1").is_dir():
+        texts = []
+        for i in range(1, len(needles) + 1):
+            part = Path(haystack) / f"part{i}" / "p1.txt"
+            if not part.is_file():
+                raise AttnkitError(f"{part} is missing: needle {i} has no haystack")
+            texts.append(N.load_haystack(part))
+        return texts
+    text = N.load_haystack(haystack)
+    return [text] * len(needles)
+
+
+def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], lengths: list[int],
+           depths: list[float], out: Path | None = None, count: str = "unique", first_token: bool = True,
+           min_recall: float = MIN_RECALL, quiet: bool = False) -> tuple[dict, list[dict]]:
+    """Return ({(layer, head): [per-trial scores of counted trials]}, trial rows)."""
+    N.check_lengths(model, lengths)
+    builders = {}
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+
+    def work(cell):
+        i = cell["needle"]
+        if i not in builders:
+            builders[i] = N.PromptBuilder(tokenizer, haystacks[i])
+        try:
+            prompt = builders[i].build(needles[i], cell["length"], cell["depth"])
+        except AttnkitError as e:
+            return {"answer": None, "recall": None, "skipped": str(e)}
+        scores, generated = trial(model, tokenizer, prompt.input_ids, prompt.span, count=count,
+                                  first_token=first_token)
+        answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        return {"answer": answer, "recall": N.recall(answer, needles[i].real_needle),
+                "scores": [round(float(x), 5) for x in scores.flatten()]}
+
+    cells = N.grid_cells(needles, lengths, depths, count=count, first_token=first_token)
+    rows = run_grid(cells, ("count", "first_token", "needle", "length", "depth"), work, out,
+                    description="detection trials", quiet=quiet)
+    per_head = {(l, h): [] for l in range(layers) for h in range(heads)}
+    for row in rows:
+        if row.get("recall") is not None and row["recall"] > min_recall:
+            for j, s in enumerate(row["scores"]):
+                per_head[divmod(j, heads)].append(s)
+    return per_head, rows
