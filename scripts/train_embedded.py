@@ -175,7 +175,10 @@ def train(args) -> None:
     batcher = Batcher(tok, corpus, args.seed, args.needles, args.workers)
 
     config = model_config(tok, args.context)
-    model = LlamaForCausalLM(config).to(device)
+    if args.init:  # continue from an earlier checkpoint
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device)
+    else:
+        model = LlamaForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters on {device}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -247,6 +250,7 @@ def main() -> None:
     ap.add_argument("--answer-weight", type=float, default=1.0)
     ap.add_argument("--corpus-chars", type=int, default=40_000_000)
     ap.add_argument("--needles", type=int, default=400_000)
+    ap.add_argument("--init", default=None, help="start from this model directory instead of from scratch")
     ap.add_argument("--short-fraction", type=float, default=0.5)
     ap.add_argument("--loader-workers", type=int, default=max(0, min(12, mp.cpu_count() - 2)))
     ap.add_argument("--workers", type=int, default=max(1, min(16, mp.cpu_count())))
