@@ -175,6 +175,51 @@ def heads_detect(model: str = typer.Option("embedded", help="local model directo
                         f"{result['above_threshold']} of {result['heads']} heads above {threshold}; scores: {scores}")
 
 
+@heads_app.command("ablate")
+def heads_ablate(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+                 scores: Path = typer.Option(..., help="retrieval-score file (authors' format)"),
+                 k: int = typer.Option(..., help="how many heads to mask"),
+                 mode: str = typer.Option("uniform", help="uniform (zero the query, as the authors) or zero (zero the output)"),
+                 phase: str = typer.Option("decode", help="decode (the authors), prefill or both"),
+                 seeds: int = typer.Option(3, help="random-head draws"),
+                 needles: Optional[Path] = typer.Option(None), haystack: Optional[Path] = typer.Option(None),
+                 lengths: str = typer.Option("512,1024,2048"), depths: str = typer.Option("0,25,50,75,100"),
+                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
+                 plot: Optional[Path] = typer.Option(None, help="three heatmaps side by side"),
+                 as_json: bool = typer.Option(False, "--json")):
+    """NIAH with no mask vs the top-K retrieval heads masked vs K random non-retrieval heads."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads import ablate as A
+    from attnkit.heads import scores as S
+
+    _quiet_transformers()
+    from attnkit.core.hook import HeadMask
+    HeadMask(mode=mode, phase=phase)  # validates both before any work
+    length_list, depth_list = _ints(lengths, "--lengths"), _floats(depths, "--depths")
+    data = S.load_scores(scores)
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    res = A.ablate(mdl, tok, data, k, N.load_needles(needles), N.load_haystack(haystack), length_list, depth_list,
+                   mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
+    if plot:
+        from attnkit.evals.plots import niah_heatmaps
+        as_cells = lambda grid: {(c["length"], c["depth"]): c["recall"] for c in grid}
+        rand = {}
+        for name, grid in res["grids"].items():
+            if name.startswith("random"):
+                for key, v in as_cells(grid).items():
+                    rand.setdefault(key, []).append(v)
+        niah_heatmaps({"no mask": as_cells(res["grids"]["none"]), f"top-{k} masked": as_cells(res["grids"]["top"]),
+                       f"{k} random masked": {key: sum(v) / len(v) for key, v in rand.items()}},
+                      plot, length_list, depth_list)
+    if as_json:
+        print(json.dumps(res))
+    else:
+        Console().print(f"mean NIAH recall: no mask {res['none']}, top-{k} masked {res['top']}, "
+                        f"{k} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)")
+
+
 @heads_app.command("show")
 def heads_show(file: Path = typer.Argument(..., help="score file: one JSON object, 'layer-head' -> per-trial scores"),
                top: int = typer.Option(20, help="how many heads to list"),
