@@ -96,4 +96,8 @@ def test_detection_needles_and_pg_haystack_build(shared_data, embedded):
     for nd in needles:
         for depth in (0, 50, 100):
             p = builder.build(nd, 2048, depth)
-            assert p.span[1] - p.span[0] == len(tok(" " + nd.real_needle, add_special_tokens=False).input_ids) or p.span[0] >= 0
+            found = tok.decode(p.input_ids[0, p.span[0]:p.span[1]]).lower()
+            words = nd.real_needle.lower().rstrip(".").split()
+            # the span holds the answer, not just any window (the > 90% set-overlap rule may start it a
+            # few tokens early, as the authors' does, so the last word can be cut)
+            assert sum(w.strip(",.") in found for w in words) / len(words) > 0.8

@@ -32,6 +32,14 @@ def _floats(text: str, what: str) -> list[float]:
         raise AttnkitError(f"{what}: expected comma-separated numbers, got {text!r}") from None
 
 
+def _emit(result: dict, as_json: bool, render) -> None:
+    """Print `result` as one JSON object, or call `render()` for the human-readable form."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        render()
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging
     logging.set_verbosity_error()
@@ -57,7 +65,8 @@ def info(model: str = typer.Argument(..., help="local model directory or 'embedd
 def _niah_table(summary: dict, title: str) -> Table:
     lengths = sorted({c["length"] for c in summary["grid"]})
     depths = sorted({c["depth"] for c in summary["grid"]})
-    cell = {(c["length"], c["depth"]): c["recall"] for c in summary["grid"]}
+    from attnkit.evals.niah import grid_map
+    cell = grid_map(summary["grid"])
     table = Table(title=f"{title}: mean ROUGE-1 recall {summary['mean_recall']}")
     table.add_column("depth \\ length")
     for L in lengths:
@@ -92,8 +101,7 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
     summary = N.summarize(rows)
     if plot:
         from attnkit.evals.plots import niah_heatmaps
-        grid = {(c["length"], c["depth"]): c["recall"] for c in summary["grid"]}
-        niah_heatmaps({"NIAH": grid}, plot, length_list, depth_list)
+        niah_heatmaps({"NIAH": N.grid_map(summary["grid"])}, plot, length_list, depth_list)
     if as_json:
         print(json.dumps(summary))
     else:
@@ -120,8 +128,7 @@ def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots an
                       out=out_dir / "niah.jsonl", label="NIAH")
     summary = N.summarize(rows)
     Console().print(_niah_table(summary, "embedded model, built-in haystack and needles"))
-    grid = {(c["length"], c["depth"]): c["recall"] for c in summary["grid"]}
-    niah_heatmaps({"embedded NIAH": grid}, out_dir / "niah.png", lengths, depths)
+    niah_heatmaps({"embedded NIAH": N.grid_map(summary["grid"])}, out_dir / "niah.png", lengths, depths)
     Console().print(f"heatmap: {out_dir / 'niah.png'}; results: {out_dir / 'niah.jsonl'}")
 
 
@@ -168,11 +175,9 @@ def heads_detect(model: str = typer.Option("embedded", help="local model directo
         console.print("no trial was answered well enough to count (recall > 50): every score is 0")
     if plot:
         S.plot_heatmap(S.as_grid(per_head), plot, title=f"retrieval score ({count})")
-    if as_json:
-        print(json.dumps(result))
-    else:
-        Console().print(f"{result['counted_trials']} of {result['trials']} trials counted; "
-                        f"{result['above_threshold']} of {result['heads']} heads above {threshold}; scores: {scores}")
+    _emit(result, as_json, lambda: Console().print(
+        f"{result['counted_trials']} of {result['trials']} trials counted; "
+        f"{result['above_threshold']} of {result['heads']} heads above {threshold}; scores: {scores}"))
 
 
 @heads_app.command("ablate")
@@ -204,7 +209,7 @@ def heads_ablate(model: str = typer.Option("embedded", help="local model directo
                    mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
     if plot:
         from attnkit.evals.plots import niah_heatmaps
-        as_cells = lambda grid: {(c["length"], c["depth"]): c["recall"] for c in grid}
+        as_cells = N.grid_map
         rand = {}
         for name, grid in res["grids"].items():
             if name.startswith("random"):
@@ -213,11 +218,9 @@ def heads_ablate(model: str = typer.Option("embedded", help="local model directo
         niah_heatmaps({"no mask": as_cells(res["grids"]["none"]), f"top-{k} masked": as_cells(res["grids"]["top"]),
                        f"{k} random masked": {key: sum(v) / len(v) for key, v in rand.items()}},
                       plot, length_list, depth_list)
-    if as_json:
-        print(json.dumps(res))
-    else:
-        Console().print(f"mean NIAH recall: no mask {res['none']}, top-{k} masked {res['top']}, "
-                        f"{k} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)")
+    _emit(res, as_json, lambda: Console().print(
+        f"mean NIAH recall: no mask {res['none']}, top-{k} masked {res['top']}, "
+        f"{k} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)"))
 
 
 @heads_app.command("show")

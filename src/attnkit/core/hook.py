@@ -76,10 +76,9 @@ def _base_function(name: str, module):
 def _make_wrapper(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         ctl: Controller | None = getattr(module, "_attnkit_controller", None)
-        fn = _base_function(base, module)
         if ctl is None:
-            return fn(module, query, key, value, attention_mask, **kwargs)
-        return ctl.attend(fn, module, query, key, value, attention_mask, **kwargs)
+            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        return ctl.attend(module, query, key, value, attention_mask, **kwargs)
 
     return attention
 
@@ -111,6 +110,9 @@ class Controller:
 
     def __init__(self, model, mask: HeadMask | None = None, probe: Probe | None = None):
         self.modules = attention_modules(model)
+        self.first_layer = min(self.modules)
+        base = model.config._attn_implementation.removeprefix(PREFIX)
+        self.base_fn = {layer: _base_function(base, m) for layer, m in self.modules.items()}  # resolved once
         self.num_layers = len(self.modules)
         self.num_heads = model.config.num_attention_heads
         self.mask = mask
@@ -155,8 +157,9 @@ class Controller:
                 self._keep[key] = keep
         return self._keep[key]
 
-    def attend(self, fn, module, query, key, value, attention_mask, **kwargs):
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
         layer, q_len = module.layer_idx, query.shape[2]
+        fn = self.base_fn[layer]
         keep = None
         if self.mask is not None and self.mask.heads and self.mask.applies(q_len):
             keep = self._keep_vector(layer, query.device, query.dtype)
@@ -194,7 +197,7 @@ class Controller:
         top, idx = scores.topk(k, dim=-1)
         probs = torch.exp(top - torch.logsumexp(scores, dim=-1, keepdim=True))
         layer = module.layer_idx
-        if layer == 0 or not self.steps or self.steps[-1].shape[1] != b:
+        if layer == self.first_layer:  # a new forward pass: open a step
             self.steps.append(torch.zeros(self.num_layers, b, h, k, dtype=torch.long, device=idx.device))
             self.step_probs.append(torch.zeros(self.num_layers, b, h, k, dtype=torch.float32, device=idx.device))
         self.steps[-1][layer] = idx

@@ -179,6 +179,11 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def grid_map(grid: list[dict]) -> dict[tuple, float]:
+    """A summary's grid as {(length, depth): recall}."""
+    return {(c["length"], c["depth"]): c["recall"] for c in grid}
+
+
 def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], **extra) -> list[dict]:
     return [{**extra, "needle": i, "length": L, "depth": d}
             for L in lengths for d in depths for i in range(len(needles))]
