@@ -98,7 +98,7 @@ class Batcher:
         its own line in the evaluation's format, so one sequence carries several retrieval targets.
         """
         rng = self.rng
-        n_asked = int(rng.integers(1, self.max_questions + 1)) if length >= 384 else 1
+        n_asked = int(rng.integers(1, self.max_questions + 1)) if length >= 192 else 1
         asked = [int(rng.integers(len(self.needles))) for _ in range(n_asked)]
         distractors = [int(rng.integers(len(self.needles))) for _ in range(int(rng.integers(0, 3)))]
         tail = [t for k in asked for t in self.questions[k] + self.answers[k]]

@@ -69,7 +69,9 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
              base_url: Optional[str] = typer.Option(None, help="endpoint URL for the openai backend"),
              api_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the API key"),
              concurrency: int = typer.Option(8, help="requests in flight (openai backend)"),
-             judge_model: Optional[str] = typer.Option(None, help="LLM judge (same backend kind and URL)"),
+             judge_model: Optional[str] = typer.Option(None, help="LLM judge model (paper: GPT-4)"),
+             judge_backend: Optional[str] = typer.Option(None, help="the judge's backend (default: --backend)"),
+             judge_base_url: Optional[str] = typer.Option(None, help="the judge's endpoint (default: --base-url)"),
              dataset: str = typer.Option("trivia_qa", help="sycophancy: which base.dataset"),
              templates: Optional[str] = typer.Option(None, help="sycophancy: none,suggest-incorrect,discourage-correct,suggest-correct"),
              limit: Optional[int] = typer.Option(200, help="examples (paper: 200)"),
@@ -103,7 +105,8 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
     if task == "longform" and not judge_model:
         raise AttnkitError("the longform task is scored by an LLM judge: give --judge-model")
     b = _backend(backend, model, base_url, api_key_env, concurrency, device)
-    judge = _backend(backend, judge_model, base_url, api_key_env, concurrency, device) if judge_model else None
+    judge = (_backend(judge_backend or backend, judge_model, judge_base_url or base_url, api_key_env, concurrency, device)
+             if judge_model else None)
     sampling = Sampling(temperature, top_p, max_tokens, seed)
     rows = evaluate(b, T.TASKS[task], examples, names, out, sampling, judge, fallback, batch, quiet=as_json)
     summary = summarize(rows, task)
@@ -125,7 +128,7 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
         for g in all_groups:
             groups.add_column(g)
         for v, gs in summary["groups"].items():
-            groups.add_row(v, *[f"{gs[g]['mean']} (n={gs[g]['n']})" if g in gs else "" for g in all_groups])
+            groups.add_row(v, *[f"{gs[g]['mean']} {gs[g]['ci95']} n={gs[g]['n']}" if g in gs else "" for g in all_groups])
         Console().print(groups)
     emit(summary, as_json, render)
 

@@ -19,6 +19,7 @@ def evaluate(backend: Backend, task: Task, examples: list[Example], variants: li
              batch: int = 8, quiet: bool = False) -> list[dict]:
     """All rows (old ones read back from `out`, new ones appended to it in batches as they finish)."""
     sampling = sampling or Sampling()
+    judging = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, seed=sampling.seed)  # verdicts: greedy, short
     done = load_done(out, KEY)
     handle = open(out, "a") if out else None
     rows = {}
@@ -40,7 +41,7 @@ def evaluate(backend: Backend, task: Task, examples: list[Example], variants: li
                     results = pipe.run([e.text for e in chunk], [e.oracle for e in chunk])
                     for ex, res in zip(chunk, results):
                         row = {"task": task.name, "example": ex.id, "variant": variant, "group": ex.group,
-                               "prompt": ex.text, **res.to_dict(), **task.score(ex, res.answer, judge, sampling)}
+                               "prompt": ex.text, **res.to_dict(), **task.score(ex, res.answer, judge, judging)}
                         rows[(task.name, ex.id, variant)] = row
                         if handle:
                             handle.write(json.dumps(row) + "\n")
