@@ -1,7 +1,7 @@
 """Measure the embedded model for its model card: NIAH recall per length on its own haystack and
 needles, and on the Paul Graham essays with the three retrieval-head detection needles.
 
-    python scripts/eval_embedded.py [--shared ../shared/data] [--out runs/embedded_eval]
+    python scripts/eval_embedded.py [--model embedded|DIR] [--shared ../shared/data] [--out runs/embedded_eval]
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ def per_length(rows):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded", help="'embedded' or a checkpoint directory")
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path("runs/embedded_eval"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model("embedded")
+    model, tok = load_model(args.model)
     setups = {"built-in haystack + needles": (None, None)}
     rh = args.shared / "retrieval_head"
     if rh.is_dir():

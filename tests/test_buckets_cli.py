@@ -37,3 +37,22 @@ def test_generate_with_embedded_and_bad_input(tmp_path):
                  ["buckets", "search-bases", "--grid", "1:2"], ["eval", "kv-retrieval", "--num-pairs", "500", "--bases", "1e4"]):
         r = attnkit(*args)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_niah_with_buckets_one_base_equals_plain_niah(tmp_path):
+    """`attnkit niah --bases` runs the grid twice; buckets made of the model's own base alone must
+    answer exactly as plain greedy decoding does, and rows resume per system."""
+    out = tmp_path / "n.jsonl"
+    args = ("niah", "--needles", "passkey", "--lengths", "256", "--depths", "0,100", "--out", str(out), "--json")
+    r = attnkit(*args, "--bases", "10000")
+    assert r.returncode == 0, r.stderr
+    both = json.loads(r.stdout)
+    plain = json.loads(attnkit("niah", "--needles", "passkey", "--lengths", "256", "--depths", "0,100", "--json").stdout)
+    assert both["grid"] == both["buckets"]["grid"] == plain["grid"]
+    assert both["buckets"]["bases"] == [10000.0]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted({r["system"] for r in rows}) == ["buckets paper 10000", "single"] and len(rows) == 2 * 12
+    single = {(r["needle"], r["depth"]): r["answer"] for r in rows if r["system"] == "single"}
+    assert single == {(r["needle"], r["depth"]): r["answer"] for r in rows if r["system"] != "single"}
+    attnkit(*args, "--bases", "10000")  # a rerun resumes: nothing is appended
+    assert len(out.read_text().splitlines()) == 2 * 12

@@ -51,7 +51,7 @@ def _niah_table(summary: dict, title: str) -> Table:
 
 @app.command()
 def niah(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
-         needles: Optional[Path] = typer.Option(None, help="needles JSONL (needle, question, real_needle)"),
+         needles: Optional[Path] = typer.Option(None, help="needles JSONL (needle, question, real_needle), or \"passkey\"; default: built-in"),
          haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
          lengths: str = typer.Option("512,1024,2048", help="context lengths in tokens"),
          depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
@@ -59,8 +59,11 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
          device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
          out: Optional[Path] = typer.Option(None, help="append results here as they finish; reruns resume"),
          plot: Optional[Path] = typer.Option(None, help="write a depth x length heatmap PNG"),
+         bases: Optional[str] = typer.Option(None, help="also run Attention Buckets with these RoPE bases"),
+         search: bool = typer.Option(False, help="also run Attention Buckets with searched bases"),
+         combine: str = typer.Option("paper", help="buckets' combine mode: paper or reference"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
-    """Needle-in-a-haystack recall over a (length, depth) grid."""
+    """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets)."""
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
 
@@ -69,16 +72,30 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype)
-    rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
-                      quiet=as_json)
-    summary = N.summarize(rows)
+    systems = {"NIAH": ({}, None)}
+    if bases or search:
+        from attnkit.buckets import BucketedModel, BucketsConfig
+        from attnkit.buckets.cli import _bases
+        base_list = _bases(model, bases, search)
+        decode = BucketedModel(mdl, tok, BucketsConfig(base_list, combine)).as_decoder()
+        systems = {"one base": ({"system": "single"}, None),
+                   "buckets": ({"system": f"buckets {combine} " + ",".join(f"{b:g}" for b in base_list)}, decode)}
+    summaries = {}
+    for name, (extra, decode) in systems.items():
+        rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
+                          quiet=as_json, label=name, extra=extra, decode=decode)
+        summaries[name] = N.summarize(rows)
+    summary = summaries[next(iter(systems))]
+    if "buckets" in summaries:
+        summary = {**summary, "buckets": {**summaries["buckets"], "bases": base_list, "combine": combine}}
     if plot:
         from attnkit.evals.plots import niah_heatmaps
-        niah_heatmaps({"NIAH": N.grid_map(summary["grid"])}, plot, length_list, depth_list)
+        niah_heatmaps({name: N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list, depth_list)
     if as_json:
         print(json.dumps(summary))
     else:
-        Console().print(_niah_table(summary, str(model)))
+        for name, s in summaries.items():
+            Console().print(_niah_table(s, f"{model}, {name}" if len(summaries) > 1 else str(model)))
         if summary["skipped"]:
             console.print(f"skipped trials: {summary['skipped']} (see --out for reasons)")
 
@@ -102,7 +119,7 @@ app.command("serve")(serve)
 
 @heads_app.command("detect")
 def heads_detect(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
-                 needles: Optional[Path] = typer.Option(None, help="needles JSONL; default: built-in"),
+                 needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                  haystack: Optional[Path] = typer.Option(None, help="haystack file/folder, or a detection folder with part{i}/p1.txt"),
                  lengths: Optional[str] = typer.Option(None, help="context lengths; default 20 evenly spaced up to --max-length"),
                  max_length: Optional[int] = typer.Option(None, help="default: the model's max positions"),
@@ -147,15 +164,16 @@ def heads_detect(model: str = typer.Option("embedded", help="local model directo
 @heads_app.command("ablate")
 def heads_ablate(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
                  scores: Path = typer.Option(..., help="retrieval-score file (authors' format)"),
-                 k: int = typer.Option(..., help="how many heads to mask"),
+                 k: str = typer.Option(..., help="how many heads to mask; a list (1,2,4,8) sweeps K"),
                  mode: str = typer.Option("uniform", help="uniform (zero the query, as the authors) or zero (zero the output)"),
                  phase: str = typer.Option("decode", help="decode (the authors), prefill or both"),
                  seeds: int = typer.Option(3, help="random-head draws"),
-                 needles: Optional[Path] = typer.Option(None), haystack: Optional[Path] = typer.Option(None),
+                 needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
+                 haystack: Optional[Path] = typer.Option(None),
                  lengths: str = typer.Option("512,1024,2048"), depths: str = typer.Option("0,25,50,75,100"),
                  device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
                  out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
-                 plot: Optional[Path] = typer.Option(None, help="three heatmaps side by side"),
+                 plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
                  as_json: bool = typer.Option(False, "--json")):
     """NIAH with no mask vs the top-K retrieval heads masked vs K random non-retrieval heads."""
     from attnkit.core.loading import load_model
@@ -166,25 +184,33 @@ def heads_ablate(model: str = typer.Option("embedded", help="local model directo
     quiet_transformers()
     from attnkit.core.hook import HeadMask
     HeadMask(mode=mode, phase=phase)  # validates both before any work
+    k_list = ints(k, "--k")
+    if any(x < 1 for x in k_list):
+        raise AttnkitError("--k must be at least 1")
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
     data = S.load_scores(scores)
     mdl, tok = load_model(model, device=device, dtype=dtype)
-    res = A.ablate(mdl, tok, data, k, N.load_needles(needles), N.load_haystack(haystack), length_list, depth_list,
-                   mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
+    needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
+    runs = [A.ablate(mdl, tok, data, kk, needle_list, hay, length_list, depth_list,
+                     mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json) for kk in k_list]
+    if len(runs) > 1:
+        if plot:
+            from attnkit.evals.plots import ablation_curve
+            ablation_curve(runs, plot)
+        table = Table(title=f"mean NIAH recall ({mode} mode, {phase}; no mask {runs[0]['none']})")
+        for col in ("K", "top-K masked", f"K random masked ({seeds} seeds)"):
+            table.add_column(col, justify="right")
+        for r in runs:
+            table.add_row(str(r["k"]), f"{r['top']}", f"{r['random']} +- {r['random_std']}")
+        emit({"sweep": runs}, as_json, lambda: Console().print(table))
+        return
+    res = runs[0]
     if plot:
         from attnkit.evals.plots import niah_heatmaps
-        as_cells = N.grid_map
-        rand = {}
-        for name, grid in res["grids"].items():
-            if name.startswith("random"):
-                for key, v in as_cells(grid).items():
-                    rand.setdefault(key, []).append(v)
-        niah_heatmaps({"no mask": as_cells(res["grids"]["none"]), f"top-{k} masked": as_cells(res["grids"]["top"]),
-                       f"{k} random masked": {key: sum(v) / len(v) for key, v in rand.items()}},
-                      plot, length_list, depth_list)
+        niah_heatmaps(A.condition_grids(res), plot, length_list, depth_list)
     emit(res, as_json, lambda: Console().print(
-        f"mean NIAH recall: no mask {res['none']}, top-{k} masked {res['top']}, "
-        f"{k} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)"))
+        f"mean NIAH recall: no mask {res['none']}, top-{res['k']} masked {res['top']}, "
+        f"{res['k']} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)"))
 
 
 @heads_app.command("show")

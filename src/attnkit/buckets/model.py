@@ -157,6 +157,13 @@ class BucketedModel:
                             past_key_values=cache, use_cache=True)
         return tokens, weights
 
+    def as_decoder(self, stop: tuple[str, ...] = ("\n",)):
+        """`decode(input_ids [1, n], max_new_tokens) -> new ids`: greedy over the buckets, stopping at
+        EOS or a stop string; what `attnkit.evals.niah.evaluate(decode=...)` takes."""
+        def decode(input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+            return self.generate_ids(input_ids, None, max_new_tokens, stop_strings=stop)[0][0]
+        return decode
+
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 50, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> list[Generation]:
         """Generate for each prompt; `stop` strings end a prompt's generation (and are cut off)."""

@@ -36,8 +36,36 @@ class NiahPrompt:
     depth: float
 
 
+PASSKEY = "passkey"
+
+
+def passkey_needles(n: int = 6, seed: int = 0) -> list[Needle]:
+    """Passkey-style needles: "The password of Dunmore is recipe useful Bruno cabin." The answer is
+    random, so it can only come from copying, and the question repeats the needle's words, so finding
+    the needle needs no paraphrase matching (the idea of the passkey retrieval task)."""
+    import random
+
+    from attnkit.evals import prose
+
+    rng = random.Random(seed)
+    words = prose.NOUNS + prose.ADJECTIVES + prose.NAMES
+    places = rng.sample(prose.PLACES, n)
+    needles = []
+    for place in places:
+        thing = rng.choice(["secret word", "password", "code name", "magic number", "lucky number"])
+        if thing.endswith("number"):
+            answer = str(rng.randint(1000, 999_999))
+        else:
+            answer = " ".join(rng.choice(words) for _ in range(rng.randint(3, 7)))
+        needles.append(Needle(f"The {thing} of {place} is {answer}.", f"What is the {thing} of {place}?", answer))
+    return needles
+
+
 def load_needles(path: str | Path | None = None) -> list[Needle]:
-    """Needles from a JSONL file (needle, question, real_needle); None gives the built-in ones."""
+    """Needles from a JSONL file (needle, question, real_needle); None gives the built-in ones and
+    the name "passkey" (when no such file exists) the generated passkey-style ones."""
+    if path is not None and str(path) == PASSKEY and not Path(path).exists():
+        return passkey_needles()
     if path is None:
         text = resources.files("attnkit.evals").joinpath("data/needles.jsonl").read_text()
         name = "built-in needles"
@@ -156,10 +184,16 @@ def check_lengths(model, lengths: list[int]) -> None:
         raise AttnkitError("context lengths must be positive")
 
 
-def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM) -> dict:
+def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM,
+              decode=None) -> dict:
+    """Answer one prompt; `decode(input_ids, max_new_tokens) -> ids` replaces plain greedy decoding
+    (Attention Buckets passes its own, see `BucketedModel.as_decoder`)."""
     from attnkit.core.decode import greedy_decode
 
-    ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens)
+    if decode is None:
+        ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens)
+    else:
+        ids = decode(prompt.input_ids, max_new_tokens)
     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return {"answer": answer, "recall": recall(answer, needle.real_needle)}
 
@@ -191,8 +225,10 @@ def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], *
 
 def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
              out: Path | None = None, chat_template: bool = False, quiet: bool = False, label: str = "niah",
-             extra: dict | None = None) -> list[dict]:
-    """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`)."""
+             extra: dict | None = None, decode=None) -> list[dict]:
+    """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`).
+    With `decode`, trials use it instead of greedy decoding; `extra` must then name the system, since
+    rows are resumed by their extra fields, needle, length and depth."""
     from attnkit.evals.runner import run_grid
 
     check_lengths(model, lengths)
@@ -204,7 +240,7 @@ def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: li
             prompt = builder.build(needle, cell["length"], cell["depth"])
         except AttnkitError as e:
             return {"answer": None, "recall": None, "skipped": str(e)}
-        return run_trial(model, tokenizer, prompt, needle)
+        return run_trial(model, tokenizer, prompt, needle, decode=decode)
 
     cells = grid_cells(needles, lengths, depths, **(extra or {}))
     fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")

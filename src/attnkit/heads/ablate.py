@@ -47,7 +47,8 @@ def ablate(model, tokenizer, scores: dict, k: int, needles, haystack: str, lengt
         with intervene(model, mask=mask):
             rows = N.evaluate(model, tokenizer, needles, haystack, lengths, depths, out=out, quiet=quiet,
                               label=f"{name} (seed {seed})" if name == "random" else name,
-                              extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase})
+                              extra={"condition": name, "seed": seed, "k": k if chosen else 0, "mode": mode,
+                                     "phase": phase})
         summary = N.summarize(rows)
         means[name].append(summary["mean_recall"])
         result["grids"][name if name != "random" else f"random_seed{seed}"] = summary["grid"]
@@ -58,3 +59,15 @@ def ablate(model, tokenizer, scores: dict, k: int, needles, haystack: str, lengt
     result["random"] = round(statistics.fmean(rand), 2) if rand else None
     result["random_std"] = round(statistics.pstdev(rand), 2) if len(rand) > 1 else 0.0
     return result
+
+
+def condition_grids(result: dict) -> dict[str, dict]:
+    """The three heatmaps of one ablation: no mask, top-K masked, and K random masked (mean over seeds)."""
+    k = result["k"]
+    rand: dict = {}
+    for name, grid in result["grids"].items():
+        if name.startswith("random"):
+            for key, v in N.grid_map(grid).items():
+                rand.setdefault(key, []).append(v)
+    return {"no mask": N.grid_map(result["grids"]["none"]), f"top-{k} masked": N.grid_map(result["grids"]["top"]),
+            f"{k} random masked": {key: sum(v) / len(v) for key, v in rand.items()}}
