@@ -46,11 +46,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--length", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ns", default="1,2,4,6")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     model = build(args.model, args.device, getattr(torch, args.dtype))
     model.generation_config.eos_token_id = None  # every variant decodes exactly --steps tokens
@@ -64,7 +64,9 @@ def main():
           flush=True)
     for n in [int(x) for x in args.ns.split(",")]:
         bm = BucketedModel(model, _NoTokenizer(), BucketsConfig(BASES[:n]))
-        p = timed(lambda: bm.logits(ids), args.device, args.repeats)
+        # prefill = generation of one token (prefill + one combine), through the same code path as the
+        # full generation, so that their difference is the decode steps alone
+        p = timed(lambda: bm.generate_ids(ids, max_new_tokens=1), args.device, args.repeats)
         g = timed(lambda: bm.generate_ids(ids, max_new_tokens=args.steps + 1), args.device, args.repeats)
         d = (g - p) / args.steps
         print(json.dumps({"variant": f"buckets N={n}", "prefill_s": round(p, 4), "prefill_over_plain": round(p / pre, 2),
