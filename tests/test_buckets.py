@@ -8,7 +8,7 @@ import torch
 from attnkit import AttnkitError
 from attnkit.buckets import BucketedModel, BucketsConfig, combine, search_bases, waveform
 from attnkit.buckets.search import _merge, dominant_peaks, dominant_troughs
-from conftest import tiny_config, tiny_model
+from conftest import tiny_model
 
 
 def with_rope(model, **params):

@@ -29,7 +29,7 @@ def test_nothing_active_is_bitwise_identical(family, kv):
     model = tiny_model(family, kv)
     ids = torch.randint(0, 97, (2, 19))
     plain = _prefill_decode(model, ids)
-    with intervene(model) as ctl:
+    with intervene(model):
         wrapped = _prefill_decode(model, ids)
         assert model.config._attn_implementation == "attnkit_sdpa"
     assert model.config._attn_implementation == "sdpa"

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from attnkit.core.loading import load_model
 from attnkit.evals import niah as N

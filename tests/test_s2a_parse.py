@@ -53,8 +53,8 @@ def test_no_labels_at_all_fails():
 
 
 def test_relevance_labels():
-    out = (f"Context text related to the question (includes all content except unrelated sentences): "
-           f"Tom has 3 apples. He buys 4 more.\nDetailed question: How many apples does Tom have now?")
+    out = ("Context text related to the question (includes all content except unrelated sentences): "
+           "Tom has 3 apples. He buys 4 more.\nDetailed question: How many apples does Tom have now?")
     p = parse(out, REL)
     assert p.ok and p.context == "Tom has 3 apples. He buys 4 more."
     assert p.question == "How many apples does Tom have now?"
