@@ -20,6 +20,7 @@ from _common import build, header, timed
 from transformers import DynamicCache
 
 from attnkit.buckets import BucketedModel, BucketsConfig
+from attnkit.core.decode import last_logits_only
 
 BASES = [10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 25000.0]
 
@@ -30,13 +31,13 @@ class _NoTokenizer:
 
 @torch.no_grad()
 def plain_prefill(model, ids):
-    model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, **last_logits_only(model))
 
 
 @torch.no_grad()
 def plain_generate(model, ids, steps):
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **last_logits_only(model))
     for _ in range(steps):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(input_ids=token, past_key_values=cache, use_cache=True)

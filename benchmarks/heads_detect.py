@@ -19,19 +19,30 @@ import torch
 from _common import build, header, timed
 from transformers import DynamicCache
 
+from attnkit.core.decode import last_logits_only
 from attnkit.core.hook import Probe, intervene
 
 
+def top1_per_head(attentions, loop: bool):
+    """What the naive detector reads each step: the top-1 key of every layer's heads. `loop` does it
+    as the authors' code does, one head at a time with a host round trip each."""
+    if not loop:
+        return [a[0, :, -1].argmax(-1) for a in attentions]
+    return [[int(a[0, h, -1].topk(1).indices) for h in range(a.shape[1])] for a in attentions]
+
+
 @torch.no_grad()
-def decode(model, ids, steps, **kwargs):
-    """Prefill then `steps` forced decode steps (token 1 each time, so all variants do identical work)."""
+def decode(model, ids, steps, output_attentions=False, loop=False):
+    """Prefill then `steps` forced decode steps (token 1 each time, so all variants do identical work).
+    The naive detector reads attentions on decode steps only, as the authors' code does: returning the
+    prefill's [heads x tokens x tokens] maps of every layer would not fit at any long context."""
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, **last_logits_only(model))
     token = torch.ones(1, 1, dtype=torch.long, device=ids.device)
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
-        if kwargs.get("output_attentions"):  # what the naive detector reads: top-1 per layer and head
-            _ = [a[0, :, -1].argmax(-1) for a in out.attentions]
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, output_attentions=output_attentions)
+        if output_attentions:
+            top1_per_head(out.attentions, loop)
 
 
 def main():
@@ -42,6 +53,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--naive-loop", action="store_true",
+                    help="(c) reads the top-1 head by head with a host sync each, as the authors' code")
     ap.add_argument("--skip-naive-above", type=int, default=1 << 30, help="skip (c) above this length")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -55,14 +68,21 @@ def main():
                 decode(model, ids, args.steps)
             ctl.positions()
 
-        a = timed(trial, args.device, args.repeats)
-        b = timed(lambda: decode(model, ids, args.steps), args.device, args.repeats)
+        try:
+            a = timed(trial, args.device, args.repeats)
+            b = timed(lambda: decode(model, ids, args.steps), args.device, args.repeats)
+        except torch.OutOfMemoryError:
+            print(json.dumps({"length": length, "trial_s": "out of memory"}), flush=True)
+            break
         row = {"length": length, "steps": args.steps, "trial_s": round(a, 4), "plain_s": round(b, 4),
                "trial_over_plain": round(a / b, 3)}
+        if args.device.startswith("cuda"):
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            torch.cuda.reset_peak_memory_stats()
         if length <= args.skip_naive_above:
             model.set_attn_implementation("eager")
             try:
-                c = timed(lambda: decode(model, ids, args.steps, output_attentions=True), args.device, args.repeats)
+                c = timed(lambda: decode(model, ids, args.steps, output_attentions=True, loop=args.naive_loop), args.device, args.repeats)
                 row.update(naive_s=round(c, 4), naive_over_trial=round(c / a, 2))
             except torch.OutOfMemoryError:
                 row["naive_s"] = "out of memory"

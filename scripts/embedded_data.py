@@ -31,10 +31,16 @@ FUNCTION_WORDS = ["and", "with", "of", "in", "on", "at", "for", "to", "a", "the"
 
 
 class NeedleFactory:
-    def __init__(self, seed: int, general_fraction: float = 0.0):
+    def __init__(self, seed: int, general_fraction: float = 0.0, vocab_words: list[str] | None = None,
+                 vocab_fraction: float = 0.0):
         self.rng = random.Random(seed)
         self.prose = ProseGenerator(seed + 7)
         self.general_fraction = general_fraction
+        # Words built from the tokenizer's own pieces. The prose grammar uses a few hundred words, so
+        # most of the vocabulary's (tied) embeddings never train, and the model cannot copy a needle
+        # made of words outside the grammar; needle words drawn from every piece fix that.
+        self.vocab_words = vocab_words or []
+        self.vocab_fraction = vocab_fraction if self.vocab_words else 0.0
 
     def pick(self, xs):
         return self.rng.choice(xs)
@@ -43,7 +49,13 @@ class NeedleFactory:
         w = "".join(self.pick(SYLLABLES) for _ in range(self.rng.randint(2, 4)))
         return w.capitalize() if self.rng.random() < 0.4 else w
 
+    def vocab_word(self) -> str:
+        w = "".join(self.pick(self.vocab_words) for _ in range(self.rng.choice((1, 1, 2))))
+        return w.capitalize() if self.rng.random() < 0.15 else w
+
     def word(self) -> str:
+        if self.rng.random() < self.vocab_fraction:
+            return self.vocab_word()
         r = self.rng.random()
         if r < 0.25:
             return self.pick(NOUNS)
@@ -74,6 +86,8 @@ class NeedleFactory:
                           f"{self.pick(NAMES)} {self.invented().capitalize()}"])
 
     def place(self) -> str:
+        if self.rng.random() < self.vocab_fraction:
+            return self.vocab_word().capitalize()
         return self.pick(PLACES) if self.rng.random() < 0.5 else self.invented().capitalize()
 
     def make(self) -> tuple[str, str, str]:
@@ -195,3 +209,13 @@ def prose_pieces(seed: int, n_chars: int) -> list[str]:
 
 def _pieces_job(args):
     return prose_pieces(*args)
+
+
+def vocab_words(tokenizer) -> list[str]:
+    """The tokenizer's purely alphabetic pieces (no leading space), as strings."""
+    words = []
+    for i in range(len(tokenizer)):
+        w = tokenizer.decode([i]).strip()
+        if w.isalpha() and w.isascii():
+            words.append(w.lower())
+    return sorted(set(words))

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from embedded_data import NeedleFactory, _pieces_job  # noqa: E402
+from embedded_data import NeedleFactory, _pieces_job, vocab_words  # noqa: E402
 
 from attnkit.evals.niah import QUESTION_TEMPLATE  # noqa: E402
 
@@ -76,12 +76,13 @@ class Corpus:
 
 class Batcher:
     def __init__(self, tok, corpus: Corpus, seed: int, n_needles: int, workers: int,
-                 general: float = 0.0):
+                 general: float = 0.0, vocab_fraction: float = 0.0):
         self.tok, self.corpus = tok, corpus
         self.rng = np.random.default_rng(seed)
+        words = vocab_words(tok) if vocab_fraction > 0 else []
         with mp.Pool(workers) as pool:
-            triples = [t for c in pool.map(_needles_job, [(seed + 31 * i, n_needles // workers, general)
-                                                         for i in range(workers)]) for t in c]
+            jobs = [(seed + 31 * i, n_needles // workers, general, words, vocab_fraction) for i in range(workers)]
+            triples = [t for c in pool.map(_needles_job, jobs) for t in c]
         needles, questions, answers = zip(*triples)
         enc = lambda xs: tok(list(xs), add_special_tokens=False)["input_ids"]
         self.needles = enc(" " + n for n in needles)
@@ -160,8 +161,8 @@ class BatchStream(torch.utils.data.IterableDataset):
 
 
 def _needles_job(args):
-    seed, n, general = args
-    f = NeedleFactory(seed, general)
+    seed, n, general, words, vocab_fraction = args
+    f = NeedleFactory(seed, general, words, vocab_fraction)
     return [f.make() for _ in range(n)]
 
 
@@ -185,7 +186,8 @@ def train(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(args.out)
     corpus = Corpus(tok, args.seed, args.corpus_chars, args.workers)
-    batcher = Batcher(tok, corpus, args.seed, args.needles, args.workers, args.general_fraction)
+    batcher = Batcher(tok, corpus, args.seed, args.needles, args.workers, args.general_fraction,
+                      args.vocab_fraction)
     batcher.max_questions = args.max_questions
 
     config = model_config(tok, args.context)
@@ -280,6 +282,8 @@ def main() -> None:
                     help="share of needles whose question paraphrases a sentence prefix")
     ap.add_argument("--max-questions", type=int, default=4,
                     help="needles asked about per sequence (each answer is a training target)")
+    ap.add_argument("--vocab-fraction", type=float, default=0.0,
+                    help="share of needle words built from any tokenizer piece (trains every embedding)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--save-every", type=int, default=0, help="also save every N steps")
     ap.add_argument("--short-fraction", type=float, default=0.5)

@@ -1,7 +1,7 @@
 """`attnkit demo`: every technique once, on the embedded model, in under three minutes on a 2-core CPU.
 
-1. needle-in-a-haystack recall over lengths x depths, for the built-in needles (paraphrased questions,
-   which the embedded model does not yet answer) and passkey needles (which it does);
+1. needle-in-a-haystack recall over lengths x depths, for the built-in needles (reworded questions,
+   which the embedded model answers poorly) and passkey needles (which it answers well);
 2. retrieval heads: detection on the passkey needles, the top heads, and the masking ablation for
    K = 1, 2, 4 and the number of retrieval heads (top-K vs K random heads);
 3. Attention Buckets: the searched bases' waveforms, and passkey recall far from the question in a

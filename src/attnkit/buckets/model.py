@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.decode import last_logits_only
 from ..core.rope import per_row_bases, require_rope
 from ..errors import AttnkitError
 
@@ -108,7 +109,7 @@ class BucketedModel:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         with per_row_bases(self.model, self.config.bases):
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), use_cache=False)
+                             position_ids=positions.to(device), use_cache=False, **last_logits_only(self.model))
         return out.logits[:, -1].view(len(input_ids), self.n, -1)
 
     @torch.no_grad()
@@ -135,7 +136,7 @@ class BucketedModel:
         cache = DynamicCache(config=model.config)
         with per_row_bases(model, self.config.bases):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True, **last_logits_only(model))
             for step in range(max_new_tokens):
                 logprobs, w = combine(out.logits[:, -1].view(prompts, n, -1), self.config.combine)
                 chosen = _sample(logprobs, temperature, top_p, gen)

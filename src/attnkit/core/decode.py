@@ -13,7 +13,7 @@ def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
 
     cache = DynamicCache(config=model.config)
     device = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True, **last_logits_only(model))
     eos = set(_as_list(model.generation_config.eos_token_id) + _as_list(tokenizer.eos_token_id))
     generated = []
     for step in range(max_new_tokens):
@@ -24,6 +24,14 @@ def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
         if step + 1 < max_new_tokens:
             out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
     return generated
+
+
+def last_logits_only(model) -> dict:
+    """Forward kwargs that keep only the last position's logits, where the model supports it: at long
+    context the full [tokens x vocab] logits of a prefill cost more memory than the KV cache."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _as_list(x) -> list[int]:
