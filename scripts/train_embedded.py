@@ -7,6 +7,13 @@ Every training sequence is one needle-in-a-haystack prompt at a random length up
 size: filler prose (clean, with invented words, or hard-wrapped), the needle and 0-3 distractor
 needles at sentence boundaries, the question in attnkit's NIAH format, and the answer. The loss is
 next-token prediction on all tokens (the "ordinary text" part) plus the mean loss on answer tokens.
+
+The shipped model is a chain of runs (see its model card and training_run.json); the last one was
+
+    python scripts/train_embedded.py train --init DIR_OF_V5 --out DIR --general-fraction 0.85 \
+        --vocab-fraction 0.4 --max-questions 6 --lr 4e-4 --warmup 30 --steps 2000
+
+(copy tokenizer.json and tokenizer_config.json into DIR first: training reads the tokenizer there).
 """
 
 from __future__ import annotations
