@@ -77,9 +77,9 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
         from attnkit.buckets import BucketedModel, BucketsConfig
         from attnkit.buckets.cli import _bases
         base_list = _bases(model, bases, search)
-        decode = BucketedModel(mdl, tok, BucketsConfig(base_list, combine)).as_decoder()
+        config = BucketsConfig(base_list, combine)
         systems = {"one base": ({"system": "single"}, None),
-                   "buckets": ({"system": f"buckets {combine} " + ",".join(f"{b:g}" for b in base_list)}, decode)}
+                   "buckets": ({"system": config.label}, BucketedModel(mdl, tok, config).as_decoder())}
     summaries = {}
     for name, (extra, decode) in systems.items():
         rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
@@ -191,8 +191,8 @@ def heads_ablate(model: str = typer.Option("embedded", help="local model directo
     data = S.load_scores(scores)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
-    runs = [A.ablate(mdl, tok, data, kk, needle_list, hay, length_list, depth_list,
-                     mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json) for kk in k_list]
+    runs = A.ablate_sweep(mdl, tok, data, k_list, needle_list, hay, length_list, depth_list,
+                          mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
     if len(runs) > 1:
         if plot:
             from attnkit.evals.plots import ablation_curve

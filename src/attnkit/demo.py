@@ -88,8 +88,8 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     # random heads matter once K is a sizeable share of all heads.
     k_list = sorted({k for k in (1, 2, 4) if k < n_heads} | {n_heads})
     lengths, depths = [512, 1024], [50]
-    runs = [A.ablate(model, tok, per_head, k, needles, haystack, lengths, depths, seeds=3,
-                     out=out_dir / "ablate_trials.jsonl") for k in k_list]
+    runs = A.ablate_sweep(model, tok, per_head, k_list, needles, haystack, lengths, depths, seeds=3,
+                          out=out_dir / "ablate_trials.jsonl")
     niah_heatmaps(A.condition_grids(runs[-1]), out_dir / "ablation.png", lengths, depths)
     ablation_curve(runs, out_dir / "ablation_curve.png", title="embedded model, passkey needles: masking ablation")
     table = Table(title=f"mean NIAH recall, heads masked in decoding (no mask: {runs[0]['none']})")
@@ -121,12 +121,13 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     # Far from the question the single base's attention is weakest: passkey needles at the start of
     # a 2,000-token prompt, where the paper's "shortest stave" should show.
     needles, lengths, depths = needle_sets["passkey needles"], [2000], [0, 10]
-    decode = BucketedModel(model, tok, BucketsConfig(bases)).as_decoder()
+    config = BucketsConfig(bases)
+    decode = BucketedModel(model, tok, config).as_decoder()
     table = Table(title="passkey needles in a 2,000-token prompt: mean ROUGE-1 recall")
     for col in ("RoPE bases", *(f"depth {d}%" for d in depths)):
         table.add_column(col, justify="left" if col.startswith("RoPE") else "right")
     for label, extra, dec in (("one base", {"system": "single"}, None),
-                              ("buckets", {"system": "buckets " + ",".join(f"{b:g}" for b in bases)}, decode)):
+                              ("buckets", {"system": config.label}, decode)):
         rows = N.evaluate(model, tok, needles, haystack, lengths, depths, out=out_dir / "buckets_niah.jsonl",
                           label=label, extra=extra, decode=dec)
         cells = N.grid_map(N.summarize(rows)["grid"])

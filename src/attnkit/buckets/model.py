@@ -39,6 +39,11 @@ class BucketsConfig:
         if self.combine not in COMBINE_MODES:
             raise AttnkitError(f"unknown combine mode {self.combine!r}: use one of {', '.join(COMBINE_MODES)}")
 
+    @property
+    def label(self) -> str:
+        """Names the system in result rows, so that resumed runs match on bases and combine mode."""
+        return f"buckets {self.combine} " + ",".join(f"{b:g}" for b in self.bases)
+
 
 @dataclass
 class Generation:

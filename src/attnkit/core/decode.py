@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -29,9 +32,12 @@ def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
 def last_logits_only(model) -> dict:
     """Forward kwargs that keep only the last position's logits, where the model supports it: at long
     context the full [tokens x vocab] logits of a prefill cost more memory than the KV cache."""
-    import inspect
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
 
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _as_list(x) -> list[int]:

@@ -9,6 +9,7 @@ needle's answer, 0-100.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,8 +44,6 @@ def passkey_needles(n: int = 6, seed: int = 0) -> list[Needle]:
     """Passkey-style needles: "The password of Dunmore is recipe useful Bruno cabin." The answer is
     random, so it can only come from copying, and the question repeats the needle's words, so finding
     the needle needs no paraphrase matching (the idea of the passkey retrieval task)."""
-    import random
-
     from attnkit.evals import prose
 
     rng = random.Random(seed)

@@ -32,33 +32,46 @@ def random_heads(layers: int, heads: int, k: int, exclude: set, seed: int) -> li
 def ablate(model, tokenizer, scores: dict, k: int, needles, haystack: str, lengths, depths,
            mode: str = "uniform", phase: str = "decode", seeds: int = 3, out: Path | None = None,
            quiet: bool = False) -> dict:
+    """NIAH with no mask, the top-K heads masked, and K random non-retrieval heads per seed."""
+    return ablate_sweep(model, tokenizer, scores, [k], needles, haystack, lengths, depths, mode, phase, seeds,
+                        out, quiet)[0]
+
+
+def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], needles, haystack: str, lengths, depths,
+                 mode: str = "uniform", phase: str = "decode", seeds: int = 3, out: Path | None = None,
+                 quiet: bool = False) -> list[dict]:
+    """`ablate` for every K in `ks`; the unmasked grid, the same for every K, runs once."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     outside = [key for key in scores if not (0 <= key[0] < layers and 0 <= key[1] < heads)]
     if outside:
         raise AttnkitError(f"score file head {outside[0]} does not exist in this model ({layers} x {heads})")
-    top = [(l, h) for l, h, _ in ranked(scores)[:k]]
-    exclude = excluded_heads(scores)
-    conditions = [("none", 0, []), ("top", 0, top)]
-    conditions += [("random", s, random_heads(layers, heads, k, exclude, s)) for s in range(seeds)]
-    result = {"k": k, "mode": mode, "phase": phase, "top_heads": top, "random_heads": {}, "grids": {}}
-    means = {"none": [], "top": [], "random": []}
-    for name, seed, chosen in conditions:
+
+    def grid(name: str, seed: int, k: int, chosen: list) -> dict:
         mask = HeadMask(chosen, mode=mode, phase=phase) if chosen else None
         with intervene(model, mask=mask):
             rows = N.evaluate(model, tokenizer, needles, haystack, lengths, depths, out=out, quiet=quiet,
                               label=f"{name} (seed {seed})" if name == "random" else name,
-                              extra={"condition": name, "seed": seed, "k": k if chosen else 0, "mode": mode,
-                                     "phase": phase})
-        summary = N.summarize(rows)
-        means[name].append(summary["mean_recall"])
-        result["grids"][name if name != "random" else f"random_seed{seed}"] = summary["grid"]
-        if name == "random":
-            result["random_heads"][seed] = chosen
-    result["none"], result["top"] = means["none"][0], means["top"][0]
-    rand = [m for m in means["random"] if m is not None]
-    result["random"] = round(statistics.fmean(rand), 2) if rand else None
-    result["random_std"] = round(statistics.pstdev(rand), 2) if len(rand) > 1 else 0.0
-    return result
+                              extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase})
+        return N.summarize(rows)
+
+    none = grid("none", 0, 0, [])
+    exclude = excluded_heads(scores)
+    results = []
+    for k in ks:
+        top = [(l, h) for l, h, _ in ranked(scores)[:k]]
+        drawn = {s: random_heads(layers, heads, k, exclude, s) for s in range(seeds)}
+        top_summary = grid("top", 0, k, top)
+        rand = {s: grid("random", s, k, chosen) for s, chosen in drawn.items()}
+        means = [r["mean_recall"] for r in rand.values() if r["mean_recall"] is not None]
+        results.append({
+            "k": k, "mode": mode, "phase": phase, "top_heads": top, "random_heads": drawn,
+            "grids": {"none": none["grid"], "top": top_summary["grid"],
+                      **{f"random_seed{s}": r["grid"] for s, r in rand.items()}},
+            "none": none["mean_recall"], "top": top_summary["mean_recall"],
+            "random": round(statistics.fmean(means), 2) if means else None,
+            "random_std": round(statistics.pstdev(means), 2) if len(means) > 1 else 0.0,
+        })
+    return results
 
 
 def condition_grids(result: dict) -> dict[str, dict]:
