@@ -17,7 +17,7 @@ def build(model_name: str, device: str, dtype: torch.dtype):
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=131072)
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=1_048_576)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.set_attn_implementation("sdpa")

@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+torch.set_num_threads(min(2, torch.get_num_threads()))  # 2-core machines: no oversubscription
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -25,6 +27,13 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, attn: str = "sdpa", see
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, kv_heads, attn), attn_implementation=attn)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The shipped model, loaded once per test run (tests that wrap it restore it when they finish)."""
+    from attnkit.core.loading import load_model
+    return load_model("embedded")
 
 
 @pytest.fixture

@@ -59,3 +59,19 @@ def test_ablate_cli_sweeps_k(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "attnkit.cli", "heads", "ablate", "--scores", str(tmp_path / "s.json"),
                           "--k", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not():
+    """Issue 10's thesis: at the same KV memory, keeping the retrieval heads' full cache keeps the answer."""
+    from attnkit.heads.kvcompare import CacheSettings, compare
+
+    model, tok = load_model("embedded")
+    needles, haystack = N.passkey_needles(), N.load_haystack()
+    per_head, _ = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True)
+    res = {r["system"]: r for r in compare(model, tok, per_head, [0.25], needles, haystack, [2048], [10, 90],
+                                           CacheSettings(16, 128, 1024), quiet=True)}
+    assert res["retrieval"]["kv_ratio"] <= 0.32
+    assert res["all"]["recall"] >= 70
+    assert res["retrieval"]["recall"] >= res["all"]["recall"] - 15
+    assert res["retrieval"]["recall"] >= res["random"]["recall"] + 40
+    assert res["retrieval"]["recall"] >= res["none"]["recall"] + 40

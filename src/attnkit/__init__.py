@@ -1,8 +1,18 @@
 """attnkit: fix and explain how large language models use their context."""
 
-from attnkit.core.hook import HeadMask, Probe, intervene
-from attnkit.core.loading import load_model, model_info
 from attnkit.errors import AttnkitError
 
-__all__ = ["AttnkitError", "HeadMask", "Probe", "intervene", "load_model", "model_info"]
+__all__ = ["AttnkitError", "HeadKVConfig", "HeadMask", "Probe", "head_kv", "intervene", "load_model", "model_info"]
 __version__ = "0.1.0"
+
+_LAZY = {"HeadMask": "attnkit.core.hook", "Probe": "attnkit.core.hook", "intervene": "attnkit.core.hook",
+         "load_model": "attnkit.core.loading", "model_info": "attnkit.core.loading",
+         "HeadKVConfig": "attnkit.core.kvcache", "head_kv": "attnkit.core.kvcache"}
+
+
+def __getattr__(name: str):
+    """Names load on first use, so that `import attnkit` (and `attnkit --help`) does not import torch."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")

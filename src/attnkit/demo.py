@@ -4,7 +4,9 @@
    which the embedded model answers poorly) and passkey needles (which it answers well);
 2. retrieval heads: detection on the passkey needles, the top heads, and the masking ablation for
    K = 1, 2, 4 and the number of retrieval heads (top-K vs K random heads);
-3. Attention Buckets: the searched bases' waveforms, and passkey recall far from the question in a
+3. the retrieval-head KV cache: full cache for the top quarter of heads, sink + window for the rest,
+   against random heads at the same memory and all heads windowed;
+4. Attention Buckets: the searched bases' waveforms, and passkey recall far from the question in a
    2,000-token prompt, one RoPE base vs the buckets.
 Every step writes its rows or plots under the output folder; a rerun resumes finished trials.
 """
@@ -32,6 +34,7 @@ def run(out_dir: Path) -> None:
     haystack = N.load_haystack()
     niah_step(model, tok, needle_sets, haystack, out_dir)
     heads_step(model, tok, needle_sets["passkey needles"], haystack, out_dir)
+    kv_step(model, tok, needle_sets["passkey needles"], haystack, out_dir)
     buckets_step(model, tok, needle_sets, haystack, out_dir)
 
 
@@ -101,6 +104,33 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     say(f"plots: {out_dir / 'ablation_curve.png'} (recall against K), {out_dir / 'ablation.png'} (K = {n_heads})")
 
 
+def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
+    """The detected heads turned into memory savings: 2,048-token passkey NIAH at a quarter of the heads."""
+    from .evals.plots import kv_tradeoff
+    from .heads import scores as S
+    from .heads.kvcompare import CacheSettings, compare
+
+    scores_file = out_dir / "head_scores.json"
+    if not scores_file.exists():
+        say("no retrieval-score file: KV cache step skipped")
+        return
+    say("\n[bold]3. Retrieval-head KV cache[/bold]: 25% of KV heads keep the whole context, the rest keep "
+        "16 sink + 128 recent tokens")
+    settings = CacheSettings(sink=16, window=128, prefill_chunk=512)
+    results = compare(model, tok, S.load_scores(scores_file), [0.25], needles, haystack, [2048], [10, 50, 90],
+                      settings, seeds=1, out=out_dir / "kv_trials.jsonl")
+    names = {"all": "full cache", "none": "every head sink + window", "retrieval": "retrieval heads full",
+             "random": "random heads full"}
+    table = Table(title="passkey needles in 2,048-token prompts: recall and KV memory")
+    for col in ("KV cache", "KV memory", "mean recall"):
+        table.add_column(col, justify="left" if col == "KV cache" else "right")
+    for r in results:
+        table.add_row(names[r["system"]], f"{r['kv_ratio']:.2f}x", f"{r['recall']:.1f}")
+    say(table)
+    kv_tradeoff(results, out_dir / "kv_cache.png", title="embedded model, passkey NIAH at 2,048 tokens")
+    say(f"plot: {out_dir / 'kv_cache.png'}")
+
+
 def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None:
     import numpy as np
 
@@ -108,7 +138,7 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     from .buckets.cli import default_distances
     from .evals.plots import waveform_plot
 
-    say("\n[bold]3. Attention Buckets[/bold] (Chen et al. 2024)")
+    say("\n[bold]4. Attention Buckets[/bold] (Chen et al. 2024)")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     m0, m1 = default_distances(cfg.max_position_embeddings)

@@ -128,7 +128,8 @@ def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with t
         f"bases ({method}, head dim {head_dim}, m {m0}..{m1}): " + ", ".join(f"{b:g}" for b in result.bases)))
 
 
-def _bases(model: str, bases: Optional[str], search: bool) -> list[float]:
+def resolve_bases(model: str, bases: Optional[str], search: bool) -> list[float]:
+    """--bases as given, or the searched ones for this model (--search)."""
     if search:
         return _search(model, None, 6, "10000:30000:500", None, 128, 3, "reference")[0].bases
     if bases:
@@ -153,7 +154,7 @@ def generate_cmd(model: str = typer.Option("embedded", help=MODEL_HELP),
     from attnkit.core.loading import load_model
 
     quiet_transformers()
-    base_list = _bases(model, bases, search)
+    base_list = resolve_bases(model, bases, search)
     cfg = BucketsConfig(base_list, combine)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     stops = (stop.encode().decode("unicode_escape"),) if stop else ()
@@ -193,7 +194,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
     pos = (ints(positions, "--positions") if positions
            else sorted({0, num_pairs // 4, num_pairs // 2, 3 * num_pairs // 4, num_pairs - 1}))
     exs = kv.load_examples(data)[:examples] if data else kv.generate_examples(examples, num_pairs, seed)
-    base_list = _bases(model, bases, search)
+    base_list = resolve_bases(model, bases, search)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     systems = {"single": BucketsConfig([rope_base(mdl.config)], combine),
                "buckets": BucketsConfig(base_list, combine)}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.decode import last_logits_only
+from ..core.decode import eos_ids, last_logits_only, sample_token
 from ..core.rope import per_row_bases, require_rope
 from ..errors import AttnkitError
 
@@ -66,18 +66,6 @@ def combine(logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor
     return mixed.log_softmax(-1), weights
 
 
-def _sample(logprobs: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
-    if temperature <= 0:
-        return logprobs.argmax(-1)
-    probs = (logprobs / temperature).softmax(-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
 class BucketedModel:
     """Run a Hugging Face RoPE model with several bases at once.
 
@@ -118,11 +106,10 @@ class BucketedModel:
         return out.logits[:, -1].view(len(input_ids), self.n, -1)
 
     @torch.no_grad()
-    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     max_new_tokens: int = 50, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int | None = None, stop_ids: set[int] | None = None,
-                     stop_strings: tuple[str, ...] = ()) -> tuple[list[list[int]], list[list[list[float]]]]:
-        """New token ids per prompt and per-step base weights; rows stop at EOS/stop ids/stop strings."""
+    def steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None):
+        """Yield (chosen token per prompt [prompts], base weights [prompts, bases]) at every step, without
+        end; the chosen tokens are fed back to every base's row. The caller decides when to stop."""
         from transformers import DynamicCache
 
         model, n = self.model, self.n
@@ -134,17 +121,33 @@ class BucketedModel:
         mask = attention_mask.repeat_interleave(n, dim=0).to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        stop_ids = set(stop_ids or ()) | _eos_ids(model, self.tokenizer)
-        tokens = [[] for _ in range(prompts)]
-        weights = [[] for _ in range(prompts)]
-        done = torch.zeros(prompts, dtype=torch.bool)
         cache = DynamicCache(config=model.config)
         with per_row_bases(model, self.config.bases):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                         past_key_values=cache, use_cache=True, **last_logits_only(model))
-            for step in range(max_new_tokens):
+            while True:
                 logprobs, w = combine(out.logits[:, -1].view(prompts, n, -1), self.config.combine)
-                chosen = _sample(logprobs, temperature, top_p, gen)
+                chosen = sample_token(logprobs, temperature, top_p, gen)
+                yield chosen, w
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = model(input_ids=chosen.repeat_interleave(n).view(-1, 1).to(device), attention_mask=mask,
+                            position_ids=positions, past_key_values=cache, use_cache=True)
+
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     max_new_tokens: int = 50, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int | None = None, stop_ids: set[int] | None = None,
+                     stop_strings: tuple[str, ...] = ()) -> tuple[list[list[int]], list[list[list[float]]]]:
+        """New token ids per prompt and per-step base weights; rows stop at EOS/stop ids/stop strings
+        (finished prompts keep feeding a token until all are done; their output is ignored)."""
+        prompts = input_ids.shape[0]
+        stop_ids = set(stop_ids or ()) | eos_ids(self.model, self.tokenizer)
+        tokens = [[] for _ in range(prompts)]
+        weights = [[] for _ in range(prompts)]
+        done = [False] * prompts
+        steps = self.steps(input_ids, attention_mask, temperature, top_p, seed)
+        try:
+            for _, (chosen, w) in zip(range(max_new_tokens), steps):
                 for i in range(prompts):
                     if done[i]:
                         continue
@@ -153,14 +156,10 @@ class BucketedModel:
                     weights[i].append([round(float(x), 6) for x in w[i]])
                     if t in stop_ids or (stop_strings and _hits(self.tokenizer, tokens[i], stop_strings)):
                         done[i] = True
-                if bool(done.all()) or step + 1 == max_new_tokens:
+                if all(done):
                     break
-                # finished prompts keep feeding a token; their output is ignored
-                nxt = chosen.repeat_interleave(n).view(-1, 1).to(device)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                positions = positions[:, -1:] + 1
-                out = model(input_ids=nxt, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
+        finally:
+            steps.close()  # leaves per_row_bases, restoring the model's rotary modules
         return tokens, weights
 
     def as_decoder(self, stop: tuple[str, ...] = ("\n",)):
@@ -191,12 +190,3 @@ class BucketedModel:
 def _hits(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
     tail = tokenizer.decode(ids[-8:], skip_special_tokens=True)
     return any(s in tail for s in stops)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    out = set()
-    for x in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if x is None:
-            continue
-        out.update(x if isinstance(x, (list, tuple)) else [x])
-    return out

@@ -1,4 +1,5 @@
-"""Greedy decoding with a KV cache, one token at a time (so hooks see every decode step)."""
+"""Decoding helpers shared by every technique: greedy decoding with a KV cache one token at a time (so
+hooks see every decode step), token sampling, the set of end-of-sequence ids, chat rendering."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import torch
 
 @torch.no_grad()
 def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 50,
-                  stop_at_newline: bool = True) -> list[int]:
-    """Token ids generated after `input_ids` ([1, n]); stops at EOS or a token containing a newline."""
+                  stop_at_newline: bool = True, cache=None, prefill_chunk: int | None = None) -> list[int]:
+    """Token ids generated after `input_ids` ([1, n]); stops at EOS or a token containing a newline.
+    `cache` replaces a fresh DynamicCache; `prefill_chunk` runs the prompt that many tokens at a time."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     device = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True, **last_logits_only(model))
-    eos = set(_as_list(model.generation_config.eos_token_id) + _as_list(tokenizer.eos_token_id))
+    input_ids = input_ids.to(device)
+    step = prefill_chunk or input_ids.shape[1]
+    for start in range(0, input_ids.shape[1], step):
+        out = model(input_ids=input_ids[:, start:start + step], past_key_values=cache, use_cache=True,
+                    **last_logits_only(model))
+    eos = eos_ids(model, tokenizer)
     generated = []
     for step in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
@@ -38,6 +44,39 @@ def last_logits_only(model) -> dict:
 @functools.cache
 def _takes_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends generation: the generation config's and the tokenizer's EOS."""
+    return set(_as_list(getattr(model.generation_config, "eos_token_id", None)) + _as_list(tokenizer.eos_token_id))
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (or log-probabilities) [rows, vocab]: greedy at temperature 0,
+    else nucleus sampling (the smallest set of tokens whose probability reaches top_p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def render_plain(messages: list[dict]) -> str:
+    """A conversation as plain text, for tokenizers without a chat template."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """(prompt text, whether the tokenizer should add special tokens): the chat template where the
+    tokenizer has one (it holds the special tokens itself), else the plain rendering."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+    return render_plain(messages), True
 
 
 def _as_list(x) -> list[int]:

@@ -65,7 +65,7 @@ def check_wrappable(implementation: str) -> None:
                            f"(supported: {', '.join(WRAPPABLE)})")
 
 
-def _base_function(name: str, module):
+def base_function(name: str, module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if name == "eager":
@@ -77,7 +77,7 @@ def _make_wrapper(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         ctl: Controller | None = getattr(module, "_attnkit_controller", None)
         if ctl is None:
-            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+            return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
         return ctl.attend(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -86,9 +86,10 @@ def _make_wrapper(base: str):
 def _register(base: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = PREFIX + base
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(name, _make_wrapper(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
@@ -112,7 +113,7 @@ class Controller:
         self.modules = attention_modules(model)
         self.first_layer = min(self.modules)
         base = model.config._attn_implementation.removeprefix(PREFIX)
-        self.base_fn = {layer: _base_function(base, m) for layer, m in self.modules.items()}  # resolved once
+        self.base_fn = {layer: base_function(base, m) for layer, m in self.modules.items()}  # resolved once
         self.num_layers = len(self.modules)
         self.num_heads = model.config.num_attention_heads
         self.mask = mask
@@ -213,6 +214,9 @@ def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None):
         ctl.positions()  # [steps, layers, batch, heads, k]
     """
     base = model.config._attn_implementation
+    if base.startswith("attnkit_kv_"):
+        raise AttnkitError("a head mask or probe cannot be combined with the retrieval-head KV cache "
+                           "(head_kv() is active on this model)")
     if base.startswith(PREFIX):
         raise AttnkitError("intervene() is already active on this model")
     check_wrappable(base)

@@ -106,3 +106,34 @@ def weights_plot(weights: list[list[float]], bases: list[float], tokens: list[st
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1), title="RoPE base")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def kv_tradeoff(results: list[dict], path: str | Path, title: str = "") -> None:
+    """NIAH recall (y) against KV-cache memory as a fraction of the full cache (x), one line per way
+    of choosing the full-cache heads; the full cache and all-window caches are single points."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = {"retrieval": ("tab:green", "o", "retrieval heads full"),
+              "random": ("tab:orange", "s", "random heads full (same budget)")}
+    ends = {r["system"]: r for r in results if r["system"] in ("all", "none")}
+    for system, (color, marker, name) in styles.items():
+        points = sorted([(r["kv_ratio"], r["recall"]) for r in results if r["system"] == system]
+                        + [(ends[e]["kv_ratio"], ends[e]["recall"]) for e in ("none",) if e in ends])
+        if len(points) > 1:
+            ax.plot(*zip(*points), color=color, marker=marker, label=name)
+            for r in results:
+                if r["system"] == system:
+                    ax.annotate(f"{r['full']:g}", (r["kv_ratio"], r["recall"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=color)
+    for e, (color, name) in {"all": ("black", "full cache"), "none": ("tab:red", "all heads sink + window")}.items():
+        if e in ends:
+            ax.scatter([ends[e]["kv_ratio"]], [ends[e]["recall"]], color=color, zorder=3, s=60, label=name)
+    ax.set_xlabel("KV-cache memory (fraction of the full cache)")
+    ax.set_ylabel("NIAH mean ROUGE-1 recall")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "Retrieval-head KV cache: recall against memory", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

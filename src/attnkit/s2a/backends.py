@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from ..core.decode import eos_ids, render_chat
 from ..errors import AttnkitError
 
 
@@ -44,15 +45,6 @@ class Backend(Protocol):
     def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]: ...
 
 
-def render_plain(messages: list[dict]) -> str:
-    """A conversation as plain text, for tokenizers without a chat template."""
-    parts = []
-    for m in messages:
-        role = {"system": "System", "user": "User", "assistant": "Assistant"}.get(m["role"], m["role"])
-        parts.append(f"{role}: {m['content']}")
-    return "\n\n".join(parts) + "\n\nAssistant:"
-
-
 class HFBackend:
     """Batched generation with a local model (chat template applied when the tokenizer has one)."""
 
@@ -63,10 +55,7 @@ class HFBackend:
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     def render(self, messages: list[dict]) -> str:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return render_plain(messages)
+        return render_chat(self.tokenizer, messages)[0]
 
     @torch.no_grad()
     def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]:
@@ -96,7 +85,7 @@ class HFBackend:
                                  top_p=sampling.top_p if sample else None, top_k=None,
                                  pad_token_id=tok.pad_token_id)
             new = gen[:, batch["input_ids"].shape[1]:]
-            eos = set(_as_list(model.generation_config.eos_token_id) + _as_list(tok.eos_token_id)) | {tok.pad_token_id}
+            eos = eos_ids(model, tok) | {tok.pad_token_id}
             for row, mask in zip(new.tolist(), batch["attention_mask"]):
                 n = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
                 text = tok.decode(row[:n], skip_special_tokens=True).strip()
@@ -113,13 +102,13 @@ class OpenAIBackend:
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 120.0, backoff: float = 1.0):
+                 max_retries: int = 5, timeout: float = 120.0, backoff: float = 1.0, api_key: str | None = None):
         from openai import OpenAI
 
         self.base_url, self.name = base_url, model
         self.concurrency, self.max_retries, self.backoff = max(1, concurrency), max_retries, backoff
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-needed",
-                             max_retries=0, timeout=timeout)
+        key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self.client = OpenAI(base_url=base_url, api_key=key or "not-needed", max_retries=0, timeout=timeout)
 
     def _one(self, messages: list[dict], sampling: Sampling) -> Completion:
         import openai
@@ -133,7 +122,7 @@ class OpenAIBackend:
                     max_tokens=sampling.max_tokens, seed=sampling.seed)
             except retryable as e:
                 if attempt == self.max_retries:
-                    status = getattr(e, "status_code", None) or 502
+                    status = getattr(e, "status_code", None) or (504 if isinstance(e, openai.APITimeoutError) else 502)
                     raise UpstreamError(status, f"{type(e).__name__} after {attempt + 1} tries", self.base_url) from None
                 time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random() / 2))
                 continue
@@ -159,12 +148,6 @@ def _message(e) -> str:
         if isinstance(err, str):
             return err
     return str(getattr(e, "message", e)).splitlines()[0]
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def make_backend(kind: str, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",

@@ -1,4 +1,4 @@
-"""`attnkit s2a ask|eval|variants` and `attnkit serve`."""
+"""`attnkit s2a ask|eval|variants` (`attnkit serve --upstream` is the S2A proxy, in attnkit.serve)."""
 
 from __future__ import annotations
 
@@ -131,29 +131,3 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
             groups.add_row(v, *[f"{gs[g]['mean']} {gs[g]['ci95']} n={gs[g]['n']}" if g in gs else "" for g in all_groups])
         Console().print(groups)
     emit(summary, as_json, render)
-
-
-def serve(model: Optional[str] = typer.Option(None, help="serve this local model dir / 'embedded'"),
-          upstream: Optional[str] = typer.Option(None, help="proxy mode: the OpenAI-compatible URL to forward to"),
-          s2a: str = typer.Option("s2a", help="proxy mode: the S2A variant applied to each request"),
-          host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
-          port: int = typer.Option(8000),
-          api_key_env: str = typer.Option("OPENAI_API_KEY", help="proxy mode: env variable with the upstream key"),
-          device: str = typer.Option("cpu")):
-    """An OpenAI-compatible server over a local model, or an S2A proxy in front of another server."""
-    import uvicorn
-
-    from attnkit.s2a.server import local_app, proxy_app
-
-    if (model is None) == (upstream is None):
-        raise AttnkitError("give exactly one of --model (serve a local model) or --upstream (S2A proxy)")
-    if upstream:
-        from attnkit.s2a.prompts import VARIANTS
-        if s2a not in VARIANTS or VARIANTS[s2a].rewrite is None:
-            raise AttnkitError(f"--s2a must be a rewriting variant: {', '.join(k for k, v in VARIANTS.items() if v.rewrite)}")
-        app = proxy_app(upstream, s2a, api_key_env)
-    else:
-        from attnkit.s2a.backends import make_backend
-        quiet_transformers()
-        app = local_app(make_backend("hf", model, device=device), Path(model).name or model)
-    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,145 @@
+"""Retrieval-head KV cache vs the full cache, side by side on the same prompt.
+
+For each context length and each cache: KV bytes held after the prompt, peak device memory (CUDA
+only), prefill time (both prefill in chunks of --chunk tokens, so they differ only by the cache), and
+decode latency per token. Speed and memory do not depend on which heads are chosen, so without
+--scores a seeded random quarter of the KV heads keeps the full cache.
+
+    python benchmarks/kv_cache.py --model embedded --lengths 512,1024,2048
+    python benchmarks/kv_cache.py --model llama7b --device cuda --dtype bfloat16 --lengths 32768,100000 --find-max
+
+`--find-max` also doubles the context (then bisects) until each cache runs out of device memory.
+Prints one JSON line per (length, cache) with ratios to the full cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+from _common import build, header, sync, timed
+from transformers import DynamicCache
+
+from attnkit.core.decode import last_logits_only
+from attnkit.core.kvcache import HeadKVConfig, head_kv
+
+
+def choose(model, fraction: float, seed: int, scores_path: str | None) -> frozenset:
+    cfg = model.config
+    if scores_path:
+        from attnkit.heads.kvplan import choose_full_heads
+        from attnkit.heads.scores import load_scores
+        return choose_full_heads(load_scores(scores_path), cfg, "retrieval", fraction)
+    kv = cfg.num_key_value_heads
+    heads = [(l, h) for l in range(cfg.num_hidden_layers) for h in range(kv)]
+    return frozenset(random.Random(seed).sample(heads, round(fraction * len(heads))))
+
+
+@torch.no_grad()
+def run(model, ids, steps: int, chunk: int, cache):
+    out = None
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                    **last_logits_only(model))
+    for _ in range(steps):
+        out = model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def kv_bytes(cache) -> int:
+    if hasattr(cache, "kv_bytes"):
+        return cache.kv_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def measure(model, ids, args, new_cache) -> dict:
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cache = run(model, ids, 0, args.chunk, new_cache())
+    row = {"kv_bytes": kv_bytes(cache)}
+    del cache
+    if cuda:
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    pre = timed(lambda: run(model, ids, 0, args.chunk, new_cache()), args.device, args.repeats)
+    full = timed(lambda: run(model, ids, args.steps, args.chunk, new_cache()), args.device, args.repeats)
+    row.update(prefill_s=round(pre, 4), decode_ms_per_token=round(1e3 * (full - pre) / args.steps, 2))
+    return row
+
+
+def fits(model, length, args, new_cache) -> bool:
+    ids = torch.randint(3, model.config.vocab_size, (1, length), device=args.device)
+    try:
+        run(model, ids, 2, args.chunk, new_cache())
+        sync(args.device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def longest(model, args, new_cache, start: int) -> int:
+    lo, hi = 0, start
+    while fits(model, hi, args, new_cache):
+        lo, hi = hi, hi * 2
+    while hi - lo > args.max_step:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(model, mid, args, new_cache) else (lo, mid)
+    return lo
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--lengths", default="512,1024,2048")
+    ap.add_argument("--full", type=float, default=0.25, help="fraction of KV heads with the full cache")
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk for both caches")
+    ap.add_argument("--scores", default=None, help="choose heads from this score file (default: seeded random)")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--find-max", action="store_true", help="longest context that fits, per cache (CUDA)")
+    ap.add_argument("--max-step", type=int, default=16384, help="--find-max resolution (tokens)")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = build(args.model, args.device, getattr(torch, args.dtype))
+    config = HeadKVConfig(choose(model, args.full, 0, args.scores), args.sink, args.window, args.chunk)
+    print(json.dumps({**header(args), "full_fraction": args.full, "sink": args.sink, "window": args.window,
+                      "chunk": args.chunk, "steps": args.steps}), flush=True)
+    with head_kv(model, config) as hkv:
+        caches = {"full cache": lambda: DynamicCache(config=model.config), "retrieval-head cache": hkv.new_cache}
+        for length in [int(x) for x in args.lengths.split(",")]:
+            if length > model.config.max_position_embeddings:
+                print(json.dumps({"length": length, "skipped": "above the model's max positions"}))
+                continue
+            ids = torch.randint(3, model.config.vocab_size, (1, length), device=args.device)
+            rows = {}
+            for name, new_cache in caches.items():
+                try:
+                    rows[name] = measure(model, ids, args, new_cache)
+                except torch.OutOfMemoryError:
+                    rows[name] = {"out_of_memory": True}
+                    torch.cuda.empty_cache()
+                base, ours = rows["full cache"], rows[name]
+                if name != "full cache" and "kv_bytes" in base and "kv_bytes" in ours:
+                    ours.update(kv_over_full=round(ours["kv_bytes"] / base["kv_bytes"], 3),
+                                prefill_over_full=round(ours["prefill_s"] / base["prefill_s"], 2),
+                                decode_over_full=round(ours["decode_ms_per_token"] / base["decode_ms_per_token"], 2))
+                    if "peak_gib" in ours:
+                        ours["peak_over_full"] = round(ours["peak_gib"] / base["peak_gib"], 2)
+                print(json.dumps({"length": length, "cache": name, **rows[name]}), flush=True)
+        if args.find_max and args.device.startswith("cuda"):
+            for name, new_cache in caches.items():
+                print(json.dumps({"cache": name, "longest_context": longest(model, args, new_cache, 65536)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""A KV cache that keeps every token for some KV heads and only sink + recent tokens for the others.
+
+Per layer, each KV head is `full` (keeps all keys) or `window` (keeps the first `sink` real tokens
+and the last `window` tokens). A query at position t of a window head sees keys [0, sink) and
+(t - window, t] and nothing else, in prefill and in decoding (DuoAttention / RazorAttention's
+streaming heads). Two pieces work together:
+
+* `HeadKVCache`, a transformers `Cache` of `HeadKVLayer`s. `update` appends to the full heads and
+  returns their keys as usual; the window heads' candidate keys are left on the layer for
+* the attention function `attnkit_kv_<base>`, registered with `AttentionInterface` like the hook's.
+  It attends the full heads with the model's own mask, the window heads with that mask gathered at
+  the kept key positions and restricted to sink + window, writes both into the model's head order,
+  and then trims the window heads back to sink + window tokens.
+
+`update` is always called right before attention in the same module's forward, so the layer is
+handed over through a thread-local slot. Keys are stored after RoPE, so they keep their positions.
+
+    with head_kv(model, HeadKVConfig(full={(5, 3), (6, 1)}, sink=16, window=128)) as kv:
+        out = kv.generate(**inputs, max_new_tokens=20)   # chunked prefill, then decoding
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from attnkit.errors import AttnkitError
+
+KV_PREFIX = "attnkit_kv_"
+SUPPORTED_BASES = ("sdpa", "eager")
+_handoff = threading.local()
+
+
+@dataclass(frozen=True)
+class HeadKVConfig:
+    """Which KV heads keep the full cache, and what the others keep."""
+
+    full: frozenset = field(default_factory=frozenset)  # (layer, kv_head) pairs with the full cache
+    sink: int = 16  # first real tokens every window head keeps
+    window: int = 128  # most recent tokens every window head keeps (the query's own included)
+    prefill_chunk: int = 2048  # prompt tokens per forward; window heads are trimmed after each
+
+    def __post_init__(self):
+        object.__setattr__(self, "full", frozenset((int(l), int(h)) for l, h in self.full))
+        if self.sink < 0:
+            raise AttnkitError(f"sink must be >= 0, got {self.sink}")
+        if self.window < 1:
+            raise AttnkitError(f"window must be >= 1, got {self.window}")
+        if self.prefill_chunk < 1:
+            raise AttnkitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+
+    def check(self, layers: int, kv_heads: int) -> None:
+        bad = [(l, h) for l, h in self.full if not (0 <= l < layers and 0 <= h < kv_heads)]
+        if bad:
+            raise AttnkitError(f"full-cache head {sorted(bad)[0]} is outside the model "
+                               f"({layers} layers x {kv_heads} KV heads)")
+
+    def kv_bytes(self, layers: int, kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                 bytes_per_value: int = 2) -> int:
+        """What the cache holds after `tokens` tokens: keys and values of every KV head (a window head
+        keeps sink + window - 1 tokens, all that a later query can see besides its own key)."""
+        n_full = len(self.full)
+        n_window = layers * kv_heads - n_full
+        kept = n_full * tokens + n_window * min(tokens, self.sink + self.window - 1)
+        return 2 * batch * head_dim * bytes_per_value * kept
+
+
+def full_kv_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                  bytes_per_value: int = 2) -> int:
+    return 2 * batch * layers * kv_heads * head_dim * tokens * bytes_per_value
+
+
+def _take_handoff():
+    layer = getattr(_handoff, "layer", None)
+    _handoff.layer = None
+    return layer
+
+
+class HeadKVLayer(CacheLayerMixin):
+    """One layer's cache; see the module docstring. Tensors are [batch, heads, tokens, head_dim]."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, kv_heads: int, full: list[int], sink: int, window: int):
+        self.layer_idx, self.sink, self.window = layer_idx, sink, window
+        self.full = sorted(full)
+        self.windowed = [h for h in range(kv_heads) if h not in set(full)]
+        self.kv_heads = kv_heads
+        self.seen = 0  # tokens this layer has been given, padding included (cache coordinates)
+        self.keys = self.values = None  # full heads
+        self.win_keys = self.win_values = None
+        self.win_pos = self.win_sink = None  # [batch, kept]: position and sink flag of each kept window key
+        self.valid_count = None  # [batch] real tokens seen so far (to find the sink)
+        self.pending = None
+        self.is_initialized = False
+
+    # --- the Cache layer protocol -----------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, _, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        new = lambda n: key_states.new_zeros(b, n, 0, d)  # noqa: E731
+        self.keys, self.values = new(len(self.full)), new(len(self.full))
+        self.win_keys, self.win_values = new(len(self.windowed)), new(len(self.windowed))
+        self.win_pos = torch.zeros(b, 0, dtype=torch.long, device=self.device)
+        self.win_sink = torch.zeros(b, 0, dtype=torch.bool, device=self.device)
+        self.valid_count = torch.zeros(b, dtype=torch.long, device=self.device)
+        self._full_idx = torch.tensor(self.full, dtype=torch.long, device=self.device)
+        self._win_idx = torch.tensor(self.windowed, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.pending is not None:
+            raise AttnkitError("the retrieval-head KV cache was updated twice without attention in between: "
+                               "run the model inside attnkit's head_kv(...)")
+        q = key_states.shape[2]
+        if self.full:
+            self.keys = torch.cat([self.keys, key_states.index_select(1, self._full_idx)], dim=2)
+            self.values = torch.cat([self.values, value_states.index_select(1, self._full_idx)], dim=2)
+        if self.windowed:
+            b = key_states.shape[0]
+            new_pos = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, q)
+            self.pending = (torch.cat([self.win_keys, key_states.index_select(1, self._win_idx)], dim=2),
+                            torch.cat([self.win_values, value_states.index_select(1, self._win_idx)], dim=2),
+                            torch.cat([self.win_pos, new_pos], dim=1), q)
+        else:
+            self.pending = ()
+        self.seen += q
+        _handoff.layer = self
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0  # the model's mask covers every position; window heads gather from it
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.kv_heads, self.full, self.sink, self.window)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise AttnkitError("the retrieval-head KV cache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise AttnkitError("the retrieval-head KV cache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise AttnkitError("the retrieval-head KV cache does not support num_return_sequences > 1 or beams")
+
+    def batch_select_indices(self, indices) -> None:
+        raise AttnkitError("the retrieval-head KV cache does not support selecting batch rows")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    # --- attention ------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        tensors = (self.keys, self.values, self.win_keys, self.win_values)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def attend(self, module, base_fn, query, keys, values, attention_mask, kwargs, additive: bool = False):
+        """Outputs [batch, q, heads, head_dim] in the model's head order."""
+        b, n_heads, q, d = query.shape
+        group = n_heads // self.kv_heads  # query heads per KV head (transformers' repeat_kv order)
+        pending, self.pending = self.pending, None
+        if not self.windowed:
+            return base_fn(module, query, keys, values, attention_mask, **kwargs)
+        out = query.new_empty(b, q, n_heads, d)
+        if self.full:
+            heads = _query_heads(self.full, group, query.device)
+            full_out, _ = base_fn(module, query.index_select(1, heads), keys, values, attention_mask, **kwargs)
+            out[:, :, heads] = full_out
+        cand_k, cand_v, cand_pos, new = pending
+        allowed_model = _allowed(attention_mask, cand_pos, self.seen - q, q)  # [b, 1, q, cand]
+        new_valid = allowed_model[:, 0, -1, -new:]  # the last query sees every real key before it
+        rank = self.valid_count[:, None] + new_valid.long().cumsum(-1) - 1
+        cand_sink = torch.cat([self.win_sink, new_valid & (rank < self.sink)], dim=1)
+        self.valid_count = self.valid_count + new_valid.sum(-1)
+        q_pos = torch.arange(self.seen - q, self.seen, device=query.device)
+        recent = cand_pos[:, None, None, :] > (q_pos[None, None, :, None] - self.window)
+        allowed = allowed_model & (recent | cand_sink[:, None, None, :])
+        mask = allowed if not additive else torch.zeros(allowed.shape, dtype=query.dtype, device=query.device) \
+            .masked_fill(~allowed, torch.finfo(query.dtype).min)
+        heads = _query_heads(self.windowed, group, query.device)
+        win_out, _ = base_fn(module, query.index_select(1, heads), cand_k, cand_v, mask, **{**kwargs, "is_causal": False})
+        out[:, :, heads] = win_out
+        self._keep(cand_k, cand_v, cand_pos, cand_sink)
+        return out, None
+
+    def _keep(self, keys, values, pos, sink) -> None:
+        """Trim the window heads to what later queries can see: the sink and the last window - 1 keys
+        (the next query itself completes its window). Rows whose sink lies inside the window fill the
+        spare slots with older keys, which the window rule masks."""
+        kept = self.sink + self.window - 1
+        if pos.shape[1] <= kept:
+            self.win_keys, self.win_values, self.win_pos, self.win_sink = keys, values, pos, sink
+            return
+        keep = sink | (pos > self.seen - self.window)
+        order = torch.arange(pos.shape[1], device=pos.device)
+        idx = (keep.long() * pos.shape[1] + order).topk(kept, dim=-1).indices.sort(-1).values  # [b, kept]
+        gather = idx[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        self.win_keys, self.win_values = keys.gather(2, gather), values.gather(2, gather)
+        self.win_pos = pos.gather(1, idx)
+        self.win_sink = sink.gather(1, idx)
+
+
+def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
+    return torch.tensor([h * group + i for h in kv_heads for i in range(group)], dtype=torch.long, device=device)
+
+
+def _allowed(attention_mask, positions: torch.Tensor, first_query: int, q: int) -> torch.Tensor:
+    """What the model's own mask allows, [batch, 1, q, keys] (bool), at the given key positions."""
+    if attention_mask is None:  # no padding: plain causal
+        q_pos = torch.arange(first_query, first_query + q, device=positions.device)
+        return positions[:, None, None, :] <= q_pos[None, None, :, None]
+    m = attention_mask[:, :1]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    index = positions[:, None, None, :].expand(m.shape[0], 1, m.shape[2], -1)
+    return m.gather(3, index)
+
+
+class HeadKVCache(Cache):
+    """A transformers `Cache` of `HeadKVLayer`s; usable only where `head_kv(model, ...)` is active."""
+
+    def __init__(self, model, config: HeadKVConfig):
+        cfg = model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        config.check(cfg.num_hidden_layers, kv_heads)
+        self._model_config = cfg
+        super().__init__(layers=[HeadKVLayer(i, kv_heads, [h for l, h in config.full if l == i], config.sink,
+                                             config.window) for i in range(cfg.num_hidden_layers)])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self._model_config._attn_implementation.startswith(KV_PREFIX):
+            raise AttnkitError("this KV cache works only inside attnkit's head_kv(model, ...) block")
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held now."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+
+def _make_attention(base: str):
+    from attnkit.core.hook import base_function
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        layer = _take_handoff()
+        fn = base_function(base, module)
+        if layer is None:  # a plain cache (or none): the model's own attention
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        if layer.layer_idx != module.layer_idx:
+            raise AttnkitError(f"KV cache layer {layer.layer_idx} reached attention of layer {module.layer_idx}")
+        return layer.attend(module, fn, query, key, value, attention_mask, kwargs, additive=base == "eager")
+
+    return attention
+
+
+def register(base: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base not in SUPPORTED_BASES:
+        raise AttnkitError(f"the retrieval-head KV cache supports attention implementations "
+                           f"{', '.join(SUPPORTED_BASES)}, not '{base}' (load the model with attn_implementation='sdpa')")
+    name = KV_PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, _make_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+class HeadKV:
+    """What `head_kv` yields: makes caches and runs prefill/generation with them."""
+
+    def __init__(self, model, config: HeadKVConfig):
+        self.model, self.config = model, config
+
+    def new_cache(self):
+        return HeadKVCache(self.model, self.config)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None, **forward):
+        """Run the prompt through the model in chunks of `prefill_chunk` tokens; returns (last output, cache)."""
+        cache = cache if cache is not None else self.new_cache()
+        step = self.config.prefill_chunk
+        out = None
+        for start in range(0, input_ids.shape[1], step):
+            end = min(start + step, input_ids.shape[1])
+            kwargs = {"attention_mask": attention_mask[:, :end]} if attention_mask is not None else {}
+            if attention_mask is not None:
+                kwargs["position_ids"] = (attention_mask[:, :end].cumsum(-1) - 1).clamp_min(0)[:, start:end]
+            out = self.model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
+                             **kwargs, **forward)
+        return out, cache
+
+    def decoder(self, tokenizer):
+        """`decode(input_ids [1, n], max_new_tokens) -> new ids`, greedy with this cache (what
+        `attnkit.evals.niah.evaluate(decode=...)` takes); each call switches the attention in and out."""
+        from attnkit.core.decode import greedy_decode
+
+        model, config = self.model, self.config
+
+        def decode(input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+            with head_kv(model, config) as active:
+                return greedy_decode(model, tokenizer, input_ids, max_new_tokens, cache=active.new_cache(),
+                                     prefill_chunk=config.prefill_chunk)
+        return decode
+
+    def generate(self, **kwargs):
+        """`model.generate` with a fresh cache of this kind and chunked prefill."""
+        kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
+        return self.model.generate(past_key_values=self.new_cache(), **kwargs)
+
+
+@contextmanager
+def head_kv(model, config: HeadKVConfig):
+    """Inside the block the model's attention understands `HeadKVCache`; other caches work as before."""
+    base = model.config._attn_implementation
+    if base.startswith(KV_PREFIX):
+        raise AttnkitError("head_kv() is already active on this model")
+    if base.startswith("attnkit_"):
+        raise AttnkitError("the retrieval-head KV cache cannot be combined with a head mask or probe "
+                           "(intervene() is active on this model)")
+    name = register(base)
+    cfg = model.config
+    config.check(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    model.set_attn_implementation(name)
+    try:
+        yield HeadKV(model, config)
+    finally:
+        model.set_attn_implementation(base)

@@ -1,0 +1,264 @@
+"""`attnkit heads ...` (retrieval heads) and `attnkit kv ...` (the retrieval-head KV cache)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnkit.cli_common import console, emit, floats, ints, quiet_transformers
+from attnkit.errors import AttnkitError
+
+heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2024).")
+kv_app = typer.Typer(no_args_is_help=True,
+                     help="Retrieval-head KV cache: full cache for retrieval heads, sink + window for the rest.")
+
+
+@heads_app.command("detect")
+def heads_detect(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+                 needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
+                 haystack: Optional[Path] = typer.Option(None, help="haystack file/folder, or a detection folder with part{i}/p1.txt"),
+                 lengths: Optional[str] = typer.Option(None, help="context lengths; default 20 evenly spaced up to --max-length"),
+                 max_length: Optional[int] = typer.Option(None, help="default: the model's max positions"),
+                 depths: Optional[str] = typer.Option(None, help="depths in percent; default 10 evenly spaced 0-100"),
+                 count: str = typer.Option("unique", help="unique (paper: distinct needle tokens) or repeats (authors' code)"),
+                 first_token: bool = typer.Option(True, help="also score the token produced by the prefill (paper); off = authors' code"),
+                 threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
+                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 out: Path = typer.Option(Path("detect_trials.jsonl"), help="trials, appended as they finish; reruns resume"),
+                 scores: Path = typer.Option(Path("head_scores.json"), help="score file to write (authors' format)"),
+                 top: int = typer.Option(20), plot: Optional[Path] = typer.Option(None),
+                 as_json: bool = typer.Option(False, "--json")):
+    """Detect retrieval heads with NIAH trials (Wu et al. 2024)."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads import detect as D
+    from attnkit.heads import scores as S
+
+    quiet_transformers()
+    if count not in ("unique", "repeats"):
+        raise AttnkitError(f"--count must be unique or repeats, not {count!r}")
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    limit = max_length or mdl.config.max_position_embeddings
+    length_list = ints(lengths, "--lengths") if lengths else D.default_lengths(limit)
+    depth_list = floats(depths, "--depths") if depths else D.default_depths()
+    needle_list = N.load_needles(needles)
+    per_head, rows = D.detect(mdl, tok, needle_list, D.haystacks_for(needle_list, haystack), length_list,
+                              depth_list, out=out, count=count, first_token=first_token, quiet=as_json)
+    S.save_scores(per_head, scores)
+    result = S.summary(per_head, top, threshold)
+    result["trials"] = len(rows)
+    result["counted_trials"] = sum(1 for r in rows if r.get("recall") is not None and r["recall"] > D.MIN_RECALL)
+    if result["counted_trials"] == 0:
+        console.print("no trial was answered well enough to count (recall > 50): every score is 0")
+    if plot:
+        S.plot_heatmap(S.as_grid(per_head), plot, title=f"retrieval score ({count})")
+    emit(result, as_json, lambda: Console().print(
+        f"{result['counted_trials']} of {result['trials']} trials counted; "
+        f"{result['above_threshold']} of {result['heads']} heads above {threshold}; scores: {scores}"))
+
+
+@heads_app.command("ablate")
+def heads_ablate(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+                 scores: Path = typer.Option(..., help="retrieval-score file (authors' format)"),
+                 k: str = typer.Option(..., help="how many heads to mask; a list (1,2,4,8) sweeps K"),
+                 mode: str = typer.Option("uniform", help="uniform (zero the query, as the authors) or zero (zero the output)"),
+                 phase: str = typer.Option("decode", help="decode (the authors), prefill or both"),
+                 seeds: int = typer.Option(3, help="random-head draws"),
+                 needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
+                 haystack: Optional[Path] = typer.Option(None),
+                 lengths: str = typer.Option("512,1024,2048"), depths: str = typer.Option("0,25,50,75,100"),
+                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
+                 plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
+                 as_json: bool = typer.Option(False, "--json")):
+    """NIAH with no mask vs the top-K retrieval heads masked vs K random non-retrieval heads."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads import ablate as A
+    from attnkit.heads import scores as S
+
+    quiet_transformers()
+    from attnkit.core.hook import HeadMask
+    HeadMask(mode=mode, phase=phase)  # validates both before any work
+    k_list = ints(k, "--k")
+    if any(x < 1 for x in k_list):
+        raise AttnkitError("--k must be at least 1")
+    length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
+    data = S.load_scores(scores)
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
+    runs = A.ablate_sweep(mdl, tok, data, k_list, needle_list, hay, length_list, depth_list,
+                          mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
+    if len(runs) > 1:
+        if plot:
+            from attnkit.evals.plots import ablation_curve
+            ablation_curve(runs, plot)
+        table = Table(title=f"mean NIAH recall ({mode} mode, {phase}; no mask {runs[0]['none']})")
+        for col in ("K", "top-K masked", f"K random masked ({seeds} seeds)"):
+            table.add_column(col, justify="right")
+        for r in runs:
+            table.add_row(str(r["k"]), f"{r['top']}", f"{r['random']} +- {r['random_std']}")
+        emit({"sweep": runs}, as_json, lambda: Console().print(table))
+        return
+    res = runs[0]
+    if plot:
+        from attnkit.evals.plots import niah_heatmaps
+        niah_heatmaps(A.condition_grids(res), plot, length_list, depth_list)
+    emit(res, as_json, lambda: Console().print(
+        f"mean NIAH recall: no mask {res['none']}, top-{res['k']} masked {res['top']}, "
+        f"{res['k']} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)"))
+
+
+@heads_app.command("show")
+def heads_show(file: Path = typer.Argument(..., help="score file: one JSON object, 'layer-head' -> per-trial scores"),
+               top: int = typer.Option(20, help="how many heads to list"),
+               threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
+               plot: Optional[Path] = typer.Option(None, help="write a layer x head heatmap PNG"),
+               as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Rank the heads of a retrieval-score file."""
+    from attnkit.heads import scores as S
+
+    data = S.load_scores(file)
+    result = S.summary(data, top, threshold)
+    if plot:
+        S.plot_heatmap(S.as_grid(data), plot, title=file.stem)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{file.name}: {result['above_threshold']} of {result['heads']} heads above "
+                        f"{threshold} ({100 * result['fraction_above']:.1f}%)")
+    for col in ("rank", "layer", "head", "score"):
+        table.add_column(col, justify="right")
+    for i, (l, h, m) in enumerate(result["top"], 1):
+        table.add_row(str(i), str(l), str(h), f"{m:.2f}")
+    Console().print(table)
+
+
+KV_CHOICE_HELP = "which KV heads keep the full cache: retrieval (top scores), random, none (all sink + window)"
+
+
+def kv_options_config(model_config, scores: Optional[Path], choose: str, full: float, count: Optional[int],
+                      sink: int, window: int, chunk: int, reduce: str = "max", seed: int = 0):
+    """A HeadKVConfig from command-line options (validated before any model work where possible)."""
+    from attnkit.heads import kvplan
+    from attnkit.heads.scores import load_scores
+
+    data = load_scores(scores) if scores is not None else None
+    return kvplan.plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed)
+
+
+def _check_kv_options(choose: str, full: float, sink: int, window: int, chunk: int, scores: Optional[Path]) -> None:
+    from attnkit.core.kvcache import HeadKVConfig
+    from attnkit.heads.kvplan import CHOICES
+
+    HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk)
+    if choose not in CHOICES:
+        raise AttnkitError(f"--choose must be one of {', '.join(CHOICES)}, not {choose!r}")
+    if not 0.0 <= full <= 1.0:
+        raise AttnkitError(f"--full must be a fraction in [0, 1], got {full}")
+    if choose in ("retrieval", "random") and scores is None:
+        raise AttnkitError(f"--choose {choose} needs --scores (a retrieval-score file)")
+
+
+@kv_app.command("plan")
+def kv_plan(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+            scores: Optional[Path] = typer.Option(None, help="retrieval-score file (attnkit's or the published ones)"),
+            choose: str = typer.Option("retrieval", help=KV_CHOICE_HELP),
+            full: float = typer.Option(0.25, help="fraction of KV heads that keep the full cache"),
+            count: Optional[int] = typer.Option(None, help="number of full-cache KV heads (instead of --full)"),
+            reduce: str = typer.Option("max", help="a KV head's score from its query heads: max or mean"),
+            sink: int = typer.Option(16), window: int = typer.Option(128),
+            tokens: str = typer.Option("32768,131072", help="context lengths to size the cache for"),
+            dtype_bytes: int = typer.Option(2, help="bytes per cached value (2 for bf16/fp16)"),
+            seed: int = typer.Option(0, help="random choice: the draw"),
+            as_json: bool = typer.Option(False, "--json")):
+    """Which KV heads keep the full cache, and the cache's size against the full cache (no weights loaded)."""
+    from attnkit.core.kvcache import full_kv_bytes
+    from attnkit.core.loading import load_config
+    from attnkit.heads.kvplan import model_shape
+
+    _check_kv_options(choose, full, sink, window, 1, scores)
+    token_list = ints(tokens, "--tokens")
+    cfg = load_config(model)
+    kv = kv_options_config(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
+    layers, heads, kv_heads = model_shape(cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    sizes = [{"tokens": t, "full_cache_bytes": full_kv_bytes(layers, kv_heads, head_dim, t, 1, dtype_bytes),
+              "bytes": kv.kv_bytes(layers, kv_heads, head_dim, t, 1, dtype_bytes)} for t in token_list]
+    for s in sizes:
+        s["ratio"] = round(s["bytes"] / s["full_cache_bytes"], 4)
+    result = {"full_heads": sorted(kv.full), "kv_heads": layers * kv_heads, "sink": sink, "window": window,
+              "sizes": sizes}
+
+    def render():
+        console.print(f"{len(kv.full)} of {layers * kv_heads} KV heads keep the full cache: "
+                      + ", ".join(f"{l}-{h}" for l, h in sorted(kv.full)), highlight=False)
+        table = Table(title=f"KV cache per sequence ({dtype_bytes}-byte values), sink {sink}, window {window}")
+        for col in ("tokens", "full cache", "this cache", "ratio"):
+            table.add_column(col, justify="right")
+        for s in sizes:
+            table.add_row(f"{s['tokens']:,}", _gib(s["full_cache_bytes"]), _gib(s["bytes"]), f"{s['ratio']:.3f}")
+        Console().print(table)
+    emit(result, as_json, render)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@kv_app.command("compare")
+def kv_compare(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+               scores: Path = typer.Option(..., help="retrieval-score file for this model"),
+               budgets: str = typer.Option("0,0.125,0.25,0.5", help="fractions of KV heads with the full cache"),
+               sink: int = typer.Option(16), window: int = typer.Option(128),
+               chunk: int = typer.Option(2048, help="prefill chunk (tokens)"),
+               seeds: int = typer.Option(1, help="random-head draws per budget"),
+               needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
+               haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
+               lengths: str = typer.Option("2048"), depths: str = typer.Option("0,25,50,75,100"),
+               device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+               out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
+               plot: Optional[Path] = typer.Option(None, help="recall against KV memory, one line per head choice"),
+               as_json: bool = typer.Option(False, "--json")):
+    """NIAH recall and KV memory: full cache vs retrieval-chosen vs random-chosen vs all-window heads."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads.kvcompare import CacheSettings, compare
+    from attnkit.heads.kvplan import check_shape, model_shape
+    from attnkit.heads.scores import load_scores
+
+    quiet_transformers()
+    budget_list = floats(budgets, "--budgets")
+    if any(not 0 <= b <= 1 for b in budget_list):
+        raise AttnkitError(f"--budgets must be fractions in [0, 1], got {budgets}")
+    _check_kv_options("none", 0.0, sink, window, chunk, None)
+    if seeds < 1:
+        raise AttnkitError("--seeds must be at least 1")
+    length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
+    data = load_scores(scores)
+    needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    check_shape(data, *model_shape(mdl.config)[:2])
+    results = compare(mdl, tok, data, budget_list, needle_list, hay, length_list, depth_list,
+                      CacheSettings(sink, window, chunk), seeds, out, quiet=as_json)
+    if plot:
+        from attnkit.evals.plots import kv_tradeoff
+        kv_tradeoff(results, plot, title=f"{Path(model).name}: NIAH at {max(length_list)} tokens, "
+                                         f"sink {sink}, window {window}")
+    names = {"all": "full cache", "none": "all heads sink + window", "retrieval": "retrieval heads full",
+             "random": f"random heads full ({seeds} seed{'s' if seeds > 1 else ''})"}
+
+    def render():
+        table = Table(title=f"KV cache at {max(length_list)} tokens: NIAH mean ROUGE-1 recall and memory")
+        for col in ("cache", "full-cache KV heads", "KV memory", "recall"):
+            table.add_column(col, justify="left" if col == "cache" else "right")
+        for r in results:
+            spread = f" +- {r['recall_std']}" if r.get("recall_std") else ""
+            table.add_row(names[r["system"]], f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", f"{r['recall']}{spread}")
+        Console().print(table)
+    emit({"results": results}, as_json, render)

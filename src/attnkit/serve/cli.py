@@ -1,0 +1,113 @@
+"""The `attnkit serve` command."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from attnkit.cli_common import console, quiet_transformers
+from attnkit.errors import AttnkitError
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: Optional[str], insecure: bool) -> None:
+    """Refuse to serve a non-loopback address without a key, unless told --insecure."""
+    if api_key or _loopback(host):
+        return
+    if not insecure:
+        raise AttnkitError(f"--host {host} is reachable from other machines: give --api-key-env NAME so that "
+                           "clients need a key, or --insecure to serve without one")
+    console.print(f"[yellow]warning: serving {host} without an API key (--insecure): anyone who reaches it can use it[/yellow]")
+
+
+def _key(env: Optional[str], what: str) -> Optional[str]:
+    if env is None:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        raise AttnkitError(f"{what}: environment variable {env} is not set or empty")
+    return value
+
+
+def serve(model: Optional[str] = typer.Option(None, help="serve this model (local dir or 'embedded')"),
+          upstream: Optional[str] = typer.Option(None, help="S2A proxy: the OpenAI-compatible URL to forward to"),
+          s2a: str = typer.Option("s2a", help="proxy: the S2A variant applied to each request"),
+          host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
+          port: int = typer.Option(8000),
+          api_key_env: Optional[str] = typer.Option(None, help="clients must send Bearer <the value of this variable>"),
+          insecure: bool = typer.Option(False, help="allow a non-loopback --host without --api-key-env"),
+          upstream_key_env: Optional[str] = typer.Option(None, help="proxy: env variable with the upstream's key "
+                                                                    "(default: each client's own bearer key)"),
+          upstream_timeout: float = typer.Option(120.0, help="proxy: seconds to wait for the upstream"),
+          max_queue: int = typer.Option(16, help="requests that may wait for the model; more get 429"),
+          max_body: int = typer.Option(4 << 20, help="largest request body in bytes; larger get 413"),
+          max_tokens: int = typer.Option(512, help="new tokens when a request names none"),
+          bases: Optional[str] = typer.Option(None, help="answer with Attention Buckets over these RoPE bases"),
+          search: bool = typer.Option(False, help="answer with Attention Buckets over searched bases"),
+          kv_scores: Optional[Path] = typer.Option(None, help="answer with the retrieval-head KV cache (score file)"),
+          kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default), random or none"),
+          kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
+          kv_sink: int = typer.Option(16), kv_window: int = typer.Option(128), kv_chunk: int = typer.Option(2048),
+          device: str = typer.Option("cpu"), dtype: str = typer.Option("float32")):
+    """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
+    cache), or an S2A proxy in front of another server."""
+    import uvicorn
+
+    if (model is None) == (upstream is None):
+        raise AttnkitError("give exactly one of --model (serve a local model) or --upstream (S2A proxy)")
+    if max_queue < 1 or max_body < 1 or max_tokens < 1 or upstream_timeout <= 0:
+        raise AttnkitError("--max-queue, --max-body, --max-tokens and --upstream-timeout must be positive")
+    api_key = _key(api_key_env, "--api-key-env")
+    check_exposure(host, api_key, insecure)
+    if upstream:
+        from attnkit.s2a.prompts import VARIANTS
+        from attnkit.serve.proxy import proxy_app
+        if s2a not in VARIANTS or VARIANTS[s2a].rewrite is None:
+            raise AttnkitError(f"--s2a must be a rewriting variant: {', '.join(k for k, v in VARIANTS.items() if v.rewrite)}")
+        app = proxy_app(upstream, s2a, _key(upstream_key_env, "--upstream-key-env"), api_key, upstream_timeout, max_body)
+        what = f"S2A proxy ({s2a}) for {upstream}"
+    else:
+        engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
+                              device, dtype, max_queue)
+        from attnkit.serve.app import local_app
+        app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
+        what = f"{model} ({engine.decoder.describe()['technique']})"
+    console.print(f"attnkit serve: {what} at http://{host}:{port}/v1 "
+                  f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
+                 device: str, dtype: str, max_queue: int):
+    from attnkit.core.loading import load_config, load_model
+    from attnkit.serve.engine import BucketsDecoder, Engine, PlainDecoder
+
+    kv_on = kv_scores is not None or kv_choose is not None
+    if kv_on and (bases or search):
+        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
+    kv = None
+    if kv_on:
+        from attnkit.heads.cli import kv_options_config
+        kv = kv_options_config(load_config(model), kv_scores, kv_choose or "retrieval", kv_full, None, kv_sink,
+                               kv_window, kv_chunk)
+    quiet_transformers()
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    if bases or search:
+        from attnkit.buckets import BucketedModel, BucketsConfig
+        from attnkit.buckets.cli import resolve_bases
+        decoder = BucketsDecoder(BucketedModel(mdl, tok, BucketsConfig(resolve_bases(model, bases, search))))
+    else:
+        decoder = PlainDecoder(mdl, kv)
+    return Engine(decoder, tok, getattr(mdl.config, "max_position_embeddings", None), max_queue)

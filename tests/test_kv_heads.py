@@ -1,0 +1,104 @@
+"""Choosing full-cache KV heads from retrieval scores, and the `attnkit kv` / `niah --kv-*` commands."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from attnkit.cli import app
+from attnkit.core.kvcache import HeadKVConfig, full_kv_bytes
+from attnkit.errors import AttnkitError
+from attnkit.heads import kvplan as P
+from attnkit.heads import scores as S
+from conftest import tiny_config
+
+
+def _scores(layers, heads, high):
+    return {(l, h): [high.get((l, h), 0.0)] for l in range(layers) for h in range(heads)}
+
+
+def test_kv_head_score_is_the_max_or_mean_of_its_query_group():
+    scores = _scores(2, 4, {(0, 1): 0.8, (0, 0): 0.2, (1, 3): 0.5})
+    got = P.kv_head_scores(scores, 2, 4, 2, "max")
+    assert got == {(0, 0): 0.8, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 0.5}
+    assert P.kv_head_scores(scores, 2, 4, 2, "mean")[(0, 0)] == pytest.approx(0.5)
+
+
+def test_choices_retrieval_random_none_all():
+    config = tiny_config("llama", kv_heads=2)  # 3 layers x 4 heads, 2 KV heads: 6 KV heads
+    scores = _scores(3, 4, {(2, 3): 0.9, (0, 0): 0.4})
+    assert P.choose_full_heads(scores, config, "retrieval", count=2) == {(2, 1), (0, 0)}
+    assert P.choose_full_heads(scores, config, "retrieval", full=0.5) == {(2, 1), (0, 0), (0, 1)}
+    drawn = P.choose_full_heads(scores, config, "random", count=3, seed=1)
+    assert len(drawn) == 3 and not drawn & {(2, 1), (0, 0)}  # never a retrieval head
+    assert drawn == P.choose_full_heads(scores, config, "random", count=3, seed=1)
+    assert P.choose_full_heads(scores, config, "none") == frozenset()
+    assert len(P.choose_full_heads(None, config, "all")) == 6
+    with pytest.raises(AttnkitError, match="only 4 of 6"):
+        P.choose_full_heads(scores, config, "random", count=5)
+    with pytest.raises(AttnkitError, match=r"in \[0, 1\]"):
+        P.choose_full_heads(scores, config, "retrieval", full=1.5)
+    with pytest.raises(AttnkitError, match="another model"):
+        P.choose_full_heads(_scores(4, 4, {}), config, "retrieval")
+    with pytest.raises(AttnkitError, match="needs a retrieval-score file"):
+        P.choose_full_heads(None, config, "retrieval")
+
+
+def test_published_score_file_chooses_kv_heads_for_its_model(shared_data):
+    scores = S.load_scores(shared_data / "retrieval_head/head_score/Mistral-7B-v0.2-hf.json")
+    from transformers import MistralConfig
+    config = MistralConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    chosen = P.choose_full_heads(scores, config, "retrieval", full=0.25)
+    assert len(chosen) == 64
+    kv = P.kv_head_scores(scores, 32, 32, 8)
+    best = max(S.mean_scores(scores).items(), key=lambda kv_: kv_[1])[0]
+    assert (best[0], best[1] // 4) in chosen and min(kv[k] for k in chosen) >= max(kv[k] for k in kv if k not in chosen)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_kv_plan_reports_the_formula(tmp_path):
+    S.save_scores(_scores(8, 8, {(5, 0): 0.9, (6, 3): 0.7}), tmp_path / "s.json")
+    r = cli("kv", "plan", "--scores", str(tmp_path / "s.json"), "--full", "0.125", "--tokens", "2048,100000", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert len(res["full_heads"]) == 8 and [5, 0] in res["full_heads"] and [6, 3] in res["full_heads"]
+    for size in res["sizes"]:
+        t = size["tokens"]
+        assert size["full_cache_bytes"] == full_kv_bytes(8, 8, 32, t)
+        assert size["bytes"] == HeadKVConfig(frozenset(map(tuple, res["full_heads"]))).kv_bytes(8, 8, 32, t)
+
+
+def test_kv_compare_and_niah_with_the_cache(tmp_path):
+    S.save_scores(_scores(8, 8, {(5, 0): 0.9, (6, 3): 0.7}), tmp_path / "s.json")
+    out, plot = tmp_path / "kv.jsonl", tmp_path / "kv.png"
+    args = ("kv", "compare", "--scores", str(tmp_path / "s.json"), "--budgets", "0,0.25", "--needles", "passkey",
+            "--lengths", "256", "--depths", "50", "--sink", "4", "--window", "32", "--chunk", "100",
+            "--out", str(out), "--plot", str(plot), "--json")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    results = json.loads(r.stdout)["results"]
+    assert [x["system"] for x in results] == ["all", "none", "retrieval", "random"]
+    assert results[0]["kv_ratio"] == 1.0 and results[2]["kv_ratio"] == results[3]["kv_ratio"] < 0.5
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4 * 6 and plot.stat().st_size > 0
+    assert cli(*args).exit_code == 0 and len(out.read_text().splitlines()) == 24  # resumed, nothing rerun
+    r = cli("niah", "--kv-choose", "none", "--kv-sink", "4", "--kv-window", "8", "--needles", "passkey",
+            "--lengths", "256", "--depths", "50", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cache"]["full_heads"] == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (("niah", "--kv-choose", "none", "--bases", "10000,20000"), "Attention Buckets"),
+    (("niah", "--kv-choose", "none", "--kv-window", "0"), "window"),
+    (("niah", "--kv-choose", "random"), "score file"),
+    (("kv", "plan", "--full", "2"), r"\[0, 1\]"),
+    (("kv", "compare", "--scores", "missing.json"), "not found"),
+])
+def test_kv_user_errors(args, message):
+    r = cli(*args)
+    assert isinstance(r.exception, AttnkitError), r.output
+    assert __import__("re").search(message, str(r.exception)), str(r.exception)

@@ -1,0 +1,159 @@
+"""The retrieval-head KV cache against a naive reference: full cache, window heads masked to sink + window."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from attnkit.core.hook import HeadMask, intervene
+from attnkit.core.kvcache import HeadKVConfig, full_kv_bytes, head_kv
+from attnkit.errors import AttnkitError
+from conftest import tiny_model
+
+FAMILIES = [("llama", 4), ("llama", 2), ("mistral", 2), ("qwen2", 1), ("qwen3", 2)]
+REF = {}  # what the reference attention needs: window KV heads per layer, sink, window, 2D padding mask
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Eager attention over the whole sequence; query heads of window KV heads see only sink + window."""
+    group = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ k.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+    scores = scores + attention_mask
+    n = key.shape[2]
+    real = REF["padding"].bool()  # [batch, tokens]
+    sink = real & (real.long().cumsum(-1) <= REF["sink"])  # the first `sink` real tokens of each row
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    seen = (j > i - REF["window"])[None] | sink[:, None, :]  # [batch, q, k]
+    for h in range(query.shape[1]):
+        if h // group in REF["windowed"][module.layer_idx]:
+            scores[:, h] = scores[:, h].masked_fill(~seen, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1)
+    return (probs @ v).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register("test_window_reference", _reference_attention)
+AttentionMaskInterface.register("test_window_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def _reference_logits(model, ids, mask, config: HeadKVConfig):
+    kv = model.config.num_key_value_heads
+    REF.update(windowed={l: {h for h in range(kv) if (l, h) not in config.full}
+                         for l in range(model.config.num_hidden_layers)},
+               sink=config.sink, window=config.window, padding=mask)
+    base = model.config._attn_implementation
+    model.set_attn_implementation("test_window_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
+    finally:
+        model.set_attn_implementation(base)
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _batch(seed=0, tokens=40, pad=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (2, tokens), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family,kv", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_in_chunks_and_decode_equal_the_reference(family, kv, attn):
+    model = tiny_model(family, kv, attn=attn)
+    ids, mask = _batch()
+    config = HeadKVConfig(full={(0, 0), (2, kv - 1)}, sink=3, window=6, prefill_chunk=7)
+    reference = _reference_logits(model, ids, mask, config)
+    real = mask.bool()
+    for chunk in (7, 16, 40):
+        config = HeadKVConfig(full=config.full, sink=3, window=6, prefill_chunk=chunk)
+        with head_kv(model, config) as hkv, torch.no_grad():
+            cache = hkv.new_cache()
+            logits = []
+            for start in range(0, ids.shape[1], chunk):
+                end = min(start + chunk, ids.shape[1])
+                out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                            position_ids=_positions(mask[:, :end])[:, start:end], past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+            got = torch.cat(logits, dim=1)
+            torch.testing.assert_close(got[real], reference[real], atol=2e-4, rtol=1e-4)
+            # decoding: every step equals the reference recomputed over the whole sequence
+            seq, seq_mask = ids, mask
+            for _ in range(4):
+                nxt = out.logits[:, -1:].argmax(-1)
+                seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
+                out = model(input_ids=nxt, attention_mask=seq_mask, position_ids=_positions(seq_mask)[:, -1:],
+                            past_key_values=cache, use_cache=True)
+                ref = _reference_logits(model, seq, seq_mask, config)[:, -1]
+                torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_the_window_matters_so_the_reference_test_can_fail():
+    model = tiny_model("llama", 2)
+    ids, mask = _batch(tokens=30)
+    narrow = _reference_logits(model, ids, mask, HeadKVConfig(full=set(), sink=2, window=4))
+    wide = _reference_logits(model, ids, mask, HeadKVConfig(full=set(), sink=2, window=64))
+    assert (narrow[:, -1] - wide[:, -1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family,kv", FAMILIES)
+def test_a_window_wider_than_the_context_generates_the_plain_tokens(family, kv):
+    model = tiny_model(family, kv)
+    ids, mask = _batch(seed=1, tokens=24)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(**kwargs)
+        with head_kv(model, HeadKVConfig(full={(1, 0)}, sink=4, window=64, prefill_chunk=10)) as hkv:
+            ours = hkv.generate(**kwargs)
+    assert torch.equal(plain, ours)
+
+
+def test_cache_bytes_equal_the_formula_and_shrink():
+    model = tiny_model("llama", 2)
+    cfg = model.config
+    ids, mask = _batch(tokens=60)
+    config = HeadKVConfig(full={(0, 1), (1, 0)}, sink=4, window=10, prefill_chunk=16)
+    with head_kv(model, config) as hkv, torch.no_grad():
+        out, cache = hkv.prefill(ids, mask)
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        for tokens in (60, 61, 62):
+            expect = config.kv_bytes(cfg.num_hidden_layers, 2, head_dim, tokens, batch=2, bytes_per_value=4)
+            assert cache.kv_bytes() == expect
+            nxt = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=_positions(mask)[:, -1:],
+                        past_key_values=cache, use_cache=True)
+    full = full_kv_bytes(cfg.num_hidden_layers, 2, head_dim, 62, batch=2, bytes_per_value=4)
+    assert cache.kv_bytes() < 0.6 * full
+
+
+def test_bad_settings_are_clear_errors():
+    model = tiny_model("llama", 2)
+    for kwargs in ({"sink": -1}, {"window": 0}, {"prefill_chunk": 0}):
+        with pytest.raises(AttnkitError):
+            HeadKVConfig(**kwargs)
+    with pytest.raises(AttnkitError, match="outside the model"):
+        with head_kv(model, HeadKVConfig(full={(0, 2)})):
+            pass
+    with intervene(model, mask=HeadMask({(0, 0)})):
+        with pytest.raises(AttnkitError, match="head mask"):
+            with head_kv(model, HeadKVConfig()):
+                pass
+    with head_kv(model, HeadKVConfig()) as hkv:
+        cache = hkv.new_cache()
+        with pytest.raises(AttnkitError, match="KV cache"):
+            with intervene(model, mask=HeadMask({(0, 0)})):
+                pass
+    with pytest.raises(AttnkitError, match="only inside"):
+        model(input_ids=torch.tensor([[5, 6]]), past_key_values=cache, use_cache=True)
+    flash = tiny_model("llama", 2)
+    flash.config._attn_implementation = "flex_attention"
+    with pytest.raises(AttnkitError, match="supports attention implementations"):
+        with head_kv(flash, HeadKVConfig()):
+            pass
