@@ -41,3 +41,10 @@ def shared_data():
     if not SHARED.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED
+
+
+def result_lines(path) -> list[str]:
+    """The rows of an attnkit results file, without its settings line."""
+    lines = Path(path).read_text().splitlines()
+    assert lines and lines[0].startswith('{"attnkit_run"'), "a results file starts with its settings"
+    return lines[1:]

@@ -4,6 +4,7 @@ import numpy as np
 
 from attnkit.buckets import search_bases, waveform
 from test_cli import attnkit
+from conftest import result_lines
 
 
 def test_search_bases_json_equals_the_library():
@@ -50,9 +51,9 @@ def test_niah_with_buckets_one_base_equals_plain_niah(tmp_path):
     plain = json.loads(attnkit("niah", "--needles", "passkey", "--lengths", "256", "--depths", "0,100", "--json").stdout)
     assert both["grid"] == both["buckets"]["grid"] == plain["grid"]
     assert both["buckets"]["bases"] == [10000.0]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in result_lines(out)]
     assert sorted({r["system"] for r in rows}) == ["buckets paper 10000", "single"] and len(rows) == 2 * 12
     single = {(r["needle"], r["depth"]): r["answer"] for r in rows if r["system"] == "single"}
     assert single == {(r["needle"], r["depth"]): r["answer"] for r in rows if r["system"] != "single"}
     attnkit(*args, "--bases", "10000")  # a rerun resumes: nothing is appended
-    assert len(out.read_text().splitlines()) == 2 * 12
+    assert len(result_lines(out)) == 2 * 12

@@ -4,6 +4,7 @@ from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.heads import ablate as A
+from conftest import result_lines
 
 
 def test_random_heads_avoid_retrieval_heads():
@@ -29,8 +30,8 @@ def test_ablation_runs_three_conditions_and_masking_changes_answers(tmp_path):
     assert res["top_heads"] == [(5, 0), (5, 1), (5, 2), (5, 3)]
     assert all(not set(h) & set(res["top_heads"]) for h in res["random_heads"].values())
     assert set(res["grids"]) == {"none", "top", "random_seed0", "random_seed1"}
-    assert len(out.read_text().splitlines()) == 4 * 2
-    rows = [__import__("json").loads(l) for l in out.read_text().splitlines()]
+    assert len(result_lines(out)) == 4 * 2
+    rows = [__import__("json").loads(l) for l in result_lines(out)]
     none = [r["answer"] for r in rows if r["condition"] == "none"]
     top = [r["answer"] for r in rows if r["condition"] == "top"]
     assert none != top  # zeroing 4 heads of layer 5 in both phases changes the output

@@ -5,6 +5,7 @@ from attnkit.core.loading import load_model
 from attnkit.evals import niah as N
 from attnkit.heads import detect as D
 from attnkit.heads.score import trial
+from conftest import result_lines
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_detect_aggregates_counted_trials_and_resumes(tmp_path, embedded):
     hays = D.haystacks_for(needles, None)
     out = tmp_path / "t.jsonl"
     per_head, rows = D.detect(model, tok, needles, hays, [256], [0, 100], out=out, min_recall=-1, quiet=True)
-    assert len(rows) == 4 and len(out.read_text().splitlines()) == 4
+    assert len(rows) == 4 and len(result_lines(out)) == 4
     # reference: the same trials scored one by one
     builder = N.PromptBuilder(tok, hays[0])
     ref = []

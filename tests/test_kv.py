@@ -5,6 +5,7 @@ import pytest
 
 from attnkit import AttnkitError
 from attnkit.evals import kv
+from conftest import result_lines
 
 
 def test_generated_examples_are_deterministic_and_hold_the_gold_pair():
@@ -67,11 +68,11 @@ def test_evaluate_writes_scored_rows_and_resumes(tmp_path):
     systems = {"single": BucketsConfig([10000.0]), "buckets": BucketsConfig([10000.0, 20000.0])}
     out = tmp_path / "kv.jsonl"
     first = kv.evaluate(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    rows = [json.loads(x) for x in result_lines(out)]
     assert len(rows) == 2 * 2 * 2
     for r in rows:
         assert r["correct"] == (exs[r["example"]].value in r["answer"])
     again = kv.evaluate(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
-    assert again == first and len(out.read_text().splitlines()) == 8
+    assert again == first and len(result_lines(out)) == 8
     acc = first["accuracy"]["single"]["0"]
     assert acc == 100.0 * sum(r["correct"] for r in rows if r["system"] == "single" and r["position"] == 0) / 2

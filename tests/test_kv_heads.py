@@ -10,7 +10,7 @@ from attnkit.core.kvcache import HeadKVConfig, full_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.heads import kvplan as P
 from attnkit.heads import scores as S
-from conftest import tiny_config
+from conftest import result_lines, tiny_config
 
 
 def _scores(layers, heads, high):
@@ -82,9 +82,9 @@ def test_kv_compare_and_niah_with_the_cache(tmp_path):
     results = json.loads(r.stdout)["results"]
     assert [x["system"] for x in results] == ["all", "none", "retrieval", "random"]
     assert results[0]["kv_ratio"] == 1.0 and results[2]["kv_ratio"] == results[3]["kv_ratio"] < 0.5
-    lines = out.read_text().splitlines()
+    lines = result_lines(out)
     assert len(lines) == 4 * 6 and plot.stat().st_size > 0
-    assert cli(*args).exit_code == 0 and len(out.read_text().splitlines()) == 24  # resumed, nothing rerun
+    assert cli(*args).exit_code == 0 and len(result_lines(out)) == 24  # resumed, nothing rerun
     r = cli("niah", "--kv-choose", "none", "--kv-sink", "4", "--kv-window", "8", "--needles", "passkey",
             "--lengths", "256", "--depths", "50", "--json")
     assert r.exit_code == 0, r.output

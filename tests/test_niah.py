@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from conftest import result_lines
+
 from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
@@ -71,7 +73,7 @@ def test_grid_resumes_from_jsonl(tmp_path, embedded):
     needles = N.load_needles()[:2]
     hay = N.load_haystack()
     first = N.evaluate(model, tok, needles, hay, [256], [0, 100], out=out, quiet=True)
-    assert len(out.read_text().splitlines()) == 4
+    assert len(result_lines(out)) == 4
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # a run killed mid-write
     second = N.evaluate(model, tok, needles, hay, [256], [0, 100], out=out, quiet=True)

@@ -11,6 +11,7 @@ from attnkit.evals import niah as N
 from attnkit.heads import ablate as A
 from attnkit.heads import detect as D
 from attnkit.heads import scores as S
+from conftest import result_lines
 
 
 def test_passkey_needles_are_deterministic_copy_probes(tmp_path, monkeypatch):
@@ -52,7 +53,7 @@ def test_ablate_cli_sweeps_k(tmp_path):
     assert [s["k"] for s in sweep] == [1, 2]
     assert sweep[0]["top_heads"] == [[5, 0]] and sweep[1]["top_heads"] == [[5, 0], [5, 1]]
     assert sweep[0]["none"] == sweep[1]["none"]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in result_lines(out)]
     assert sum(row["condition"] == "none" for row in rows) == 6  # the unmasked run is shared across K
     assert len(rows) == 6 * (1 + 2 * 3)
     assert plot.stat().st_size > 0

@@ -19,6 +19,7 @@ from attnkit.serve.app import local_app  # noqa: E402
 from attnkit.serve.cli import check_exposure  # noqa: E402
 from attnkit.serve.engine import Engine, PlainDecoder  # noqa: E402
 from attnkit.serve.proxy import proxy_app  # noqa: E402
+from conftest import result_lines
 
 HI = [{"role": "user", "content": "The lucky number of Ashford is"}]
 
@@ -360,7 +361,7 @@ def test_s2a_eval_through_the_openai_backend(local, tmp_path, monkeypatch):
                                  "--max-tokens", "12", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    rows = [json.loads(x) for x in out.read_text().splitlines() if "variant" in x]
+    rows = [json.loads(x) for x in result_lines(out) if "variant" in x]
     assert len(rows) == 4 and {x["variant"] for x in rows} == {"baseline", "s2a"}
     for row in rows:  # scores are recomputed from the stored answers
         assert row["score"] == float("paris" in row["answer"].lower().split())

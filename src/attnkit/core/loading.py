@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -99,3 +101,25 @@ def model_info(spec: str | Path) -> dict:
         "max_positions": getattr(config, "max_position_embeddings", None),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def model_identity(model) -> dict:
+    """Where the model came from and a hash of its config and weights (the weight files' sizes and
+    first and last MiB when it was loaded from a directory, else a sample of its parameters)."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")) if source and Path(source).is_dir() else []
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    if not files:
+        for _, p in islice(model.named_parameters(), 4):
+            h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    dtype = next(model.parameters()).dtype
+    return {"model": source or type(model).__name__, "model_hash": h.hexdigest()[:16], "dtype": str(dtype)}

@@ -108,8 +108,14 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
         return {"answer": gen.text, "correct": is_correct(gen.text, ex.value),
                 "bases": systems[cell["system"]].bases}
 
+    from ..core.loading import model_identity
+    from .runner import digest
+    settings = {"kind": "kv-retrieval", **model_identity(model), "template": digest(template),
+                "examples": digest([[ex.records, ex.key, ex.value] for ex in examples]),
+                "systems": {name: [cfg.bases, cfg.combine] for name, cfg in systems.items()},
+                "positions": list(positions), "num_pairs": num_pairs} if out is not None else None
     rows = run_grid(cells, ("example", "position", "system", "num_pairs"), work, out,
-                    "kv-retrieval", quiet)
+                    "kv-retrieval", quiet, settings=settings)
     return summarize(rows, list(systems), positions)
 
 

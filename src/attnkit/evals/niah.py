@@ -243,4 +243,18 @@ def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: li
 
     cells = grid_cells(needles, lengths, depths, **(extra or {}))
     fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")
-    return run_grid(cells, fields, work, out, description=label, quiet=quiet)
+    settings = run_settings("niah", model, needles, [haystack], lengths, depths, chat_template=chat_template,
+                            max_new_tokens=ANSWER_ROOM) if out is not None else None
+    return run_grid(cells, fields, work, out, description=label, quiet=quiet, settings=settings)
+
+
+def run_settings(kind: str, model, needles: list[Needle], haystacks: list[str], lengths, depths, **options) -> dict:
+    """What a NIAH-style results file records about the run that wrote it."""
+    from dataclasses import asdict
+
+    from attnkit.core.loading import model_identity
+    from attnkit.evals.runner import digest
+
+    return {"kind": kind, **model_identity(model), "needles": digest([asdict(n) for n in needles]),
+            "haystack": digest("".join(digest(h) for h in haystacks)), "lengths": list(lengths),
+            "depths": [float(d) for d in depths], **options}

@@ -1,56 +1,146 @@
-"""Resumable grids of trials: each finished cell is appended to a JSONL file at once."""
+"""Resumable result files: each finished cell is appended to a JSONL file at once.
+
+The first line of a file records what produced it (`{"attnkit_run": {...settings}}`: model identity,
+data, prompt options, grid, decoding). A rerun resumes only under the same settings; with others it
+stops with an error naming the difference, so rows of two runs never mix. A torn last line (a crash
+mid-write) is cut away before appending, and a lock keeps a second process off the file.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from attnkit.errors import AttnkitError
+
+HEADER = "attnkit_run"
 
 
 def cell_key(row: dict, fields: tuple[str, ...]) -> tuple:
     return tuple(row[f] for f in fields)
 
 
-def load_done(path: Path | None, fields: tuple[str, ...]) -> dict[tuple, dict]:
-    """Rows already in the results file, by key; a truncated last line (a killed run) is ignored."""
-    done = {}
-    if path is None or not path.exists():
-        return done
-    for line in path.read_text().splitlines():
+def digest(value) -> str:
+    """A short stable hash of text or of JSON-able data."""
+    raw = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+class ResultFile:
+    """A results file held for one run: locked, checked against `settings`, resumable."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it will read back
+        self.handle = None
+
+    def __enter__(self) -> "ResultFile":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
         try:
-            row = json.loads(line)
-            done[cell_key(row, fields)] = row
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return done
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise AttnkitError(f"{self.path} is being written by another attnkit process; "
+                               "wait for it or choose another --out") from None
+        try:
+            self.done = self._read()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _read(self) -> list[dict]:
+        self.handle.seek(0)
+        text = self.handle.read()
+        if not text:
+            self._write({HEADER: self.settings})
+            return []
+        if not text.endswith("\n"):  # a crash mid-write left half a row: cut it away
+            text = text[:text.rfind("\n") + 1]
+            self.handle.truncate(len(text.encode()))
+        lines = text.splitlines()
+        try:
+            header = json.loads(lines[0])[HEADER] if lines else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            header = None
+        if header is None:
+            raise AttnkitError(f"{self.path} does not start with attnkit's settings line (an older or foreign "
+                               "file?): move it away or choose another --out")
+        if header != self.settings:
+            raise AttnkitError(f"{self.path} holds results of other settings ({_difference(header, self.settings)}): "
+                               "choose another --out, or delete the file to start over")
+        rows = []
+        for n, line in enumerate(lines[1:], 2):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AttnkitError(f"{self.path}, line {n}: not a JSON row; the file is damaged") from None
+        return rows
+
+    def _write(self, row: dict) -> None:
+        self.handle.seek(0, 2)
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def append(self, row: dict) -> None:
+        self._write(row)
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def _difference(old: dict, new: dict) -> str:
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"{key}: {_short(old.get(key))} in the file, {_short(new.get(key))} now"
+    return "unknown difference"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def progress_bar(quiet: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), disable=quiet, transient=False)
 
 
 def run_grid(cells: list[dict], fields: tuple[str, ...], work, out: Path | None = None,
-             description: str = "trials", quiet: bool = False) -> list[dict]:
-    """Run `work(cell) -> row` for every cell not already in `out`; return all rows in cell order."""
-    done = load_done(out, fields)
+             description: str = "trials", quiet: bool = False, settings: dict | None = None) -> list[dict]:
+    """Run `work(cell) -> row` for every cell not already in `out`; return all rows in cell order.
+    `settings` (what produced the rows) heads the file; see `ResultFile`."""
+    if out is None:
+        return _run(cells, fields, work, {}, None, description, quiet)
+    with ResultFile(out, settings or {}) as results:
+        done = {}
+        for row in results.done:
+            try:
+                done[cell_key(row, fields)] = row
+            except KeyError:
+                continue  # rows of another kind sharing the file (e.g. other conditions) keep their place
+        return _run(cells, fields, work, done, results, description, quiet)
+
+
+def _run(cells, fields, work, done: dict, results: ResultFile | None, description: str, quiet: bool) -> list[dict]:
     rows = []
-    handle = open(out, "a") if out is not None else None
-    try:
-        with progress_bar(quiet) as bar:
-            task = bar.add_task(description, total=len(cells))
-            for cell in cells:
-                key = cell_key(cell, fields)
-                if key not in done:
-                    row = {**cell, **work(cell)}
-                    done[key] = row
-                    if handle:
-                        handle.write(json.dumps(row) + "\n")
-                        handle.flush()
-                rows.append(done[key])
-                bar.advance(task)
-    finally:
-        if handle:
-            handle.close()
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(description, total=len(cells))
+        for cell in cells:
+            key = cell_key(cell, fields)
+            if key not in done:
+                row = {**cell, **work(cell)}
+                done[key] = row
+                if results is not None:
+                    results.append(row)
+            rows.append(done[key])
+            bar.advance(task)
     return rows

@@ -62,8 +62,10 @@ def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], leng
                 "scores": [round(float(x), 5) for x in scores.flatten()]}
 
     cells = N.grid_cells(needles, lengths, depths, count=count, first_token=first_token)
+    # min_recall is left out: it filters trials when they are aggregated, rows hold them all
+    settings = N.run_settings("heads-detect", model, needles, haystacks, lengths, depths) if out is not None else None
     rows = run_grid(cells, ("count", "first_token", "needle", "length", "depth"), work, out,
-                    description="detection trials", quiet=quiet)
+                    description="detection trials", quiet=quiet, settings=settings)
     per_head = {(l, h): [] for l in range(layers) for h in range(heads)}
     for row in rows:
         if row.get("recall") is not None and row["recall"] > min_recall:

@@ -44,6 +44,8 @@ class Completion:
 class Backend(Protocol):
     def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]: ...
 
+    def identity(self) -> dict: ...
+
 
 class HFBackend:
     """Batched generation with a local model (chat template applied when the tokenizer has one)."""
@@ -53,6 +55,10 @@ class HFBackend:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+    def identity(self) -> dict:
+        from ..core.loading import model_identity
+        return {"backend": "hf", **model_identity(self.model)}
 
     def render(self, messages: list[dict]) -> str:
         return render_chat(self.tokenizer, messages)[0]
@@ -109,6 +115,9 @@ class OpenAIBackend:
         self.concurrency, self.max_retries, self.backoff = max(1, concurrency), max_retries, backoff
         key = api_key if api_key is not None else os.environ.get(api_key_env)
         self.client = OpenAI(base_url=base_url, api_key=key or "not-needed", max_retries=0, timeout=timeout)
+
+    def identity(self) -> dict:
+        return {"backend": "openai", "url": self.base_url, "model": self.name}
 
     def _one(self, messages: list[dict], sampling: Sampling) -> Completion:
         import openai

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from ..evals.runner import load_done, progress_bar
+from dataclasses import asdict
+
+from ..evals.runner import ResultFile, cell_key, digest, progress_bar
 from .backends import Backend, Sampling
 from .pipeline import S2A
 from .tasks import PAPER, Example, Task
@@ -20,36 +21,49 @@ def evaluate(backend: Backend, task: Task, examples: list[Example], variants: li
     """All rows (old ones read back from `out`, new ones appended to it in batches as they finish)."""
     sampling = sampling or Sampling()
     judging = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, seed=sampling.seed)  # verdicts: greedy, short
-    done = load_done(out, KEY)
-    handle = open(out, "a") if out else None
+    if out is None:
+        return _evaluate(backend, task, examples, variants, None, {}, sampling, judge, judging, fallback, batch, quiet)
+    settings = {"kind": "s2a", "task": task.name, "examples": digest([[e.id, e.text] for e in examples]),
+                "backend": _identity(backend), "sampling": asdict(sampling),
+                "judge": _identity(judge) if judge is not None else None, "fallback": fallback,
+                "answer_suffix": task.answer_suffix}
+    with ResultFile(out, settings) as results:
+        done = {cell_key(r, KEY): r for r in results.done if all(k in r for k in KEY)}
+        return _evaluate(backend, task, examples, variants, results, done, sampling, judge, judging, fallback,
+                         batch, quiet)
+
+
+def _identity(backend) -> dict:
+    """What a results file records about a backend; one without `identity()` is named by its class."""
+    ident = getattr(backend, "identity", None)
+    return ident() if callable(ident) else {"backend": type(backend).__name__}
+
+
+def _evaluate(backend, task, examples, variants, results, done, sampling, judge, judging, fallback, batch,
+              quiet) -> list[dict]:
     rows = {}
-    try:
-        with progress_bar(quiet) as bar:
-            job = bar.add_task(f"s2a {task.name}", total=len(examples) * len(variants))
-            for variant in variants:
-                pipe = S2A(backend, variant, sampling, fallback, task.answer_suffix)
-                todo = []
-                for ex in examples:
-                    key = (task.name, ex.id, variant)
-                    if key in done:
-                        rows[key] = done[key]
-                        bar.advance(job)
-                    else:
-                        todo.append(ex)
-                for i in range(0, len(todo), batch):
-                    chunk = todo[i:i + batch]
-                    results = pipe.run([e.text for e in chunk], [e.oracle for e in chunk])
-                    for ex, res in zip(chunk, results):
-                        row = {"task": task.name, "example": ex.id, "variant": variant, "group": ex.group,
-                               "prompt": ex.text, **res.to_dict(), **task.score(ex, res.answer, judge, judging)}
-                        rows[(task.name, ex.id, variant)] = row
-                        if handle:
-                            handle.write(json.dumps(row) + "\n")
-                            handle.flush()
-                        bar.advance(job)
-    finally:
-        if handle:
-            handle.close()
+    with progress_bar(quiet) as bar:
+        job = bar.add_task(f"s2a {task.name}", total=len(examples) * len(variants))
+        for variant in variants:
+            pipe = S2A(backend, variant, sampling, fallback, task.answer_suffix)
+            todo = []
+            for ex in examples:
+                key = (task.name, ex.id, variant)
+                if key in done:
+                    rows[key] = done[key]
+                    bar.advance(job)
+                else:
+                    todo.append(ex)
+            for i in range(0, len(todo), batch):
+                chunk = todo[i:i + batch]
+                answers = pipe.run([e.text for e in chunk], [e.oracle for e in chunk])
+                for ex, res in zip(chunk, answers):
+                    row = {"task": task.name, "example": ex.id, "variant": variant, "group": ex.group,
+                           "prompt": ex.text, **res.to_dict(), **task.score(ex, res.answer, judge, judging)}
+                    rows[(task.name, ex.id, variant)] = row
+                    if results is not None:
+                        results.append(row)
+                    bar.advance(job)
     return [rows[(task.name, e.id, v)] for v in variants for e in examples]
 
 
