@@ -18,7 +18,8 @@ def test_detect_aggregates_counted_trials_and_resumes(tmp_path, embedded):
     needles = N.load_needles()[:2]
     hays = D.haystacks_for(needles, None)
     out = tmp_path / "t.jsonl"
-    per_head, rows = D.detect(model, tok, needles, hays, [256], [0, 100], out=out, min_recall=-1, quiet=True)
+    per_head, rows = D.detect(model, tok, needles, hays, [256], [0, 100], out=out, min_recall=-1, quiet=True,
+                              prompt="clean")
     assert len(rows) == 4 and len(result_lines(out)) == 4
     # reference: the same trials scored one by one
     builder = N.PromptBuilder(tok, hays[0])
@@ -31,7 +32,8 @@ def test_detect_aggregates_counted_trials_and_resumes(tmp_path, embedded):
     for (l, h), vals in per_head.items():
         assert vals == pytest.approx(ref[:, l * heads + h].tolist(), abs=1e-5)
     # nothing is counted when no answer reaches the recall bar
-    per_head2, rows2 = D.detect(model, tok, needles, hays, [256], [0, 100], out=out, min_recall=101, quiet=True)
+    per_head2, rows2 = D.detect(model, tok, needles, hays, [256], [0, 100], out=out, min_recall=101, quiet=True,
+                                prompt="clean")
     assert rows2 == rows and all(v == [] for v in per_head2.values())
 
 

@@ -26,7 +26,9 @@ def _small_vocab_model(family, kv, attn):
 
 
 def naive_reference(model, ids, span, steps, count, first_token):
-    """The authors' loop: eager attention, output_attentions=True, Python loops over layers and heads."""
+    """A naive scorer for every option: eager attention, output_attentions=True, Python loops over layers
+    and heads. (The authors' own loop, ported literally, is in test_authors_reference.py: it equals
+    count="repeats" with first_token=True.)"""
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     start, end = span

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.buckets.cli import buckets_app, eval_app
-from attnkit.cli_common import console, floats, ints, quiet_transformers
+from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, floats, ints, quiet_transformers
 from attnkit.errors import AttnkitError
 from attnkit.heads.cli import heads_app, kv_app, kv_options_config
 from attnkit.s2a.cli import s2a_app
@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fix and explain how LLMs use their context.")
 
 @app.command()
-def info(model: str = typer.Argument(..., help="local model directory or 'embedded'"),
+def info(model: str = typer.Argument(..., help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Architecture facts: layers, heads, KV heads, head dim, RoPE, max positions, parameters."""
     from attnkit.core.loading import model_info
@@ -52,13 +52,15 @@ def _niah_table(summary: dict, title: str) -> Table:
 
 
 @app.command()
-def niah(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          needles: Optional[Path] = typer.Option(None, help="needles JSONL (needle, question, real_needle), or \"passkey\"; default: built-in"),
          haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
          lengths: str = typer.Option("512,1024,2048", help="context lengths in tokens"),
          depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
          chat_template: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
-         device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+         prompt: str = typer.Option("clean", help="clean (attnkit's builder) or authors (the retrieval-head "
+                                                  "authors' construction, artefacts included)"),
+         device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
          out: Optional[Path] = typer.Option(None, help="append results here as they finish; reruns resume"),
          plot: Optional[Path] = typer.Option(None, help="write a depth x length heatmap PNG"),
          bases: Optional[str] = typer.Option(None, help="also run Attention Buckets with these RoPE bases"),
@@ -78,6 +80,8 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
 
     quiet_transformers()
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
+    if prompt not in N.PROMPTS:
+        raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
     kv_on = kv_scores is not None or kv_choose is not None
     if kv_on and (bases or search):
         raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
@@ -88,7 +92,7 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
         kv = kv_options_config(load_config(model), kv_scores, kv_choose, kv_full, None, kv_sink, kv_window, kv_chunk)
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     systems = {"NIAH": ({}, None)}
     if kv is not None:
         from attnkit.core.kvcache import HeadKV
@@ -104,7 +108,7 @@ def niah(model: str = typer.Option("embedded", help="local model directory or 'e
     summaries = {}
     for name, (extra, decode) in systems.items():
         rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
-                          quiet=as_json, label=name, extra=extra, decode=decode)
+                          quiet=as_json, label=name, extra=extra, decode=decode, prompt=prompt)
         summaries[name] = N.summarize(rows)
     summary = summaries[next(iter(systems))]
     if "buckets" in summaries:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 
+import typer
 from rich.console import Console
 
 from attnkit.errors import AttnkitError
 
 console = Console(stderr=True, soft_wrap=True)
+
+# shared by every command that loads a model
+MODEL_HELP = "'embedded', a local model directory, or a Hugging Face Hub id (from the local cache)"
+DEVICE = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+DTYPE = typer.Option("auto", help="auto (the checkpoint's on a GPU, float32 on CPU), float32, bfloat16/bf16, float16/fp16")
+DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the model over every visible GPU (accelerate)")
 
 
 def ints(text: str, what: str) -> list[int]:

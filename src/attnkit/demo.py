@@ -70,8 +70,10 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     from .heads import scores as S
 
     say("\n[bold]2. Retrieval heads[/bold] (Wu et al. 2024), on the passkey needles")
+    # the clean prompt: the demo shows the finding on its own haystack, not scores comparable with the
+    # published files (that is what `heads detect`'s default, the authors' prompt, is for)
     per_head, rows = D.detect(model, tok, needles, [haystack] * len(needles), [384, 768, 1536], [10, 50, 90],
-                              out=out_dir / "detect_trials.jsonl")
+                              out=out_dir / "detect_trials.jsonl", prompt="clean")
     S.save_scores(per_head, out_dir / "head_scores.json")
     counted = sum(1 for r in rows if r.get("recall") is not None and r["recall"] > D.MIN_RECALL)
     result = S.summary(per_head, top=8)

@@ -1,8 +1,14 @@
 """Attention Buckets (Chen et al. 2024, arXiv 2312.04455): RoPE waveform, base search, multi-base inference."""
 
-from ..core.rope import waveform
-from .model import BucketedModel, BucketsConfig, Generation, combine
-from .search import SearchResult, search_bases
+__all__ = ["BucketedModel", "BucketsConfig", "Generation", "SearchResult", "combine", "search_bases", "waveform"]
 
-__all__ = ["BucketedModel", "BucketsConfig", "Generation", "SearchResult", "combine", "search_bases",
-           "waveform"]
+_LAZY = {"BucketedModel": ".model", "BucketsConfig": ".model", "Generation": ".model", "combine": ".model",
+         "SearchResult": ".search", "search_bases": ".search", "waveform": "attnkit.core.rope"}
+
+
+def __getattr__(name: str):
+    """Names load on first use, so that the command line starts without importing torch."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

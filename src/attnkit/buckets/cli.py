@@ -5,18 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import console, emit, floats, ints, quiet_transformers, span
+from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers, span
 from attnkit.errors import AttnkitError
 
 buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et al. 2024): RoPE bases in parallel.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluations that compare methods on one task.")
 
-MODEL_HELP = "local model directory or 'embedded'"
 
 
 def _model_rope(model: str) -> tuple[float, int, int]:
@@ -67,6 +65,8 @@ def waveform_cmd(bases: str = typer.Option("10000", help="RoPE bases, comma-sepa
                  plot: Optional[Path] = typer.Option(None, help="write the waveforms to this PNG"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """The attention upper bound f(m) for each base: where its troughs and peaks lie."""
+    import numpy as np
+
     from attnkit.buckets.search import dominant_peaks, dominant_troughs
     from attnkit.core.rope import waveform
 
@@ -118,6 +118,8 @@ def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with t
                      plot: Optional[Path] = typer.Option(None, help="plot the chosen bases' waveforms"),
                      as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Greedy search for RoPE bases whose waveform troughs and peaks interleave."""
+    import numpy as np
+
     result, head_dim, (m0, m1) = _search(model, seeds, n, grid, distances, head_dim, tolerance, method)
     if plot:
         from attnkit.evals.plots import waveform_plot
@@ -146,17 +148,19 @@ def generate_cmd(model: str = typer.Option("embedded", help=MODEL_HELP),
                  max_new_tokens: int = typer.Option(50), temperature: float = typer.Option(0.0),
                  top_p: float = typer.Option(1.0), seed: Optional[int] = typer.Option(None),
                  stop: Optional[str] = typer.Option(None, help="stop string, e.g. '\\n'"),
-                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  plot_weights: Optional[Path] = typer.Option(None, help="plot each base's weight per step"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Generate with several RoPE bases combined at every step."""
+    import numpy as np
+
     from attnkit.buckets import BucketedModel, BucketsConfig
     from attnkit.core.loading import load_model
 
     quiet_transformers()
     base_list = resolve_bases(model, bases, search)
     cfg = BucketsConfig(base_list, combine)
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     stops = (stop.encode().decode("unicode_escape"),) if stop else ()
     gen = BucketedModel(mdl, tok, cfg).generate(prompt, max_new_tokens, temperature, top_p, seed, stops)[0]
     if plot_weights:
@@ -179,7 +183,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
                  search: bool = typer.Option(False, help="run the base search to choose the bucket bases"),
                  combine: str = typer.Option("paper", help="paper or reference"),
                  seed: int = typer.Option(0, help="seed of the generated examples"),
-                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  out: Optional[Path] = typer.Option(None, help="append rows here as they finish; reruns resume"),
                  plot: Optional[Path] = typer.Option(None, help="accuracy-by-position PNG"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
@@ -195,7 +199,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
            else sorted({0, num_pairs // 4, num_pairs // 2, 3 * num_pairs // 4, num_pairs - 1}))
     exs = kv.load_examples(data)[:examples] if data else kv.generate_examples(examples, num_pairs, seed)
     base_list = resolve_bases(model, bases, search)
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     systems = {"single": BucketsConfig([rope_base(mdl.config)], combine),
                "buckets": BucketsConfig(base_list, combine)}
     summary = kv.evaluate(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json)

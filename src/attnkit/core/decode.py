@@ -11,9 +11,12 @@ import torch
 
 @torch.no_grad()
 def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 50,
-                  stop_at_newline: bool = True, cache=None, prefill_chunk: int | None = None) -> list[int]:
-    """Token ids generated after `input_ids` ([1, n]); stops at EOS or a token containing a newline.
-    `cache` replaces a fresh DynamicCache; `prefill_chunk` runs the prompt that many tokens at a time."""
+                  stop_at_newline: bool = True, cache=None, prefill_chunk: int | None = None,
+                  stop_rule: str = "clean") -> list[int]:
+    """Token ids generated after `input_ids` ([1, n]). `stop_rule` "clean" stops at EOS or a token
+    containing a newline; "authors" (the retrieval-head authors' loop) only at a token that is exactly
+    a newline, never at EOS. `cache` replaces a fresh DynamicCache; `prefill_chunk` runs the prompt
+    that many tokens at a time."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config) if cache is None else cache
@@ -28,7 +31,10 @@ def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
     for step in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
         generated.append(token)
-        if token in eos or (stop_at_newline and "\n" in tokenizer.decode([token])):
+        if stop_rule == "authors":
+            if stop_at_newline and tokenizer.decode([token]) == "\n":
+                break
+        elif token in eos or (stop_at_newline and "\n" in tokenizer.decode([token])):
             break
         if step + 1 < max_new_tokens:
             out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)

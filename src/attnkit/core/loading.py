@@ -14,15 +14,91 @@ from attnkit.errors import AttnkitError
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda, then mps, then cpu; an unavailable device is a one-line error."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AttnkitError(f"--device {device}: no CUDA device is available to this torch build "
+                               f"({torch.__version__}); use --device cpu")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise AttnkitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise AttnkitError("--device mps: Apple's MPS backend is not available here")
+        return device
+    raise AttnkitError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_dtype(dtype, device: str):
+    """A torch dtype from a name or short form; auto is the checkpoint's own dtype on a GPU, float32 on CPU."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return "auto" if device != "cpu" else torch.float32
+    if name not in DTYPES:
+        raise AttnkitError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 (bf16) or float16 (fp16)")
+    return getattr(torch, DTYPES[name])
+
+
 def resolve_spec(spec: str | Path) -> Path:
+    """'embedded', a local model directory, or a Hugging Face Hub id (from the local cache; downloaded
+    when it is not there and the network allows)."""
     if str(spec) == "embedded":
         return EMBEDDED_DIR
     path = Path(spec).expanduser()
+    if not path.exists() and _looks_like_hub_id(str(spec)):
+        path = _from_hub(str(spec))
     if not path.exists():
         raise AttnkitError(f"model path not found: {path}")
     if not (path / "config.json").is_file():
         raise AttnkitError(f"no config.json in {path}: not a Hugging Face model directory")
     return path
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and " " not in spec
+
+
+def _from_hub(repo_id: str) -> Path:
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except HFValidationError:
+        raise AttnkitError(f"model path not found, and {repo_id!r} is no Hugging Face Hub id") from None
+    except (LocalEntryNotFoundError, OSError):
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise AttnkitError(f"{repo_id} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth or a missing repo: one line, whatever the cause
+        raise AttnkitError(f"{repo_id} is not in the local Hugging Face cache and could not be downloaded "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 def load_config(spec: str | Path):
@@ -37,7 +113,12 @@ def load_config(spec: str | Path):
 
 def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
                device_map: str | dict | None = None, attn_implementation: str = "sdpa"):
-    """Return (model, tokenizer) for a local model directory or the word "embedded"."""
+    """Return (model, tokenizer) for 'embedded', a local model directory or a Hub id. `device` is auto,
+    cpu, cuda[:N] or mps; `dtype` auto, float32, bfloat16/bf16 or float16/fp16; `device_map="auto"`
+    spreads the model over every visible GPU (accelerate) and then `device` is not used."""
+    if device_map is None:
+        device = resolve_device(device)
+    dtype = resolve_dtype(dtype, "cuda" if device_map is not None else device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -52,8 +133,6 @@ def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str |
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise AttnkitError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype or torch.float32, "attn_implementation": attn_implementation,
               "local_files_only": True}
     if device_map is not None:

@@ -183,14 +183,28 @@ def check_lengths(model, lengths: list[int]) -> None:
         raise AttnkitError("context lengths must be positive")
 
 
+PROMPTS = ("clean", "authors")
+
+
+def prompt_builder(kind: str, tokenizer, haystack: str, chat_template: bool = False, min_words: int = 0):
+    """`clean` (attnkit's builder) or `authors` (the retrieval-head authors' construction, artefacts
+    included; see `attnkit.evals.authors_prompt`)."""
+    if kind == "clean":
+        return PromptBuilder(tokenizer, haystack, chat_template)
+    if kind == "authors":
+        from attnkit.evals.authors_prompt import AuthorsPromptBuilder
+        return AuthorsPromptBuilder(tokenizer, haystack, chat_template, min_words)
+    raise AttnkitError(f"unknown prompt {kind!r}: use {' or '.join(PROMPTS)}")
+
+
 def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM,
-              decode=None) -> dict:
+              decode=None, stop_rule: str = "clean") -> dict:
     """Answer one prompt; `decode(input_ids, max_new_tokens) -> ids` replaces plain greedy decoding
     (Attention Buckets passes its own, see `BucketedModel.as_decoder`)."""
     from attnkit.core.decode import greedy_decode
 
     if decode is None:
-        ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens)
+        ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens, stop_rule=stop_rule)
     else:
         ids = decode(prompt.input_ids, max_new_tokens)
     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -224,27 +238,27 @@ def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], *
 
 def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
              out: Path | None = None, chat_template: bool = False, quiet: bool = False, label: str = "niah",
-             extra: dict | None = None, decode=None) -> list[dict]:
+             extra: dict | None = None, decode=None, prompt: str = "clean") -> list[dict]:
     """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`).
     With `decode`, trials use it instead of greedy decoding; `extra` must then name the system, since
     rows are resumed by their extra fields, needle, length and depth."""
     from attnkit.evals.runner import run_grid
 
     check_lengths(model, lengths)
-    builder = PromptBuilder(tokenizer, haystack, chat_template)
+    builder = prompt_builder(prompt, tokenizer, haystack, chat_template, max(lengths))
 
     def work(cell):
         needle = needles[cell["needle"]]
         try:
-            prompt = builder.build(needle, cell["length"], cell["depth"])
+            built = builder.build(needle, cell["length"], cell["depth"])
         except AttnkitError as e:
             return {"answer": None, "recall": None, "skipped": str(e)}
-        return run_trial(model, tokenizer, prompt, needle, decode=decode)
+        return run_trial(model, tokenizer, built, needle, decode=decode, stop_rule=prompt)
 
     cells = grid_cells(needles, lengths, depths, **(extra or {}))
     fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")
     settings = run_settings("niah", model, needles, [haystack], lengths, depths, chat_template=chat_template,
-                            max_new_tokens=ANSWER_ROOM) if out is not None else None
+                            max_new_tokens=ANSWER_ROOM, prompt=prompt) if out is not None else None
     return run_grid(cells, fields, work, out, description=label, quiet=quiet, settings=settings)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -15,7 +15,7 @@ def _plt():
 def niah_heatmaps(grids: dict[str, dict], path: str | Path, lengths: list[int], depths: list[float]) -> None:
     """One depth (y) x length (x) recall heatmap per named grid, side by side."""
     import numpy as np
-    plt = _plt()
+    plt = pyplot()
     panel = max(3.5, 0.9 * len(lengths))
     fig, axes = plt.subplots(1, len(grids), figsize=(panel * len(grids) + 1.5, 0.5 * len(depths) + 2.5),
                              squeeze=False)
@@ -41,7 +41,7 @@ def niah_heatmaps(grids: dict[str, dict], path: str | Path, lengths: list[int], 
 def waveform_plot(bases: list[float], head_dim: int, distances, path: str | Path, envelope: bool = True) -> None:
     """f(m) per base, with the upper envelope over bases (what Attention Buckets relies on)."""
     from ..core.rope import waveform
-    plt = _plt()
+    plt = pyplot()
     waves = waveform(bases, head_dim, distances)
     fig, ax = plt.subplots(figsize=(10, 4))
     for b, w in zip(bases, waves):
@@ -58,7 +58,7 @@ def waveform_plot(bases: list[float], head_dim: int, distances, path: str | Path
 
 def accuracy_by_position(summary: dict, path: str | Path, title: str = "") -> None:
     """Accuracy (y) against the gold pair's position (x), one line per system."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     positions = summary["positions"]
     for name, acc in summary["accuracy"].items():
@@ -75,7 +75,7 @@ def accuracy_by_position(summary: dict, path: str | Path, title: str = "") -> No
 def ablation_curve(results: list[dict], path: str | Path, title: str = "") -> None:
     """NIAH recall (y) against the number of masked heads K (x): the top-K retrieval heads vs K random
     heads (mean and spread over seeds), with the unmasked recall as a dashed line."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = [r["k"] for r in results]
     ax.axhline(results[0]["none"], color="grey", linestyle="--", label="no mask")
@@ -96,7 +96,7 @@ def ablation_curve(results: list[dict], path: str | Path, title: str = "") -> No
 def weights_plot(weights: list[list[float]], bases: list[float], tokens: list[str], path: str | Path) -> None:
     """Per-step combination weight of each base, as a stacked area."""
     import numpy as np
-    plt = _plt()
+    plt = pyplot()
     w = np.array(weights).T
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(tokens)), 3.5))
     ax.stackplot(range(len(tokens)), w, labels=[f"{b:g}" for b in bases])
@@ -111,7 +111,7 @@ def weights_plot(weights: list[list[float]], bases: list[float], tokens: list[st
 def kv_tradeoff(results: list[dict], path: str | Path, title: str = "") -> None:
     """NIAH recall (y) against KV-cache memory as a fraction of the full cache (x), one line per way
     of choosing the full-cache heads; the full cache and all-window caches are single points."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     styles = {"retrieval": ("tab:green", "o", "retrieval heads full"),
               "random": ("tab:orange", "s", "random heads full (same budget)")}

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import console, emit, floats, ints, quiet_transformers
+from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
 from attnkit.errors import AttnkitError
 
 heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2024).")
@@ -19,16 +19,20 @@ kv_app = typer.Typer(no_args_is_help=True,
 
 
 @heads_app.command("detect")
-def heads_detect(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
                  needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                  haystack: Optional[Path] = typer.Option(None, help="haystack file/folder, or a detection folder with part{i}/p1.txt"),
                  lengths: Optional[str] = typer.Option(None, help="context lengths; default 20 evenly spaced up to --max-length"),
                  max_length: Optional[int] = typer.Option(None, help="default: the model's max positions"),
                  depths: Optional[str] = typer.Option(None, help="depths in percent; default 10 evenly spaced 0-100"),
                  count: str = typer.Option("unique", help="unique (paper: distinct needle tokens) or repeats (authors' code)"),
-                 first_token: bool = typer.Option(True, help="also score the token produced by the prefill (paper); off = authors' code"),
+                 first_token: bool = typer.Option(True, help="score the first generated token too (paper and authors' "
+                                                             "code); --no-first-token skips it (neither does)"),
+                 prompt: str = typer.Option("authors", help="authors (their construction, artefacts included: scores "
+                                                            "comparable with the published files) or clean"),
+                 chat_template: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
                  threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
-                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  out: Path = typer.Option(Path("detect_trials.jsonl"), help="trials, appended as they finish; reruns resume"),
                  scores: Path = typer.Option(Path("head_scores.json"), help="score file to write (authors' format)"),
                  top: int = typer.Option(20), plot: Optional[Path] = typer.Option(None),
@@ -42,13 +46,16 @@ def heads_detect(model: str = typer.Option("embedded", help="local model directo
     quiet_transformers()
     if count not in ("unique", "repeats"):
         raise AttnkitError(f"--count must be unique or repeats, not {count!r}")
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    if prompt not in N.PROMPTS:
+        raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     limit = max_length or mdl.config.max_position_embeddings
     length_list = ints(lengths, "--lengths") if lengths else D.default_lengths(limit)
     depth_list = floats(depths, "--depths") if depths else D.default_depths()
     needle_list = N.load_needles(needles)
     per_head, rows = D.detect(mdl, tok, needle_list, D.haystacks_for(needle_list, haystack), length_list,
-                              depth_list, out=out, count=count, first_token=first_token, quiet=as_json)
+                              depth_list, out=out, count=count, first_token=first_token, quiet=as_json,
+                              prompt=prompt, chat_template=chat_template)
     S.save_scores(per_head, scores)
     result = S.summary(per_head, top, threshold)
     result["trials"] = len(rows)
@@ -63,7 +70,7 @@ def heads_detect(model: str = typer.Option("embedded", help="local model directo
 
 
 @heads_app.command("ablate")
-def heads_ablate(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
                  scores: Path = typer.Option(..., help="retrieval-score file (authors' format)"),
                  k: str = typer.Option(..., help="how many heads to mask; a list (1,2,4,8) sweeps K"),
                  mode: str = typer.Option("uniform", help="uniform (zero the query, as the authors) or zero (zero the output)"),
@@ -72,7 +79,7 @@ def heads_ablate(model: str = typer.Option("embedded", help="local model directo
                  needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                  haystack: Optional[Path] = typer.Option(None),
                  lengths: str = typer.Option("512,1024,2048"), depths: str = typer.Option("0,25,50,75,100"),
-                 device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+                 device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
                  plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
                  as_json: bool = typer.Option(False, "--json")):
@@ -90,7 +97,7 @@ def heads_ablate(model: str = typer.Option("embedded", help="local model directo
         raise AttnkitError("--k must be at least 1")
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
     data = S.load_scores(scores)
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
     runs = A.ablate_sweep(mdl, tok, data, k_list, needle_list, hay, length_list, depth_list,
                           mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
@@ -166,7 +173,7 @@ def _check_kv_options(choose: str, full: float, sink: int, window: int, chunk: i
 
 
 @kv_app.command("plan")
-def kv_plan(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             scores: Optional[Path] = typer.Option(None, help="retrieval-score file (attnkit's or the published ones)"),
             choose: str = typer.Option("retrieval", help=KV_CHOICE_HELP),
             full: float = typer.Option(0.25, help="fraction of KV heads that keep the full cache"),
@@ -212,7 +219,7 @@ def _gib(n: int) -> str:
 
 
 @kv_app.command("compare")
-def kv_compare(model: str = typer.Option("embedded", help="local model directory or 'embedded'"),
+def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                scores: Path = typer.Option(..., help="retrieval-score file for this model"),
                budgets: str = typer.Option("0,0.125,0.25,0.5", help="fractions of KV heads with the full cache"),
                sink: int = typer.Option(16), window: int = typer.Option(128),
@@ -221,7 +228,7 @@ def kv_compare(model: str = typer.Option("embedded", help="local model directory
                needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
                lengths: str = typer.Option("2048"), depths: str = typer.Option("0,25,50,75,100"),
-               device: str = typer.Option("cpu"), dtype: str = typer.Option("float32"),
+               device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
                plot: Optional[Path] = typer.Option(None, help="recall against KV memory, one line per head choice"),
                as_json: bool = typer.Option(False, "--json")):
@@ -242,7 +249,7 @@ def kv_compare(model: str = typer.Option("embedded", help="local model directory
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
     data = load_scores(scores)
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     check_shape(data, *model_shape(mdl.config)[:2])
     results = compare(mdl, tok, data, budget_list, needle_list, hay, length_list, depth_list,
                       CacheSettings(sink, window, chunk), seeds, out, quiet=as_json)
@@ -262,3 +269,35 @@ def kv_compare(model: str = typer.Option("embedded", help="local model directory
             table.add_row(names[r["system"]], f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", f"{r['recall']}{spread}")
         Console().print(table)
     emit({"results": results}, as_json, render)
+
+
+@heads_app.command("compare")
+def heads_compare(a: Path = typer.Argument(..., help="first score file"),
+                  b: Path = typer.Argument(..., help="second score file (same layers x heads)"),
+                  top: int = typer.Option(20, help="size of the top-K sets compared"),
+                  plot: Optional[Path] = typer.Option(None, help="side-by-side heatmaps, top-K heads ringed"),
+                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Do two models use the same retrieval heads? Top-K overlap and score correlations (Wu et al.'s
+    "universal and intrinsic" finding: a base model and its descendants share them)."""
+    from attnkit.heads import compare as C
+    from attnkit.heads.scores import load_scores
+
+    sa, sb = load_scores(a), load_scores(b)
+    result = C.compare(sa, sb, top)
+    if plot:
+        C.plot(sa, sb, (a.stem, b.stem), result, plot)
+
+    def render():
+        console.print(f"{a.name} vs {b.name}: {result['heads']} heads; top-{result['top']} overlap "
+                      f"{result['overlap']}/{result['top']}; Spearman {result['spearman']}, Pearson {result['pearson']}",
+                      highlight=False)
+        table = Table(title=f"in one top-{result['top']} only")
+        table.add_column(a.name)
+        table.add_column(b.name)
+        rows = max(len(result["only_a"]), len(result["only_b"]))
+        cell = lambda xs, i: f"{xs[i][0]}-{xs[i][1]}" if i < len(xs) else ""  # noqa: E731
+        for i in range(rows):
+            table.add_row(cell(result["only_a"], i), cell(result["only_b"], i))
+        if rows:
+            Console().print(table)
+    emit(result, as_json, render)

@@ -1,7 +1,9 @@
 """Retrieval-head detection: NIAH trials over (needle, length, depth), copy scores per head.
 
 A trial counts only when its answer's ROUGE-1 recall against real_needle exceeds 50; a head's
-retrieval score is the mean of its per-trial scores over counted trials. Every trial is appended to a
+retrieval score is the mean of its per-trial scores over counted trials. Prompts are built the
+authors' way by default (`prompt="authors"`, see `attnkit.evals.authors_prompt`), so that scores are
+comparable with their published files; `prompt="clean"` uses attnkit's NIAH builder. Every trial is appended to a
 JSONL file as it finishes, so an interrupted run resumes where it stopped.
 """
 
@@ -41,7 +43,8 @@ def haystacks_for(needles: list[N.Needle], haystack: str | Path | None) -> list[
 
 def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], lengths: list[int],
            depths: list[float], out: Path | None = None, count: str = "unique", first_token: bool = True,
-           min_recall: float = MIN_RECALL, quiet: bool = False) -> tuple[dict, list[dict]]:
+           min_recall: float = MIN_RECALL, quiet: bool = False, prompt: str = "authors",
+           chat_template: bool = False) -> tuple[dict, list[dict]]:
     """Return ({(layer, head): [per-trial scores of counted trials]}, trial rows)."""
     N.check_lengths(model, lengths)
     builders = {}
@@ -50,20 +53,21 @@ def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], leng
     def work(cell):
         i = cell["needle"]
         if i not in builders:
-            builders[i] = N.PromptBuilder(tokenizer, haystacks[i])
+            builders[i] = N.prompt_builder(prompt, tokenizer, haystacks[i], chat_template, max(lengths))
         try:
-            prompt = builders[i].build(needles[i], cell["length"], cell["depth"])
+            built = builders[i].build(needles[i], cell["length"], cell["depth"])
         except AttnkitError as e:
             return {"answer": None, "recall": None, "skipped": str(e)}
-        scores, generated = trial(model, tokenizer, prompt.input_ids, prompt.span, count=count,
-                                  first_token=first_token)
+        scores, generated = trial(model, tokenizer, built.input_ids, built.span, count=count,
+                                  first_token=first_token, stop_rule=prompt)
         answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
         return {"answer": answer, "recall": N.recall(answer, needles[i].real_needle),
-                "scores": [round(float(x), 5) for x in scores.flatten()]}
+                "scores": [round(float(x), 8) for x in scores.flatten()]}
 
     cells = N.grid_cells(needles, lengths, depths, count=count, first_token=first_token)
     # min_recall is left out: it filters trials when they are aggregated, rows hold them all
-    settings = N.run_settings("heads-detect", model, needles, haystacks, lengths, depths) if out is not None else None
+    settings = N.run_settings("heads-detect", model, needles, haystacks, lengths, depths, prompt=prompt,
+                              chat_template=chat_template) if out is not None else None
     rows = run_grid(cells, ("count", "first_token", "needle", "length", "depth"), work, out,
                     description="detection trials", quiet=quiet, settings=settings)
     per_head = {(l, h): [] for l in range(layers) for h in range(heads)}

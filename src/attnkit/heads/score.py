@@ -6,10 +6,14 @@ answer span and the token generated at that step equals the token at that key. P
 * count="unique" (default, the paper's |g ∩ k| / |k|): the number of distinct span positions the head
   copied from, divided by the span length, so a trial scores at most 1;
 * count="repeats" (the authors' code): every copy adds 1 / span length, so repeated copies of the
-  same token count again and a trial can score above 1.
+  same token count again and a trial can score above 1. The authors' code is count="repeats" with
+  first_token=True (tested against a literal port of their loop).
 
-first_token=True also scores the token produced by the prefill (the paper's definition covers every
-generated token); the authors' code starts at the first decode step (first_token=False).
+first_token=True (default) scores every generated token, the first one included: the paper's definition
+covers every generated token, and the authors' code does the same (it prefills all prompt tokens but
+the last and feeds that one as decode step 0, so step 0 produces, and scores, the first generated
+token). first_token=False skips the first generated token, which neither the paper nor the authors do;
+it is kept to measure how much that one token weighs.
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
 
 
 def trial(model, tokenizer, input_ids: torch.Tensor, span: tuple[int, int], max_new_tokens: int = 50,
-          count: str = "unique", first_token: bool = True) -> tuple[torch.Tensor, list[int]]:
+          count: str = "unique", first_token: bool = True, stop_rule: str = "clean") -> tuple[torch.Tensor, list[int]]:
     """Greedy-decode one prompt with decode probes on; return (scores [layers, heads], generated ids)."""
     with intervene(model, probe=Probe(top_k=1, prefill_last=first_token)) as ctl:
-        generated = greedy_decode(model, tokenizer, input_ids, max_new_tokens)
+        generated = greedy_decode(model, tokenizer, input_ids, max_new_tokens, stop_rule=stop_rule)
     positions = ctl.positions()[:, :, 0, :, 0]  # [steps, layers, heads]
     gen = torch.tensor(generated, device=positions.device)
     # step s of the probes produced generated[s] (with the prefill row) or generated[s + 1]

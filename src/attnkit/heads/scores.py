@@ -64,9 +64,9 @@ def kv_view(grid: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def plot_heatmap(grid: torch.Tensor, path: str | Path, title: str = "retrieval score") -> None:
-    from attnkit.evals.plots import _plt
+    from attnkit.evals.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     layers, heads = grid.shape
     fig, ax = plt.subplots(figsize=(2 + heads * 0.25, 1.5 + layers * 0.22))
     im = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto", vmin=0)

@@ -160,10 +160,11 @@ def _message(e) -> str:
 
 
 def make_backend(kind: str, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, device: str = "cpu", dtype: str = "float32", batch_size: int = 8) -> Backend:
+                 concurrency: int = 8, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
+                 device_map: str | None = None) -> Backend:
     if kind == "hf":
         from ..core.loading import load_model
-        mdl, tok = load_model(model, device=device, dtype=dtype)
+        mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
         return HFBackend(mdl, tok, batch_size)
     if kind == "openai":
         if not base_url:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import console, emit, quiet_transformers
+from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, console, emit, quiet_transformers
 from attnkit.errors import AttnkitError
 
 s2a_app = typer.Typer(no_args_is_help=True, help="System 2 Attention (Weston & Sukhbaatar 2023).")
@@ -17,10 +17,11 @@ s2a_app = typer.Typer(no_args_is_help=True, help="System 2 Attention (Weston & S
 BACKEND_HELP = "hf (a local model) or openai (an OpenAI-compatible endpoint)"
 
 
-def _backend(backend: str, model: str, base_url: Optional[str], api_key_env: str, concurrency: int, device: str):
+def _backend(backend: str, model: str, base_url: Optional[str], api_key_env: str, concurrency: int, device: str,
+             dtype: str = "auto", device_map: Optional[str] = None):
     from attnkit.s2a.backends import make_backend
     quiet_transformers()
-    return make_backend(backend, model, base_url, api_key_env, concurrency, device)
+    return make_backend(backend, model, base_url, api_key_env, concurrency, device, dtype, device_map=device_map)
 
 
 @s2a_app.command("variants")
@@ -44,12 +45,12 @@ def ask(text: str = typer.Argument(..., help="the user's text (question with con
         api_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the API key"),
         temperature: float = typer.Option(0.6), top_p: float = typer.Option(0.9),
         max_tokens: int = typer.Option(256), seed: Optional[int] = typer.Option(0),
-        device: str = typer.Option("cpu"),
+        device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
         as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Rewrite, then answer from the rewrite alone."""
     from attnkit.s2a import S2A, Sampling
 
-    b = _backend(backend, model, base_url, api_key_env, 1, device)
+    b = _backend(backend, model, base_url, api_key_env, 1, device, dtype, device_map)
     res = S2A(b, variant, Sampling(temperature, top_p, max_tokens, seed)).run([text])[0]
 
     def render():
@@ -79,7 +80,7 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
              temperature: float = typer.Option(0.6), top_p: float = typer.Option(0.9),
              max_tokens: int = typer.Option(256), batch: int = typer.Option(8),
              fallback: bool = typer.Option(True, help="answer the original prompt when a rewrite cannot be parsed"),
-             device: str = typer.Option("cpu"),
+             device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
              out: Optional[Path] = typer.Option(None, help="append rows here as they finish; reruns resume"),
              plot: Optional[Path] = typer.Option(None, help="bar chart PNG"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
@@ -104,8 +105,9 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
         examples = T.load_longform(data, limit=limit)
     if task == "longform" and not judge_model:
         raise AttnkitError("the longform task is scored by an LLM judge: give --judge-model")
-    b = _backend(backend, model, base_url, api_key_env, concurrency, device)
-    judge = (_backend(judge_backend or backend, judge_model, judge_base_url or base_url, api_key_env, concurrency, device)
+    b = _backend(backend, model, base_url, api_key_env, concurrency, device, dtype, device_map)
+    judge = (_backend(judge_backend or backend, judge_model, judge_base_url or base_url, api_key_env, concurrency,
+                      device, dtype, device_map)
              if judge_model else None)
     sampling = Sampling(temperature, top_p, max_tokens, seed)
     rows = evaluate(b, T.TASKS[task], examples, names, out, sampling, judge, fallback, batch, quiet=as_json)

@@ -107,8 +107,8 @@ def summarize(rows: list[dict], task: str, metric: str = "score") -> dict:
 
 def plot(summary: dict, path: str | Path) -> None:
     """Bar chart of each variant's score with its 95% interval, paper figures as markers."""
-    from ..evals.plots import _plt
-    plt = _plt()
+    from ..evals.plots import pyplot
+    plt = pyplot()
     names = list(summary["variants"])
     means = [summary["variants"][v]["mean"] or 0 for v in names]
     err = [[m - (summary["variants"][v]["ci95"] or [m, m])[0] for v, m in zip(names, means)],

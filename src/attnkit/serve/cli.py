@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from attnkit.cli_common import console, quiet_transformers
+from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, quiet_transformers
 from attnkit.errors import AttnkitError
 
 
@@ -41,7 +41,7 @@ def _key(env: Optional[str], what: str) -> Optional[str]:
     return value
 
 
-def serve(model: Optional[str] = typer.Option(None, help="serve this model (local dir or 'embedded')"),
+def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + MODEL_HELP),
           upstream: Optional[str] = typer.Option(None, help="S2A proxy: the OpenAI-compatible URL to forward to"),
           s2a: str = typer.Option("s2a", help="proxy: the S2A variant applied to each request"),
           host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
@@ -60,7 +60,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model (loca
           kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default), random or none"),
           kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
           kv_sink: int = typer.Option(16), kv_window: int = typer.Option(128), kv_chunk: int = typer.Option(2048),
-          device: str = typer.Option("cpu"), dtype: str = typer.Option("float32")):
+          device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
     import uvicorn
@@ -80,7 +80,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model (loca
         what = f"S2A proxy ({s2a}) for {upstream}"
     else:
         engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                              device, dtype, max_queue)
+                              device, dtype, max_queue, device_map)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
         what = f"{model} ({engine.decoder.describe()['technique']})"
@@ -90,7 +90,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model (loca
 
 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                 device: str, dtype: str, max_queue: int):
+                 device: str, dtype: str, max_queue: int, device_map=None):
     from attnkit.core.loading import load_config, load_model
     from attnkit.serve.engine import BucketsDecoder, Engine, PlainDecoder
 
@@ -103,7 +103,7 @@ def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full,
         kv = kv_options_config(load_config(model), kv_scores, kv_choose or "retrieval", kv_full, None, kv_sink,
                                kv_window, kv_chunk)
     quiet_transformers()
-    mdl, tok = load_model(model, device=device, dtype=dtype)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     if bases or search:
         from attnkit.buckets import BucketedModel, BucketsConfig
         from attnkit.buckets.cli import resolve_bases
