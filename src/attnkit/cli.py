@@ -80,6 +80,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
 
     quiet_transformers()
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
+    N.check_depths(depth_list)
     if prompt not in N.PROMPTS:
         raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
     kv_on = kv_scores is not None or kv_choose is not None
@@ -103,19 +104,24 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
         from attnkit.buckets.cli import resolve_bases
         base_list = resolve_bases(model, bases, search)
         config = BucketsConfig(base_list, combine)
-        systems = {"one base": ({"system": "single"}, None),
-                   "buckets": ({"system": config.label}, BucketedModel(mdl, tok, config).as_decoder())}
+        from attnkit.core.loading import rope_base
+        own = rope_base(mdl.config)
+        systems = {f"one base ({own:g})": ({"system": "single"}, None),
+                   f"buckets ({', '.join(f'{b:g}' for b in base_list)})": ({"system": config.label},
+                                                                         BucketedModel(mdl, tok, config).as_decoder())}
     summaries = {}
     for name, (extra, decode) in systems.items():
         rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
                           quiet=as_json, label=name, extra=extra, decode=decode, prompt=prompt)
         summaries[name] = N.summarize(rows)
-    summary = summaries[next(iter(systems))]
-    if "buckets" in summaries:
-        summary = {**summary, "buckets": {**summaries["buckets"], "bases": base_list, "combine": combine}}
+    names = list(systems)
+    summary = summaries[names[0]]
+    if bases or search:
+        summary = {**summary, "buckets": {**summaries[names[1]], "bases": base_list, "combine": combine}}
     if plot:
         from attnkit.evals.plots import niah_heatmaps
-        niah_heatmaps({name: N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list, depth_list)
+        niah_heatmaps({name: N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list, depth_list,
+                      means={name: s["mean_recall"] for name, s in summaries.items()})
     if kv is not None:
         summary = {**summary, "cache": {"full_heads": sorted(kv.full), "sink": kv_sink, "window": kv_window,
                                         "choose": kv_choose, "full": kv_full}}
@@ -123,9 +129,11 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
         print(json.dumps(summary))
     else:
         for name, s in summaries.items():
-            Console().print(_niah_table(s, f"{model}, {name}" if len(summaries) > 1 or kv else str(model)))
+            if s["trials"]:
+                Console().print(_niah_table(s, f"{model}, {name}" if len(summaries) > 1 or kv else str(model)))
         if summary["skipped"]:
-            console.print(f"skipped trials: {summary['skipped']} (see --out for reasons)")
+            console.print(f"skipped trials: {summary['skipped']} of {summary['skipped'] + summary['trials']}; "
+                          f"first reason: {summary['skip_reason']}", highlight=False)
 
 
 @app.command()

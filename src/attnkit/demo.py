@@ -29,7 +29,8 @@ def run(out_dir: Path) -> None:
     facts = model_info("embedded")
     say(f"[bold]embedded model[/bold]: {facts['parameters']:,} parameters, {facts['layers']} layers x "
         f"{facts['query_heads']} heads, context {facts['max_positions']}")
-    model, tok = load_model("embedded")
+    say("about 2-3 minutes on 2 CPU cores (faster on a rerun: finished trials are read back from the folder)")
+    model, tok = load_model("embedded", device="cpu")
     needle_sets = {"built-in needles": N.load_needles(), "passkey needles": N.passkey_needles()}
     haystack = N.load_haystack()
     niah_step(model, tok, needle_sets, haystack, out_dir)
@@ -44,7 +45,7 @@ def niah_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None:
     say("\n[bold]1. Needle in a haystack[/bold]: built-in needles (the question paraphrases the needle) and "
         "passkey needles (the question repeats it; random answer)")
     lengths, depths = [256, 512, 1024, 2048], [0, 25, 50, 75, 100]
-    grids = {}
+    grids, means = {}, {}
     table = Table(title="mean ROUGE-1 recall over depths 0-100%")
     table.add_column("needles")
     for L in lengths:
@@ -54,10 +55,11 @@ def niah_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None:
         rows = N.evaluate(model, tok, needles, haystack, lengths, depths, out=out_dir / f"niah{i}.jsonl", label=name)
         summary = N.summarize(rows)
         grids[name] = N.grid_map(summary["grid"])
+        means[name] = summary["mean_recall"]
         by_length = [[v for (L, _), v in grids[name].items() if L == length] for length in lengths]
         table.add_row(name, *(f"{sum(v) / len(v):.0f}" for v in by_length), f"{summary['mean_recall']:.1f}")
     say(table)
-    niah_heatmaps(grids, out_dir / "niah.png", lengths, depths)
+    niah_heatmaps(grids, out_dir / "niah.png", lengths, depths, means=means)
     say(f"heatmaps: {out_dir / 'niah.png'}")
 
 
@@ -76,7 +78,7 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
                               out=out_dir / "detect_trials.jsonl", prompt="clean")
     S.save_scores(per_head, out_dir / "head_scores.json")
     counted = sum(1 for r in rows if r.get("recall") is not None and r["recall"] > D.MIN_RECALL)
-    result = S.summary(per_head, top=8)
+    result = S.summary(per_head, top=max(8, S.summary(per_head)["above_threshold"]))
     table = Table(title=f"top heads ({counted} of {len(rows)} trials counted; {result['above_threshold']} of "
                         f"{result['heads']} heads above {S.THRESHOLD})")
     for col in ("layer", "head", "retrieval score"):
@@ -95,7 +97,9 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     lengths, depths = [512, 1024], [50]
     runs = A.ablate_sweep(model, tok, per_head, k_list, needles, haystack, lengths, depths, seeds=3,
                           out=out_dir / "ablate_trials.jsonl")
-    niah_heatmaps(A.condition_grids(runs[-1]), out_dir / "ablation.png", lengths, depths)
+    niah_heatmaps(A.condition_grids(runs[-1]), out_dir / "ablation.png", lengths, depths,
+                  means={"no mask": runs[-1]["none"], f"top-{runs[-1]['k']} masked": runs[-1]["top"],
+                         f"{runs[-1]['k']} random masked": runs[-1]["random"]})
     ablation_curve(runs, out_dir / "ablation_curve.png", title="embedded model, passkey needles: masking ablation")
     table = Table(title=f"mean NIAH recall, heads masked in decoding (no mask: {runs[0]['none']})")
     for col in ("K", "top-K retrieval heads masked", "K random heads masked (3 seeds)"):
@@ -147,7 +151,8 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     base = rope_base(cfg)
     found = search_bases([base], 4, lo=base, hi=3 * base, step=base / 20, distances=(m0, m1), head_dim=head_dim)
     bases = found.bases
-    waveform_plot(bases, head_dim, np.arange(0, cfg.max_position_embeddings), out_dir / "waveform.png")
+    waveform_plot(bases, head_dim, np.arange(0, cfg.max_position_embeddings), out_dir / "waveform.png",
+                  search_range=(m0, m1))
     say(f"bases from the search (head dim {head_dim}, m {m0}..{m1}): {', '.join(f'{b:g}' for b in bases)}; "
         f"waveforms: {out_dir / 'waveform.png'}")
     # Far from the question the single base's attention is weakest: passkey needles at the start of

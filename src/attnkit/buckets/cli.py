@@ -123,7 +123,7 @@ def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with t
     result, head_dim, (m0, m1) = _search(model, seeds, n, grid, distances, head_dim, tolerance, method)
     if plot:
         from attnkit.evals.plots import waveform_plot
-        waveform_plot(result.bases, head_dim, np.arange(m0, m1 + 1), plot)
+        waveform_plot(result.bases, head_dim, np.arange(0, m1 + 1), plot, search_range=(m0, m1))
     out = {"bases": result.bases, "method": method, "head_dim": head_dim, "distances": [m0, m1],
            "steps": result.steps, "message": result.message}
     emit(out, as_json, lambda: Console().print(
@@ -176,7 +176,7 @@ def generate_cmd(model: str = typer.Option("embedded", help=MODEL_HELP),
 @eval_app.command("kv-retrieval")
 def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
                  data: Optional[Path] = typer.Option(None, help="Lost-in-the-Middle kv-retrieval .jsonl(.gz); default: fresh UUID pairs"),
-                 examples: int = typer.Option(20, help="how many examples"),
+                 examples: int = typer.Option(5, help="how many examples (each runs every position and system; 20 take about 7 minutes on 2 CPU cores)"),
                  num_pairs: int = typer.Option(10, help="key-value pairs per prompt"),
                  positions: Optional[str] = typer.Option(None, help="gold positions (default: 0, every quarter, last)"),
                  bases: Optional[str] = typer.Option(None, help="bucket bases, comma-separated"),

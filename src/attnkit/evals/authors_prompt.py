@@ -48,6 +48,9 @@ class AuthorsPromptBuilder:
     """Same interface as `niah.PromptBuilder`; see the module docstring for what differs."""
 
     def __init__(self, tokenizer, haystack: str, chat_template: bool = False, min_words: int = 0):
+        from attnkit.evals.niah import require_chat_template
+
+        require_chat_template(tokenizer, chat_template)
         self.tok, self.haystack, self.chat = tokenizer, haystack, chat_template
         self.min_words = min_words
         self._encoded: dict[int, tuple[str, list[int]]] = {}  # repeats -> (text, its encoding)

@@ -105,6 +105,11 @@ def load_haystack(path: str | Path | None = None, min_chars: int = 0) -> str:
     return text
 
 
+def require_chat_template(tokenizer, wanted: bool) -> None:
+    if wanted and not getattr(tokenizer, "chat_template", None):
+        raise AttnkitError("--chat-template: this tokenizer has no chat template (a base model?); leave the option out")
+
+
 def find_span(prompt_ids: list[int], answer_ids: list[int]) -> tuple[int, int]:
     """First window of len(answer) tokens whose token set covers > 90% of the answer's token set."""
     want = set(answer_ids)
@@ -119,6 +124,7 @@ class PromptBuilder:
     """Builds NIAH prompts for one tokenizer and haystack, tokenising the haystack once."""
 
     def __init__(self, tokenizer, haystack: str, chat_template: bool = False, answer_room: int = ANSWER_ROOM):
+        require_chat_template(tokenizer, chat_template)
         self.tok = tokenizer
         self.chat = chat_template
         self.answer_room = answer_room
@@ -174,6 +180,12 @@ def _scorer():
     return _SCORER
 
 
+def check_depths(depths: list[float]) -> None:
+    bad = [d for d in depths if not 0 <= d <= 100]
+    if bad or not depths:
+        raise AttnkitError(f"needle depths are percentages in [0, 100], got {bad[0] if bad else 'none'}")
+
+
 def check_lengths(model, lengths: list[int]) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     too_long = [L for L in lengths if limit and L > limit]
@@ -222,6 +234,7 @@ def summarize(rows: list[dict]) -> dict:
         "mean_recall": round(sum(r["recall"] for r in scored) / len(scored), 2) if scored else None,
         "trials": len(scored),
         "skipped": len(rows) - len(scored),
+        "skip_reason": next((r.get("skipped") for r in rows if r.get("recall") is None), None),
         "grid": [{"length": L, "depth": d, "recall": round(v, 2)} for (L, d), v in sorted(cells.items())],
     }
 
@@ -245,6 +258,7 @@ def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: li
     from attnkit.evals.runner import run_grid
 
     check_lengths(model, lengths)
+    check_depths(depths)
     builder = prompt_builder(prompt, tokenizer, haystack, chat_template, max(lengths))
 
     def work(cell):

@@ -12,48 +12,98 @@ def pyplot():
     return plt
 
 
-def niah_heatmaps(grids: dict[str, dict], path: str | Path, lengths: list[int], depths: list[float]) -> None:
-    """One depth (y) x length (x) recall heatmap per named grid, side by side."""
+def niah_heatmaps(grids: dict[str, dict], path: str | Path, lengths: list[int], depths: list[float],
+                  means: dict[str, float] | None = None) -> None:
+    """One depth (y) x length (x) recall heatmap per named grid, side by side; with a single depth, grouped
+    bars instead (a heatmap of one row says little). `means`: the per-grid mean over trials, as the
+    tables print it (the mean of cells differs when some trials were skipped)."""
     import numpy as np
     plt = pyplot()
-    panel = max(3.5, 0.9 * len(lengths))
+    if len(depths) == 1:
+        return _niah_bars(grids, path, lengths, depths[0], means)
+    panel = max(3.5, 0.45 * len(lengths) + 1.5)
     fig, axes = plt.subplots(1, len(grids), figsize=(panel * len(grids) + 1.5, 0.5 * len(depths) + 2.5),
                              squeeze=False)
+    step = max(1, len(lengths) // 12)  # at most about 12 length labels, so that they never collide
     for n, (ax, (title, grid)) in enumerate(zip(axes[0], grids.items())):
         data = np.array([[grid.get((L, d), np.nan) for L in lengths] for d in depths])
         im = ax.imshow(data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45)
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        ax.set_xticks(range(0, len(lengths), step), [f"{L:,}" for L in lengths[::step]], rotation=45, ha="right",
+                      fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=8)
         ax.set_xlabel("context length (tokens)")
         if n == 0:
             ax.set_ylabel("needle depth")
-        mean = np.nanmean(data) if np.isfinite(data).any() else float("nan")
+        mean = (means or {}).get(title)
+        if mean is None:
+            mean = np.nanmean(data) if np.isfinite(data).any() else float("nan")
         ax.set_title(f"{title}\nmean recall {mean:.1f}", fontsize=10)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if np.isfinite(data[i, j]):
-                    ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=7)
+        if len(lengths) * len(depths) <= 150:
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    if np.isfinite(data[i, j]):
+                        ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), label="ROUGE-1 recall")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def waveform_plot(bases: list[float], head_dim: int, distances, path: str | Path, envelope: bool = True) -> None:
-    """f(m) per base, with the upper envelope over bases (what Attention Buckets relies on)."""
-    from ..core.rope import waveform
+def _niah_bars(grids: dict[str, dict], path, lengths: list[int], depth: float, means) -> None:
+    import numpy as np
     plt = pyplot()
-    waves = waveform(bases, head_dim, distances)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for b, w in zip(bases, waves):
-        ax.plot(distances, w, lw=0.8, label=f"base {b:g}")
-    if envelope and len(bases) > 1:
-        ax.plot(distances, waves.max(0), color="black", lw=1.6, label="max over bases")
-    ax.set_xlabel("relative distance m (tokens)")
-    ax.set_ylabel("attention upper bound f(m)")
-    ax.set_title(f"RoPE attention waveform, head dim {head_dim}")
-    ax.legend(fontsize=8, ncol=min(4, len(bases) + 1))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(lengths) * len(grids) ** 0.5 + 3), 4))
+    width = 0.8 / len(grids)
+    for n, (title, grid) in enumerate(grids.items()):
+        values = [grid.get((L, depth), np.nan) for L in lengths]
+        mean = (means or {}).get(title, np.nanmean(values))
+        bars = ax.bar(np.arange(len(lengths)) + (n - (len(grids) - 1) / 2) * width, values, width,
+                      label=f"{title} (mean {mean:.1f})")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(lengths)), [f"{L:,}" for L in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ROUGE-1 recall")
+    ax.set_ylim(0, 110)
+    ax.set_title(f"needle depth {depth:g}%", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def waveform_plot(bases: list[float], head_dim: int, distances, path: str | Path, envelope: bool = True,
+                  search_range: tuple[int, int] | None = None) -> None:
+    """f(m) per base: the raw wave faint, its running maximum (the ceiling a fact at that distance can
+    reach) bold, the max over bases in black, and the searched distances shaded."""
+    import numpy as np
+
+    from ..core.rope import waveform
+    plt = pyplot()
+    distances = np.asarray(distances)
+    waves = waveform(bases, head_dim, distances)
+    window = max(1, len(distances) // 60)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    for i, (b, w) in enumerate(zip(bases, waves)):
+        c = colors[i % len(colors)]
+        ax.plot(distances, w, lw=0.5, alpha=0.25, color=c)
+        ax.plot(distances, _running_max(w, window), lw=1.6, color=c, label=f"base {b:g}")
+    if envelope and len(bases) > 1:
+        ax.plot(distances, _running_max(waves.max(0), window), color="black", lw=2.2, label="max over bases")
+    if search_range:
+        ax.axvspan(*search_range, color="grey", alpha=0.12, label=f"searched distances {search_range[0]}-{search_range[1]}")
+    ax.set_xlabel("relative distance m (tokens)")
+    ax.set_ylabel("attention upper bound f(m)")
+    ax.set_title(f"RoPE attention waveform, head dim {head_dim} (bold: running max over {window} tokens)")
+    ax.legend(fontsize=8, ncol=min(4, len(bases) + 2), loc="upper right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _running_max(x, window: int):
+    import numpy as np
+    if window <= 1:
+        return x
+    padded = np.pad(x, (window // 2, window - 1 - window // 2), mode="edge")
+    return np.lib.stride_tricks.sliding_window_view(padded, window).max(-1)
 
 
 def accuracy_by_position(summary: dict, path: str | Path, title: str = "") -> None:
@@ -104,6 +154,8 @@ def weights_plot(weights: list[list[float]], bases: list[float], tokens: list[st
     ax.set_ylabel("weight")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1), title="RoPE base")
+    ax.set_xlabel("generated token")
+    ax.set_title("Attention Buckets: each base's weight at every step")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

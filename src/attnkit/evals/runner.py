@@ -109,9 +109,44 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def progress_bar(quiet: bool = False) -> Progress:
+def progress_bar(quiet: bool = False):
+    """A rich bar on a terminal; off a terminal (logs, CI, nohup) a plain line every 10% and at the end,
+    since a rich bar there is drawn only once, when it is finished."""
+    import sys
+
+    if not quiet and not sys.stderr.isatty():
+        return _LineProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), disable=quiet, transient=False)
+
+
+class _LineProgress:
+    def __init__(self):
+        self.tasks: dict[int, list] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int) -> int:
+        import time
+        self.tasks[len(self.tasks)] = [description, total, 0, time.monotonic(), -1]
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, n: int = 1) -> None:
+        import sys
+        import time
+
+        t = self.tasks[task]
+        t[2] += n
+        decile = 10 * t[2] // max(1, t[1])
+        if decile > t[4]:
+            t[4] = decile
+            elapsed = time.monotonic() - t[3]
+            left = elapsed / t[2] * (t[1] - t[2]) if t[2] else 0
+            print(f"{t[0]}: {t[2]}/{t[1]} ({elapsed:.0f} s, about {left:.0f} s left)", file=sys.stderr, flush=True)
 
 
 def run_grid(cells: list[dict], fields: tuple[str, ...], work, out: Path | None = None,

@@ -50,16 +50,19 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], needles, haystac
         mask = HeadMask(chosen, mode=mode, phase=phase) if chosen else None
         with intervene(model, mask=mask):
             rows = N.evaluate(model, tokenizer, needles, haystack, lengths, depths, out=out, quiet=quiet,
-                              label=f"{name} (seed {seed})" if name == "random" else name,
+                              label=f"K={k} {name}" + (f" (seed {seed})" if name == "random" else "") if k else name,
                               extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase})
         return N.summarize(rows)
 
-    none = grid("none", 0, 0, [])
     exclude = excluded_heads(scores)
+    if max(ks) > layers * heads:
+        raise AttnkitError(f"cannot mask {max(ks)} heads: the model has {layers * heads}")
+    draws = {k: {s: random_heads(layers, heads, k, exclude, s) for s in range(seeds)} for k in ks}  # fail fast
+    none = grid("none", 0, 0, [])
     results = []
     for k in ks:
         top = [(l, h) for l, h, _ in ranked(scores)[:k]]
-        drawn = {s: random_heads(layers, heads, k, exclude, s) for s in range(seeds)}
+        drawn = draws[k]
         top_summary = grid("top", 0, k, top)
         rand = {s: grid("random", s, k, chosen) for s, chosen in drawn.items()}
         means = [r["mean_recall"] for r in rand.values() if r["mean_recall"] is not None]

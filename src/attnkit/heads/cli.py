@@ -50,6 +50,8 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
         raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     limit = max_length or mdl.config.max_position_embeddings
+    if limit > mdl.config.max_position_embeddings:
+        raise AttnkitError(f"--max-length {limit} is above the model's max positions ({mdl.config.max_position_embeddings})")
     length_list = ints(lengths, "--lengths") if lengths else D.default_lengths(limit)
     depth_list = floats(depths, "--depths") if depths else D.default_depths()
     needle_list = N.load_needles(needles)

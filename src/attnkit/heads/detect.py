@@ -47,6 +47,7 @@ def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], leng
            chat_template: bool = False) -> tuple[dict, list[dict]]:
     """Return ({(layer, head): [per-trial scores of counted trials]}, trial rows)."""
     N.check_lengths(model, lengths)
+    N.check_depths(depths)
     builders = {}
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
 

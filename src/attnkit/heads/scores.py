@@ -63,16 +63,26 @@ def kv_view(grid: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grid.view(layers, kv_heads, heads // kv_heads).amax(-1)
 
 
-def plot_heatmap(grid: torch.Tensor, path: str | Path, title: str = "retrieval score") -> None:
+def plot_heatmap(grid: torch.Tensor, path: str | Path, title: str = "retrieval score",
+                 threshold: float = THRESHOLD) -> None:
+    """Layer x head heatmap of mean scores; every head labelled, heads above `threshold` ringed."""
     from attnkit.evals.plots import pyplot
 
     plt = pyplot()
     layers, heads = grid.shape
-    fig, ax = plt.subplots(figsize=(2 + heads * 0.25, 1.5 + layers * 0.22))
+    fig, ax = plt.subplots(figsize=(2.5 + heads * 0.28, 1.5 + layers * 0.28))
     im = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto", vmin=0)
+    above = (grid > threshold).nonzero().tolist()
+    if above:
+        ax.scatter([h for _, h in above], [l for l, _ in above], s=60, facecolors="none", edgecolors="red", lw=1.2)
+    title = f"{title}\nringed: {len(above)} of {layers * heads} heads above {threshold:g} (red line on the scale)"
+    step = 1 if heads <= 48 else 2
+    ax.set_xticks(range(0, heads, step), [str(h) for h in range(0, heads, step)], fontsize=6 if heads > 24 else 8)
+    ax.set_yticks(range(layers), [str(l) for l in range(layers)], fontsize=6 if layers > 24 else 8)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="mean retrieval score")
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(im, ax=ax, label="mean retrieval score")
+    bar.ax.axhline(threshold, color="red", lw=1.5)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
