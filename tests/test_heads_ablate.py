@@ -25,7 +25,7 @@ def test_ablation_runs_three_conditions_and_masking_changes_answers(tmp_path):
     scores = {(l, h): [float(l == 5 and h < 4)] for l in range(8) for h in range(8)}
     needles = N.load_needles()[:1]
     out = tmp_path / "a.jsonl"
-    res = A.ablate(model, tok, scores, 4, needles, N.load_haystack(), [256], [0, 100], mode="zero",
+    res = A.ablate(model, tok, scores, 4, N.Grid(needles, N.load_haystack(), [256], [0, 100]), mode="zero",
                    phase="both", seeds=2, out=out, quiet=True)
     assert res["top_heads"] == [(5, 0), (5, 1), (5, 2), (5, 3)]
     assert all(not set(h) & set(res["top_heads"]) for h in res["random_heads"].values())
@@ -37,4 +37,4 @@ def test_ablation_runs_three_conditions_and_masking_changes_answers(tmp_path):
     assert none != top  # zeroing 4 heads of layer 5 in both phases changes the output
     bad = {(9, 0): [1.0]}
     with pytest.raises(AttnkitError, match="does not exist"):
-        A.ablate(model, tok, bad, 1, needles, N.load_haystack(), [256], [0], quiet=True)
+        A.ablate(model, tok, bad, 1, N.Grid(needles, N.load_haystack(), [256], [0]), quiet=True)

@@ -4,7 +4,7 @@ import torch
 from attnkit.core.loading import load_model
 from attnkit.evals import niah as N
 from attnkit.heads import detect as D
-from attnkit.heads.score import trial
+from attnkit.heads.copying import trial
 from conftest import result_lines
 
 

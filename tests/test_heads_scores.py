@@ -27,13 +27,12 @@ def test_published_score_files_load_rank_and_summarise(shared_data, name):
     assert grid.max() == grid[layer, head]
 
 
-def test_roundtrip_kv_view_and_bad_file(tmp_path):
+def test_roundtrip_and_bad_file(tmp_path):
     data = {(0, 0): [0.5, 0.0], (0, 1): [0.2], (1, 0): [0.0], (1, 1): [1.0, 0.5]}
     S.save_scores(data, tmp_path / "s.json")
     assert (tmp_path / "s.json").read_text().count("\n") == 0
     assert S.load_scores(tmp_path / "s.json") == data
-    grid = S.as_grid(data)
-    assert torch.allclose(S.kv_view(grid, 1), torch.tensor([[0.25], [0.75]]))
+    assert torch.allclose(S.as_grid(data), torch.tensor([[0.25, 0.2], [0.0, 0.75]]))
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(AttnkitError, match="not a retrieval-score file"):
         S.load_scores(tmp_path / "bad.json")

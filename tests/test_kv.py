@@ -65,7 +65,9 @@ def test_evaluate_writes_scored_rows_and_resumes(tmp_path):
 
     model, tok = attnkit.load_model("embedded")
     exs = kv.generate_examples(2, 4, seed=0)
-    systems = {"single": BucketsConfig([10000.0]), "buckets": BucketsConfig([10000.0, 20000.0])}
+    from attnkit.buckets import BucketedModel
+    systems = {name: BucketedModel(model, tok, BucketsConfig(bases)).system()
+               for name, bases in (("single", [10000.0]), ("buckets", [10000.0, 20000.0]))}
     out = tmp_path / "kv.jsonl"
     first = kv.evaluate(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
     rows = [json.loads(x) for x in result_lines(out)]

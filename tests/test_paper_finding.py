@@ -36,7 +36,7 @@ def test_masking_top_retrieval_heads_breaks_retrieval_far_more_than_random_heads
     assert sum(r["recall"] > D.MIN_RECALL for r in rows) >= 9  # the model answers passkey needles
     # K = 2 of 64 heads, query zeroed in decoding (the authors' mode); random heads come from the
     # heads that scored 0. In a model this small random heads still cost something, hence the margins.
-    res = A.ablate(model, tok, per_head, 2, needles, haystack, [512, 1024], [50], seeds=3, quiet=True)
+    res = A.ablate(model, tok, per_head, 2, N.Grid(needles, haystack, [512, 1024], [50]), seeds=3, quiet=True)
     assert res["none"] >= 70
     assert res["top"] <= res["none"] - 50
     assert res["random"] >= res["top"] + 25
@@ -71,7 +71,7 @@ def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_no
     needles, haystack = N.passkey_needles(), N.load_haystack()
     per_head, _ = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True,
                            prompt="clean")
-    res = {r["system"]: r for r in compare(model, tok, per_head, [0.25], needles, haystack, [2048], [10, 90],
+    res = {r["system"]: r for r in compare(model, tok, per_head, [0.25], N.Grid(needles, haystack, [2048], [10, 90]),
                                            CacheSettings(16, 128, 1024), quiet=True)}
     assert res["retrieval"]["kv_ratio"] <= 0.32
     assert res["all"]["recall"] >= 70

@@ -94,30 +94,21 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    systems = {"NIAH": ({}, None)}
+    decoders = [N.Decoder("NIAH")]
     if kv is not None:
         from attnkit.core.kvcache import HeadKV
         name = label(kv_choose, kv_full, CacheSettings(kv_sink, kv_window, kv_chunk))
-        systems = {f"NIAH, {name}": ({"cache": name}, HeadKV(mdl, kv).decoder(tok))}
+        decoders = [N.Decoder(f"NIAH, {name}", {"cache": name}, HeadKV(mdl, kv).decoder(tok))]
     if bases or search:
-        from attnkit.buckets import BucketedModel, BucketsConfig
+        from attnkit.buckets import BucketsConfig, single_vs_buckets
         from attnkit.buckets.cli import resolve_bases
         base_list = resolve_bases(model, bases, search)
-        config = BucketsConfig(base_list, combine)
-        from attnkit.core.loading import rope_base
-        own = rope_base(mdl.config)
-        systems = {f"one base ({own:g})": ({"system": "single"}, None),
-                   f"buckets ({', '.join(f'{b:g}' for b in base_list)})": ({"system": config.label},
-                                                                         BucketedModel(mdl, tok, config).as_decoder())}
-    summaries = {}
-    for name, (extra, decode) in systems.items():
-        rows = N.evaluate(mdl, tok, needle_list, text, length_list, depth_list, out=out, chat_template=chat_template,
-                          quiet=as_json, label=name, extra=extra, decode=decode, prompt=prompt)
-        summaries[name] = N.summarize(rows)
-    names = list(systems)
-    summary = summaries[names[0]]
+        decoders = single_vs_buckets(mdl, tok, BucketsConfig(base_list, combine))
+    summaries = N.compare(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), decoders, out, quiet=as_json,
+                          chat_template=chat_template, prompt=prompt)
+    summary = summaries[decoders[0].name]
     if bases or search:
-        summary = {**summary, "buckets": {**summaries[names[1]], "bases": base_list, "combine": combine}}
+        summary = {**summary, "buckets": {**summaries[decoders[1].name], "bases": base_list, "combine": combine}}
     if plot:
         from attnkit.evals.plots import niah_heatmaps
         niah_heatmaps({name: N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list, depth_list,

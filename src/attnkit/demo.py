@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .core.loading import head_dim as model_head_dim
 from .core.loading import load_model, model_info, rope_base
 from .evals import niah as N
 
@@ -77,7 +78,7 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     per_head, rows = D.detect(model, tok, needles, [haystack] * len(needles), [384, 768, 1536], [10, 50, 90],
                               out=out_dir / "detect_trials.jsonl", prompt="clean")
     S.save_scores(per_head, out_dir / "head_scores.json")
-    counted = sum(1 for r in rows if r.get("recall") is not None and r["recall"] > D.MIN_RECALL)
+    counted = D.counted(rows)
     result = S.summary(per_head, top=max(8, S.summary(per_head)["above_threshold"]))
     table = Table(title=f"top heads ({counted} of {len(rows)} trials counted; {result['above_threshold']} of "
                         f"{result['heads']} heads above {S.THRESHOLD})")
@@ -95,7 +96,7 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     # random heads matter once K is a sizeable share of all heads.
     k_list = sorted({k for k in (1, 2, 4) if k < n_heads} | {n_heads})
     lengths, depths = [512, 1024], [50]
-    runs = A.ablate_sweep(model, tok, per_head, k_list, needles, haystack, lengths, depths, seeds=3,
+    runs = A.ablate_sweep(model, tok, per_head, k_list, N.Grid(needles, haystack, lengths, depths), seeds=3,
                           out=out_dir / "ablate_trials.jsonl")
     niah_heatmaps(A.condition_grids(runs[-1]), out_dir / "ablation.png", lengths, depths,
                   means={"no mask": runs[-1]["none"], f"top-{runs[-1]['k']} masked": runs[-1]["top"],
@@ -123,7 +124,7 @@ def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
     say("\n[bold]3. Retrieval-head KV cache[/bold]: 25% of KV heads keep the whole context, the rest keep "
         "16 sink + 128 recent tokens")
     settings = CacheSettings(sink=16, window=128, prefill_chunk=512)
-    results = compare(model, tok, S.load_scores(scores_file), [0.25], needles, haystack, [2048], [10, 50, 90],
+    results = compare(model, tok, S.load_scores(scores_file), [0.25], N.Grid(needles, haystack, [2048], [10, 50, 90]),
                       settings, seeds=1, out=out_dir / "kv_trials.jsonl")
     names = {"all": "full cache", "none": "every head sink + window", "retrieval": "retrieval heads full",
              "random": "random heads full"}
@@ -140,13 +141,13 @@ def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
 def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None:
     import numpy as np
 
-    from .buckets import BucketedModel, BucketsConfig, search_bases
-    from .buckets.cli import default_distances
+    from .buckets import BucketsConfig, search_bases, single_vs_buckets
+    from .buckets.search import default_distances
     from .evals.plots import waveform_plot
 
     say("\n[bold]4. Attention Buckets[/bold] (Chen et al. 2024)")
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = model_head_dim(cfg)
     m0, m1 = default_distances(cfg.max_position_embeddings)
     base = rope_base(cfg)
     found = search_bases([base], 4, lo=base, hi=3 * base, step=base / 20, distances=(m0, m1), head_dim=head_dim)
@@ -158,16 +159,13 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     # Far from the question the single base's attention is weakest: passkey needles at the start of
     # a 2,000-token prompt, where the paper's "shortest stave" should show.
     needles, lengths, depths = needle_sets["passkey needles"], [2000], [0, 10]
-    config = BucketsConfig(bases)
-    decode = BucketedModel(model, tok, config).as_decoder()
     table = Table(title="passkey needles in a 2,000-token prompt: mean ROUGE-1 recall")
     for col in ("RoPE bases", *(f"depth {d}%" for d in depths)):
         table.add_column(col, justify="left" if col.startswith("RoPE") else "right")
-    for label, extra, dec in (("one base", {"system": "single"}, None),
-                              ("buckets", {"system": config.label}, decode)):
-        rows = N.evaluate(model, tok, needles, haystack, lengths, depths, out=out_dir / "buckets_niah.jsonl",
-                          label=label, extra=extra, decode=dec)
-        cells = N.grid_map(N.summarize(rows)["grid"])
-        chosen = [base] if dec is None else bases
-        table.add_row(f"{label}: {', '.join(f'{b:g}' for b in chosen)}", *(f"{cells[(2000, d)]:.0f}" for d in depths))
+    decoders = single_vs_buckets(model, tok, BucketsConfig(bases))
+    summaries = N.compare(model, tok, N.Grid(needles, haystack, lengths, depths), decoders,
+                          out_dir / "buckets_niah.jsonl")
+    for name, summary in summaries.items():
+        cells = N.grid_map(summary["grid"])
+        table.add_row(name, *(f"{cells[(2000, d)]:.0f}" for d in depths))
     say(table)

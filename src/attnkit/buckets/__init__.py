@@ -1,8 +1,9 @@
 """Attention Buckets (Chen et al. 2024, arXiv 2312.04455): RoPE waveform, base search, multi-base inference."""
 
-__all__ = ["BucketedModel", "BucketsConfig", "Generation", "SearchResult", "combine", "search_bases", "waveform"]
+__all__ = ["BucketedModel", "BucketsConfig", "Generation", "SearchResult", "combine", "search_bases",
+           "single_vs_buckets", "waveform"]
 
-_LAZY = {"BucketedModel": ".model", "BucketsConfig": ".model", "Generation": ".model", "combine": ".model",
+_LAZY = {"BucketedModel": ".model", "BucketsConfig": ".model", "Generation": ".model", "combine": ".model", "single_vs_buckets": ".model",
          "SearchResult": ".search", "search_bases": ".search", "waveform": "attnkit.core.rope"}
 
 

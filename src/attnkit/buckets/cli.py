@@ -19,26 +19,19 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluations that compare meth
 
 def _model_rope(model: str) -> tuple[float, int, int]:
     """(RoPE base, head dim, max positions) from a model's config, without loading weights."""
-    from attnkit.core.loading import load_config, rope_base
+    from attnkit.core.loading import head_dim, load_config, rope_base
 
     cfg = load_config(model)
     base = rope_base(cfg)
     if base is None:
         raise AttnkitError(f"{model} has no RoPE base in its config; Attention Buckets needs a RoPE model")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return base, int(head_dim), int(cfg.max_position_embeddings)
-
-
-def default_distances(max_positions: int) -> tuple[int, int]:
-    """The authors searched m = 1000..4090 for a 4K model; keep those proportions for other contexts."""
-    if max_positions == 4096:
-        return 1000, 4090
-    return max(8, round(max_positions * 1000 / 4096)), max(16, max_positions - 6)
+    return base, head_dim(cfg), int(cfg.max_position_embeddings)
 
 
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: str, distances: Optional[str],
             head_dim: int, tolerance: int, method: str):
     from attnkit.buckets import search_bases
+    from attnkit.buckets.search import default_distances
 
     lo, hi, step = span(grid, "--grid", 3)
     if model:
@@ -48,10 +41,7 @@ def _search(model: Optional[str], seeds: Optional[str], n: int, grid: str, dista
     else:
         seed_list = [10000.0] if seeds is None else floats(seeds, "--seeds")
         m0, m1 = (1000, 4090) if distances is None else map(int, span(distances, "--distances", 2))
-    try:
-        result = search_bases(seed_list, n, lo, hi, step, (int(m0), int(m1)), head_dim, tolerance, method)
-    except ValueError as e:
-        raise AttnkitError(str(e)) from None
+    result = search_bases(seed_list, n, lo, hi, step, (int(m0), int(m1)), head_dim, tolerance, method)
     if result.message:
         console.print(f"[yellow]{result.message}[/yellow]")
     return result, head_dim, (int(m0), int(m1))
@@ -188,7 +178,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
                  plot: Optional[Path] = typer.Option(None, help="accuracy-by-position PNG"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Accuracy by gold position, the model's own RoPE base vs Attention Buckets."""
-    from attnkit.buckets import BucketsConfig
+    from attnkit.buckets import BucketedModel, BucketsConfig
     from attnkit.core.loading import load_model, rope_base
     from attnkit.evals import kv
 
@@ -200,8 +190,8 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
     exs = kv.load_examples(data)[:examples] if data else kv.generate_examples(examples, num_pairs, seed)
     base_list = resolve_bases(model, bases, search)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    systems = {"single": BucketsConfig([rope_base(mdl.config)], combine),
-               "buckets": BucketsConfig(base_list, combine)}
+    systems = {"single": BucketedModel(mdl, tok, BucketsConfig([rope_base(mdl.config)], combine)).system(),
+               "buckets": BucketedModel(mdl, tok, BucketsConfig(base_list, combine)).system()}
     summary = kv.evaluate(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json)
     summary["bases"] = base_list
     if plot:

@@ -16,6 +16,7 @@ published numbers' code path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -29,7 +30,7 @@ COMBINE_MODES = ("paper", "reference")
 @dataclass
 class BucketsConfig:
     bases: list[float]
-    combine: str = "paper"
+    combine: Literal["paper", "reference"] = "paper"
 
     def __post_init__(self):
         if not self.bases:
@@ -162,6 +163,14 @@ class BucketedModel:
             steps.close()  # leaves per_row_bases, restoring the model's rotary modules
         return tokens, weights
 
+    def system(self):
+        """This model as an evaluation system (`attnkit.evals.kv.System`): greedy, cut at a newline."""
+        from ..evals.kv import System
+
+        def generate(prompt: str, max_new_tokens: int) -> str:
+            return self.generate(prompt, max_new_tokens=max_new_tokens, stop=("\n",))[0].text
+        return System(generate, {"bases": list(self.config.bases), "combine": self.config.combine})
+
     def as_decoder(self, stop: tuple[str, ...] = ("\n",)):
         """`decode(input_ids [1, n], max_new_tokens) -> new ids`: greedy over the buckets, stopping at
         EOS or a stop string; what `attnkit.evals.niah.evaluate(decode=...)` takes."""
@@ -190,3 +199,15 @@ class BucketedModel:
 def _hits(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
     tail = tokenizer.decode(ids[-8:], skip_special_tokens=True)
     return any(s in tail for s in stops)
+
+
+def single_vs_buckets(model, tokenizer, config: BucketsConfig) -> list:
+    """Two NIAH decoders: the model's own RoPE base, and Attention Buckets with `config`; each is named
+    by its bases."""
+    from ..core.loading import rope_base
+    from ..evals.niah import Decoder
+
+    own = rope_base(model.config)
+    bases = ", ".join(f"{b:g}" for b in config.bases)
+    return [Decoder(f"one base ({own:g})", {"system": "single"}),
+            Decoder(f"buckets ({bases})", {"system": config.label}, BucketedModel(model, tokenizer, config).as_decoder())]

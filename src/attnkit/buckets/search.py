@@ -9,10 +9,14 @@ upper envelope max_b f_b(m) of the chosen bases (ties: the higher mean envelope,
 
 from __future__ import annotations
 
+from typing import Literal
+
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
+from ..errors import AttnkitError
 
 from ..core.rope import waveform
 
@@ -103,14 +107,14 @@ def _extrema_table(lo: int, hi: int, step: int, m0: int, m1: int, head_dim: int)
 
 def search_bases(seeds=(10000.0,), n: int = 6, lo: float = 10000, hi: float = 30000, step: float = 500,
                  distances: tuple[int, int] = (1000, 4090), head_dim: int = 128, tolerance: int = 3,
-                 method: str = "reference") -> SearchResult:
+                 method: Literal["reference", "paper"] = "reference") -> SearchResult:
     """Greedy search for `n` RoPE bases in lo..hi (step) whose waveforms interleave; returns them sorted."""
     if method not in ("reference", "paper"):
-        raise ValueError(f"unknown method {method!r}: use 'reference' or 'paper'")
+        raise AttnkitError(f"unknown method {method!r}: use 'reference' or 'paper'")
     if n < 1 or hi < lo or step <= 0:
-        raise ValueError("need n >= 1, hi >= lo and step > 0")
+        raise AttnkitError("the base search needs n >= 1, hi >= lo and step > 0")
     if distances[1] - distances[0] < 3:
-        raise ValueError("the distance range needs at least 3 positions")
+        raise AttnkitError("the distance range needs at least 3 positions")
     if method == "paper":
         return _search_paper(list(seeds), n, lo, hi, step, distances, head_dim)
     grid, _, extrema = _extrema_table(int(lo), int(hi), int(step), *distances, head_dim)
@@ -184,3 +188,10 @@ def _search_paper(seeds, n, lo, hi, step, distances, head_dim) -> SearchResult:
         envelope = candidates[pick]
         steps.append({"base": float(grid[pick]), "floor": float(score[pick, 0]), "mean": float(score[pick, 1])})
     return SearchResult(sorted(chosen), "", steps)
+
+
+def default_distances(max_positions: int) -> tuple[int, int]:
+    """The authors searched m = 1000..4090 for a 4K model; keep those proportions for other contexts."""
+    if max_positions == 4096:
+        return 1000, 4090
+    return max(8, round(max_positions * 1000 / 4096)), max(16, max_positions - 6)

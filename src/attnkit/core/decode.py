@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Literal
 
 import torch
 
@@ -12,7 +13,7 @@ import torch
 @torch.no_grad()
 def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 50,
                   stop_at_newline: bool = True, cache=None, prefill_chunk: int | None = None,
-                  stop_rule: str = "clean") -> list[int]:
+                  stop_rule: Literal["clean", "authors"] = "clean") -> list[int]:
     """Token ids generated after `input_ids` ([1, n]). `stop_rule` "clean" stops at EOS or a token
     containing a newline; "authors" (the retrieval-head authors' loop) only at a token that is exactly
     a newline, never at EOS. `cache` replaces a fresh DynamicCache; `prefill_chunk` runs the prompt

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -32,8 +33,8 @@ class HeadMask:
     """Heads to knock out: (layer, query head) pairs, how, and in which phase."""
 
     heads: frozenset = field(default_factory=frozenset)
-    mode: str = "uniform"  # "uniform" (zero the query) or "zero" (zero the output)
-    phase: str = "decode"  # "decode", "prefill" or "both"; the retrieval-head authors masked decode only
+    mode: Literal["uniform", "zero"] = "uniform"  # zero the query (attention goes uniform) or the output
+    phase: Literal["decode", "prefill", "both"] = "decode"  # the retrieval-head authors masked decode only
 
     def __post_init__(self):
         object.__setattr__(self, "heads", frozenset((int(l), int(h)) for l, h in self.heads))

@@ -310,8 +310,8 @@ class HeadKV:
         return out, cache
 
     def decoder(self, tokenizer):
-        """`decode(input_ids [1, n], max_new_tokens) -> new ids`, greedy with this cache (what
-        `attnkit.evals.niah.evaluate(decode=...)` takes); each call switches the attention in and out."""
+        """`decode(input_ids [1, n], max_new_tokens) -> new ids`, greedy with this cache (what a NIAH
+        `Decoder` holds); each call switches the attention in and out."""
         from attnkit.core.decode import greedy_decode
 
         model, config = self.model, self.config

@@ -149,6 +149,11 @@ def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     return model, tokenizer
 
 
+def head_dim(config) -> int:
+    """Per-head width: the config's `head_dim`, else hidden size / attention heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def rope_base(config) -> float | None:
     params = getattr(config, "rope_parameters", None) or {}
     if "rope_theta" in params:
@@ -174,7 +179,7 @@ def model_info(spec: str | Path) -> dict:
         "layers": config.num_hidden_layers,
         "query_heads": heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "head_dim": head_dim(config),
         "rope_base": rope_base(config),
         "rope_scaling": params.get("rope_type", "default") if params else None,
         "max_positions": getattr(config, "max_position_embeddings", None),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import AttnkitError
-from .loading import rope_base
+from .loading import head_dim, rope_base
 
 
 def waveform(bases, head_dim: int = 128, distances=None, inv_freq=None) -> np.ndarray:
@@ -85,8 +85,7 @@ def inv_freq_for(config, base: float) -> torch.Tensor:
     cfg = config_with_base(config, base)
     rope_type = (cfg.rope_parameters or {}).get("rope_type", "default")
     if rope_type == "default":
-        dim = int((getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-                  * getattr(cfg, "partial_rotary_factor", 1.0))
+        dim = int(head_dim(cfg) * getattr(cfg, "partial_rotary_factor", 1.0))
         return 1.0 / (float(base) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     return ROPE_INIT_FUNCTIONS[rope_type](cfg, None)[0]
 

@@ -13,11 +13,20 @@ import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import AttnkitError
 
 PROMPT = ('Extract the value corresponding to the specified key in the JSON object below.\n\n'
           'JSON data:\n{records}\n\nKey: "{key}"\nCorresponding value:')
+
+
+@dataclass(frozen=True)
+class System:
+    """One way of answering: `generate(prompt, max_new_tokens) -> text`, cut at the first newline, and the
+    settings that identify it in a results file. Techniques provide these (`BucketedModel.system()`)."""
+    generate: Callable[[str, int], str]
+    settings: dict
 
 
 @dataclass
@@ -85,9 +94,8 @@ def is_correct(answer: str, value: str) -> bool:
 
 
 def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positions: list[int],
-             systems: dict, out: Path | None = None, quiet: bool = False, template: str = PROMPT) -> dict:
-    """Accuracy per gold position for each system (name -> BucketsConfig); rows go to `out` as they finish."""
-    from ..buckets import BucketedModel
+             systems: dict[str, System], out: Path | None = None, quiet: bool = False, template: str = PROMPT) -> dict:
+    """Accuracy per gold position for each system; rows go to `out` as they finish."""
     from .runner import run_grid
 
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -96,7 +104,6 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
     if limit and need > limit:
         raise AttnkitError(f"{num_pairs} pairs need about {need} tokens, more than the model's {limit}; "
                            "lower --num-pairs")
-    runners = {name: BucketedModel(model, tokenizer, cfg) for name, cfg in systems.items()}
     cells = [{"example": i, "position": p, "system": s, "num_pairs": num_pairs}
              for i in range(len(examples)) for p in positions for s in systems]
 
@@ -104,15 +111,14 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
         ex = examples[cell["example"]]
         prompt = format_prompt(place_gold(ex, num_pairs, cell["position"]), ex.key, template)
         room = len(tokenizer(ex.value, add_special_tokens=False)["input_ids"]) + 8
-        gen = runners[cell["system"]].generate(prompt, max_new_tokens=room, stop=("\n",))[0]
-        return {"answer": gen.text, "correct": is_correct(gen.text, ex.value),
-                "bases": systems[cell["system"]].bases}
+        answer = systems[cell["system"]].generate(prompt, room)
+        return {"answer": answer, "correct": is_correct(answer, ex.value)}
 
     from ..core.loading import model_identity
     from .runner import digest
     settings = {"kind": "kv-retrieval", **model_identity(model), "template": digest(template),
                 "examples": digest([[ex.records, ex.key, ex.value] for ex in examples]),
-                "systems": {name: [cfg.bases, cfg.combine] for name, cfg in systems.items()},
+                "systems": {name: system.settings for name, system in systems.items()},
                 "positions": list(positions), "num_pairs": num_pairs} if out is not None else None
     rows = run_grid(cells, ("example", "position", "system", "num_pairs"), work, out,
                     "kv-retrieval", quiet, settings=settings)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 
@@ -27,6 +28,28 @@ class Needle:
     needle: str
     question: str
     real_needle: str
+
+
+PromptKind = Literal["clean", "authors"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a NIAH run varies: every needle at every length and depth, in one haystack."""
+    needles: list[Needle]
+    haystack: str
+    lengths: list[int]
+    depths: list[float]
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A named way of answering NIAH prompts: `decode(input_ids [1, n], max_new_tokens) -> ids` (None:
+    plain greedy decoding) and the row fields that tell its rows apart in a shared results file.
+    Techniques provide these (`attnkit.buckets.single_vs_buckets`, `HeadKV.decoder`)."""
+    name: str
+    fields: dict = field(default_factory=dict)
+    decode: Callable | None = None
 
 
 @dataclass
@@ -210,7 +233,7 @@ def prompt_builder(kind: str, tokenizer, haystack: str, chat_template: bool = Fa
 
 
 def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM,
-              decode=None, stop_rule: str = "clean") -> dict:
+              decode=None, stop_rule: PromptKind = "clean") -> dict:
     """Answer one prompt; `decode(input_ids, max_new_tokens) -> ids` replaces plain greedy decoding
     (Attention Buckets passes its own, see `BucketedModel.as_decoder`)."""
     from attnkit.core.decode import greedy_decode
@@ -251,7 +274,7 @@ def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], *
 
 def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
              out: Path | None = None, chat_template: bool = False, quiet: bool = False, label: str = "niah",
-             extra: dict | None = None, decode=None, prompt: str = "clean") -> list[dict]:
+             extra: dict | None = None, decode=None, prompt: PromptKind = "clean") -> list[dict]:
     """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`).
     With `decode`, trials use it instead of greedy decoding; `extra` must then name the system, since
     rows are resumed by their extra fields, needle, length and depth."""
@@ -286,3 +309,14 @@ def run_settings(kind: str, model, needles: list[Needle], haystacks: list[str], 
     return {"kind": kind, **model_identity(model), "needles": digest([asdict(n) for n in needles]),
             "haystack": digest("".join(digest(h) for h in haystacks)), "lengths": list(lengths),
             "depths": [float(d) for d in depths], **options}
+
+
+def compare(model, tokenizer, grid: Grid, decoders: list[Decoder], out: Path | None = None, quiet: bool = False,
+            **options) -> dict[str, dict]:
+    """The same grid under each decoder (rows of all of them may share `out`); summaries by name."""
+    summaries = {}
+    for d in decoders:
+        rows = evaluate(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
+                        label=d.name, extra=d.fields, decode=d.decode, **options)
+        summaries[d.name] = summarize(rows)
+    return summaries

@@ -11,10 +11,16 @@ import random
 import statistics
 from pathlib import Path
 
+from typing import Literal
+
 from attnkit.core.hook import HeadMask, intervene
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.heads.scores import ranked
+
+
+Mode = Literal["uniform", "zero"]
+Phase = Literal["decode", "prefill", "both"]
 
 
 def excluded_heads(scores: dict, top: int = 100) -> set[tuple[int, int]]:
@@ -29,27 +35,24 @@ def random_heads(layers: int, heads: int, k: int, exclude: set, seed: int) -> li
     return sorted(random.Random(seed).sample(pool, k))
 
 
-def ablate(model, tokenizer, scores: dict, k: int, needles, haystack: str, lengths, depths,
-           mode: str = "uniform", phase: str = "decode", seeds: int = 3, out: Path | None = None,
-           quiet: bool = False) -> dict:
+def ablate(model, tokenizer, scores: dict, k: int, grid: N.Grid, mode: Mode = "uniform", phase: Phase = "decode",
+           seeds: int = 3, out: Path | None = None, quiet: bool = False) -> dict:
     """NIAH with no mask, the top-K heads masked, and K random non-retrieval heads per seed."""
-    return ablate_sweep(model, tokenizer, scores, [k], needles, haystack, lengths, depths, mode, phase, seeds,
-                        out, quiet)[0]
+    return ablate_sweep(model, tokenizer, scores, [k], grid, mode, phase, seeds, out, quiet)[0]
 
 
-def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], needles, haystack: str, lengths, depths,
-                 mode: str = "uniform", phase: str = "decode", seeds: int = 3, out: Path | None = None,
-                 quiet: bool = False) -> list[dict]:
+def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mode: Mode = "uniform",
+                 phase: Phase = "decode", seeds: int = 3, out: Path | None = None, quiet: bool = False) -> list[dict]:
     """`ablate` for every K in `ks`; the unmasked grid, the same for every K, runs once."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     outside = [key for key in scores if not (0 <= key[0] < layers and 0 <= key[1] < heads)]
     if outside:
         raise AttnkitError(f"score file head {outside[0]} does not exist in this model ({layers} x {heads})")
 
-    def grid(name: str, seed: int, k: int, chosen: list) -> dict:
+    def run(name: str, seed: int, k: int, chosen: list) -> dict:
         mask = HeadMask(chosen, mode=mode, phase=phase) if chosen else None
         with intervene(model, mask=mask):
-            rows = N.evaluate(model, tokenizer, needles, haystack, lengths, depths, out=out, quiet=quiet,
+            rows = N.evaluate(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
                               label=f"K={k} {name}" + (f" (seed {seed})" if name == "random" else "") if k else name,
                               extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase})
         return N.summarize(rows)
@@ -58,13 +61,13 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], needles, haystac
     if max(ks) > layers * heads:
         raise AttnkitError(f"cannot mask {max(ks)} heads: the model has {layers * heads}")
     draws = {k: {s: random_heads(layers, heads, k, exclude, s) for s in range(seeds)} for k in ks}  # fail fast
-    none = grid("none", 0, 0, [])
+    none = run("none", 0, 0, [])
     results = []
     for k in ks:
         top = [(l, h) for l, h, _ in ranked(scores)[:k]]
         drawn = draws[k]
-        top_summary = grid("top", 0, k, top)
-        rand = {s: grid("random", s, k, chosen) for s, chosen in drawn.items()}
+        top_summary = run("top", 0, k, top)
+        rand = {s: run("random", s, k, chosen) for s, chosen in drawn.items()}
         means = [r["mean_recall"] for r in rand.values() if r["mean_recall"] is not None]
         results.append({
             "k": k, "mode": mode, "phase": phase, "top_heads": top, "random_heads": drawn,

@@ -61,7 +61,7 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
     S.save_scores(per_head, scores)
     result = S.summary(per_head, top, threshold)
     result["trials"] = len(rows)
-    result["counted_trials"] = sum(1 for r in rows if r.get("recall") is not None and r["recall"] > D.MIN_RECALL)
+    result["counted_trials"] = D.counted(rows)
     if result["counted_trials"] == 0:
         console.print("no trial was answered well enough to count (recall > 50): every score is 0")
     if plot:
@@ -101,7 +101,7 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
     data = S.load_scores(scores)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
-    runs = A.ablate_sweep(mdl, tok, data, k_list, needle_list, hay, length_list, depth_list,
+    runs = A.ablate_sweep(mdl, tok, data, k_list, N.Grid(needle_list, hay, length_list, depth_list),
                           mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
     if len(runs) > 1:
         if plot:
@@ -188,6 +188,7 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             as_json: bool = typer.Option(False, "--json")):
     """Which KV heads keep the full cache, and the cache's size against the full cache (no weights loaded)."""
     from attnkit.core.kvcache import full_kv_bytes
+    from attnkit.core.loading import head_dim as model_head_dim
     from attnkit.core.loading import load_config
     from attnkit.heads.kvplan import model_shape
 
@@ -196,7 +197,7 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
     cfg = load_config(model)
     kv = kv_options_config(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
     layers, heads, kv_heads = model_shape(cfg)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = model_head_dim(cfg)
     sizes = [{"tokens": t, "full_cache_bytes": full_kv_bytes(layers, kv_heads, head_dim, t, 1, dtype_bytes),
               "bytes": kv.kv_bytes(layers, kv_heads, head_dim, t, 1, dtype_bytes)} for t in token_list]
     for s in sizes:
@@ -253,7 +254,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     check_shape(data, *model_shape(mdl.config)[:2])
-    results = compare(mdl, tok, data, budget_list, needle_list, hay, length_list, depth_list,
+    results = compare(mdl, tok, data, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
                       CacheSettings(sink, window, chunk), seeds, out, quiet=as_json)
     if plot:
         from attnkit.evals.plots import kv_tradeoff

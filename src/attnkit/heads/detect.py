@@ -10,13 +10,19 @@ JSONL file as it finishes, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.runner import run_grid
-from attnkit.heads.score import trial
+from attnkit.heads.copying import Count, trial
 
 MIN_RECALL = 50.0
+
+
+def counted(rows: list[dict], min_recall: float = MIN_RECALL) -> int:
+    """How many trials count: answered with ROUGE-1 recall above `min_recall`."""
+    return sum(1 for r in rows if r.get("recall") is not None and r["recall"] > min_recall)
 
 
 def default_lengths(max_length: int, n: int = 20) -> list[int]:
@@ -42,8 +48,8 @@ def haystacks_for(needles: list[N.Needle], haystack: str | Path | None) -> list[
 
 
 def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], lengths: list[int],
-           depths: list[float], out: Path | None = None, count: str = "unique", first_token: bool = True,
-           min_recall: float = MIN_RECALL, quiet: bool = False, prompt: str = "authors",
+           depths: list[float], out: Path | None = None, count: Count = "unique", first_token: bool = True,
+           min_recall: float = MIN_RECALL, quiet: bool = False, prompt: Literal["authors", "clean"] = "authors",
            chat_template: bool = False) -> tuple[dict, list[dict]]:
     """Return ({(layer, head): [per-trial scores of counted trials]}, trial rows)."""
     N.check_lengths(model, lengths)

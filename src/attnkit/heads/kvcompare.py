@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnkit.core.kvcache import HeadKV, HeadKVConfig, full_kv_bytes
+from attnkit.core.loading import head_dim
 from attnkit.evals import niah as N
 from attnkit.heads.kvplan import model_shape, plan
 
@@ -35,25 +36,22 @@ def label(how: str, full: float, settings: CacheSettings, seed: int = 0) -> str:
 
 def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
     layers, heads, kv_heads = model_shape(model_config)
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    ours = config.kv_bytes(layers, kv_heads, head_dim, tokens)
-    return ours / full_kv_bytes(layers, kv_heads, head_dim, tokens)
+    width = head_dim(model_config)
+    return config.kv_bytes(layers, kv_heads, width, tokens) / full_kv_bytes(layers, kv_heads, width, tokens)
 
 
-def compare(model, tokenizer, scores: dict, budgets: list[float], needles, haystack: str, lengths: list[int],
-            depths: list[float], settings: CacheSettings = CacheSettings(), seeds: int = 1,
-            out: Path | None = None, quiet: bool = False) -> list[dict]:
+def compare(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
+            settings: CacheSettings = CacheSettings(), seeds: int = 1, out: Path | None = None,
+            quiet: bool = False) -> list[dict]:
     """One result per system: {system, full, kv_ratio (at the longest length), recall, grid}."""
-    tokens = max(lengths)
+    tokens = max(grid.lengths)
 
     def run(how: str, full: float, seed: int = 0) -> dict:
         cfg = plan(scores, model.config, how, full, sink=settings.sink, window=settings.window,
                    prefill_chunk=settings.prefill_chunk, seed=seed)
         name = label(how, full, settings, seed)
-        decode = None if how == "all" else HeadKV(model, cfg).decoder(tokenizer)
-        rows = N.evaluate(model, tokenizer, needles, haystack, lengths, depths, out=out, quiet=quiet,
-                          label=name, extra={"cache": name}, decode=decode)
-        summary = N.summarize(rows)
+        decoder = N.Decoder(name, {"cache": name}, None if how == "all" else HeadKV(model, cfg).decoder(tokenizer))
+        summary = N.compare(model, tokenizer, grid, [decoder], out, quiet)[name]
         return {"system": how, "full": full, "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4),
                 "recall": summary["mean_recall"], "grid": summary["grid"]}
 

@@ -57,12 +57,6 @@ def as_grid(scores) -> torch.Tensor:
     return grid
 
 
-def kv_view(grid: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Per-KV-head scores for GQA models: the max over each KV head's query group."""
-    layers, heads = grid.shape
-    return grid.view(layers, kv_heads, heads // kv_heads).amax(-1)
-
-
 def plot_heatmap(grid: torch.Tensor, path: str | Path, title: str = "retrieval score",
                  threshold: float = THRESHOLD) -> None:
     """Layer x head heatmap of mean scores; every head labelled, heads above `threshold` ringed."""

@@ -47,14 +47,6 @@ Reply with the rewritten text only.
 User text:
 {text}"""
 
-_KEEP_ORIGINAL_STEP2 = """Original text from the user:
-{original}
-
-A version of that text without the user's bias:
-{rewrite}
-
-{instruction}"""
-
 
 @dataclass(frozen=True)
 class Variant:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnkit.heads.score import copy_scores, trial
+from attnkit.heads.copying import copy_scores, trial
 from conftest import tiny_config
 
 

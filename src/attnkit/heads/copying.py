@@ -18,14 +18,20 @@ it is kept to measure how much that one token weighs.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from attnkit.core.decode import greedy_decode
+from attnkit.errors import AttnkitError
 from attnkit.core.hook import Probe, intervene
 
 
+Count = Literal["unique", "repeats"]
+
+
 def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torch.Tensor,
-                span: tuple[int, int], count: str = "unique") -> torch.Tensor:
+                span: tuple[int, int], count: Count = "unique") -> torch.Tensor:
     """Scores [layers, heads] from top-1 key indices [steps, layers, heads], the token generated at
     each step [steps], and the token ids of the whole sequence (prompt + generated) [tokens]."""
     start, end = span
@@ -35,7 +41,7 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
     if count == "repeats":
         return copied.sum(0).float() / length
     if count != "unique":
-        raise ValueError(f"count must be 'unique' or 'repeats', not {count!r}")
+        raise AttnkitError(f"count must be 'unique' or 'repeats', not {count!r}")
     offsets = (positions - start).clamp(0, length - 1).unsqueeze(-1)
     hit = torch.zeros(*positions.shape, length, dtype=torch.bool, device=positions.device)
     hit.scatter_(-1, offsets, copied.unsqueeze(-1))  # each (step, layer, head) sets one slot
@@ -44,7 +50,7 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
 
 
 def trial(model, tokenizer, input_ids: torch.Tensor, span: tuple[int, int], max_new_tokens: int = 50,
-          count: str = "unique", first_token: bool = True, stop_rule: str = "clean") -> tuple[torch.Tensor, list[int]]:
+          count: Count = "unique", first_token: bool = True, stop_rule: Literal["clean", "authors"] = "clean") -> tuple[torch.Tensor, list[int]]:
     """Greedy-decode one prompt with decode probes on; return (scores [layers, heads], generated ids)."""
     with intervene(model, probe=Probe(top_k=1, prefill_last=first_token)) as ctl:
         generated = greedy_decode(model, tokenizer, input_ids, max_new_tokens, stop_rule=stop_rule)
