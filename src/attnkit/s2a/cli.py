@@ -96,15 +96,9 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise AttnkitError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
-    if task == "sycophancy":
-        examples = T.load_sycophancy(data, dataset, templates.split(",") if templates else None, limit)
-    elif task == "gsm-ic":
-        examples = (T.load_gsm_ic(data, limit) if data.suffix == ".json"
-                    else T.gsm_ic_from_gsm8k(data, limit, seed))
-    else:
-        examples = T.load_longform(data, limit=limit)
-    if task == "longform" and not judge_model:
-        raise AttnkitError("the longform task is scored by an LLM judge: give --judge-model")
+    examples = T.load_task_examples(task, data, dataset, templates.split(",") if templates else None, limit, seed)
+    if T.TASKS[task].needs_judge and not judge_model:
+        raise AttnkitError(f"the {task} task is scored by an LLM judge: give --judge-model")
     b = _backend(backend, model, base_url, api_key_env, concurrency, device, dtype, device_map)
     judge = (_backend(judge_backend or backend, judge_model, judge_base_url or base_url, api_key_env, concurrency,
                       device, dtype, device_map)
@@ -115,21 +109,23 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
     if plot:
         plot_summary(summary, plot)
 
-    def render():
-        table = Table(title=f"S2A {task}: {len(examples)} examples" + (f", {model}" if model else ""))
-        for col in ("variant", "n", "score", "95% interval", "parse failures", "paper (LLaMA-2-70B-chat)"):
-            table.add_column(col)
-        for v, s in summary["variants"].items():
-            paper = summary["paper"].get(v)
-            table.add_row(v, str(s["n"]), f"{s['mean']}", f"{s['ci95']}", str(s["parse_failures"]),
-                          "" if paper is None else f"{paper}")
-        Console().print(table)
-        groups = Table(title="by group (opinion template / distractor type)")
-        groups.add_column("variant")
-        all_groups = sorted({g for gs in summary["groups"].values() for g in gs})
-        for g in all_groups:
-            groups.add_column(g)
-        for v, gs in summary["groups"].items():
-            groups.add_row(v, *[f"{gs[g]['mean']} {gs[g]['ci95']} n={gs[g]['n']}" if g in gs else "" for g in all_groups])
-        Console().print(groups)
-    emit(summary, as_json, render)
+    emit(summary, as_json, lambda: _show_eval(summary, task, len(examples), model))
+
+
+def _show_eval(summary: dict, task: str, n: int, model: str) -> None:
+    table = Table(title=f"S2A {task}: {n} examples" + (f", {model}" if model else ""))
+    for col in ("variant", "n", "score", "95% interval", "parse failures", "paper (LLaMA-2-70B-chat)"):
+        table.add_column(col)
+    for v, s in summary["variants"].items():
+        paper = summary["paper"].get(v)
+        table.add_row(v, str(s["n"]), f"{s['mean']}", f"{s['ci95']}", str(s["parse_failures"]),
+                      "" if paper is None else f"{paper}")
+    Console().print(table)
+    groups = Table(title="by group (opinion template / distractor type)")
+    groups.add_column("variant")
+    all_groups = sorted({g for gs in summary["groups"].values() for g in gs})
+    for g in all_groups:
+        groups.add_column(g)
+    for v, gs in summary["groups"].items():
+        groups.add_row(v, *[f"{gs[g]['mean']} {gs[g]['ci95']} n={gs[g]['n']}" if g in gs else "" for g in all_groups])
+    Console().print(groups)

@@ -84,7 +84,9 @@ def _interval(values: list[float], binary: bool) -> tuple[float, float]:
 
 def summarize(rows: list[dict], task: str, metric: str = "score") -> dict:
     """Per variant and per variant x group: n, mean (x100 for accuracies) and 95% interval; parse failures."""
-    binary = task != "longform"
+    from .tasks import TASKS
+
+    binary = TASKS[task].binary
     scale = 100.0 if binary else 1.0
 
     def stats(rs):

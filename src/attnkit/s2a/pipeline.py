@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import AttnkitError
 from .backends import Backend, Sampling
 from .parse import parse
-from .prompts import INSTRUCTED, VARIANTS, Variant, rewrite_prompt, strip_parenthetical
+from .prompts import VARIANTS, Variant, rewrite_prompt, strip_parenthetical
 
 
 @dataclass
@@ -86,10 +86,9 @@ class S2A:
         v = self.variant
         oracles = oracles or [None] * len(texts)
         if v.rewrite is None:
-            if v.name == "oracle" and any(o is None for o in oracles):
-                raise AttnkitError("the oracle variant needs a task with opinion-free prompts")
-            prompts = [self._final(o if v.name == "oracle" else INSTRUCTED.format(text=t) if v.name == "instructed" else t)
-                       for t, o in zip(texts, oracles)]
+            if v.needs_oracle and any(o is None for o in oracles):
+                raise AttnkitError(f"the {v.name} variant needs a task with opinion-free prompts")
+            prompts = [self._final(v.direct(t, o)) for t, o in zip(texts, oracles)]
             outs = self.backend.chat([[{"role": "user", "content": p}] for p in prompts], self.sampling)
             return [S2AResult(v.name, p, o.text, tokens=o.usage) for p, o in zip(prompts, outs)]
 

@@ -8,6 +8,7 @@ prompt depend on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 CONTEXT_LABEL = "Unbiased text context (includes all content except user's bias):"
 QUESTION_LABEL = "Question/Query (does not include user bias/preference):"
@@ -58,6 +59,9 @@ class Variant:
     instruction: str = ANSWER_INSTRUCTION  # appended in step 2 ("" for none)
     keep_original: bool = False
     description: str = ""
+    # variants without a rewrite: the one prompt they send, from the user's text and the oracle prompt
+    direct: Callable[[str, str | None], str] | None = None
+    needs_oracle: bool = False
 
 
 VARIANTS = {
@@ -68,9 +72,11 @@ VARIANTS = {
     "s2a-ni": Variant("s2a-ni", _S2A, instruction="", description="s2a without the step-2 instruction"),
     "s2a-relevance": Variant("s2a-relevance", _RELEVANCE, RELEVANT_CONTEXT_LABEL, DETAILED_QUESTION_LABEL,
                              instruction="", description="keep what is relevant (Fig. 15, GSM-IC)"),
-    "baseline": Variant("baseline", None, description="the prompt as given"),
-    "oracle": Variant("oracle", None, description="the task's prompt without opinion or distractor"),
-    "instructed": Variant("instructed", None, description="one call, told to ignore opinions and irrelevant text"),
+    "baseline": Variant("baseline", None, description="the prompt as given", direct=lambda text, oracle: text),
+    "oracle": Variant("oracle", None, description="the task's prompt without opinion or distractor",
+                      direct=lambda text, oracle: oracle, needs_oracle=True),
+    "instructed": Variant("instructed", None, description="one call, told to ignore opinions and irrelevant text",
+                          direct=lambda text, oracle: INSTRUCTED.format(text=text)),
 }
 
 

@@ -33,45 +33,81 @@ def _upstream_error(status: int, raw: bytes) -> ApiError:
     return ApiError(status, f"upstream: {message}", kind="upstream_error")
 
 
+class Upstream:
+    """The OpenAI-compatible server behind the proxy: one pooled async client, bounded by `timeout`."""
+
+    def __init__(self, url: str, timeout: float):
+        import httpx
+
+        self.base, self.timeout = url.rstrip("/"), timeout
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+
+    async def send(self, method: str, path: str, key: str, body: dict | None = None, stream: bool = False):
+        import httpx
+
+        req = self.client.build_request(method, self.base + path, json=body, headers={"Authorization": f"Bearer {key}"})
+        try:
+            return await self.client.send(req, stream=stream)
+        except httpx.TimeoutException:
+            raise ApiError(504, f"upstream {self.base} did not answer within {self.timeout:g} s",
+                           code="upstream_timeout") from None
+        except httpx.HTTPError as e:
+            raise ApiError(502, f"upstream {self.base} is unreachable ({type(e).__name__})",
+                           code="upstream_unreachable") from None
+
+    async def rewrite(self, variant: str, model: str, text: str, fields: dict, key: str):
+        """S2A step 1 through the upstream, with the request's sampling settings."""
+        from starlette.concurrency import run_in_threadpool
+
+        from attnkit.s2a.backends import OpenAIBackend, Sampling, UpstreamError
+        from attnkit.s2a.pipeline import S2A
+
+        backend = OpenAIBackend(self.base, model, api_key=key, max_retries=0, timeout=self.timeout)
+        sampling = Sampling(temperature=_number(fields, "temperature", 0.6), top_p=_number(fields, "top_p", 0.9),
+                            max_tokens=int(_number(fields, "max_tokens", 1024)),
+                            seed=fields["seed"] if isinstance(fields.get("seed"), int) else None)
+        try:
+            return (await run_in_threadpool(S2A(backend, variant, sampling).prepare, [text]))[0]
+        except UpstreamError as e:
+            status = e.status if e.status < 500 or e.status == 504 else 502
+            raise ApiError(status, f"upstream (S2A rewrite): {e.detail}", kind="upstream_error",
+                           code="upstream_timeout" if status == 504 else None) from None
+
+
+def _last_user_text(messages: list[dict]) -> tuple[int, str]:
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise ApiError(400, "S2A needs a user message", param="messages")
+    try:
+        return users[-1], Message.model_validate(messages[users[-1]]).text()
+    except ValueError:
+        raise ApiError(400, "the last user message must have text content", param=f"messages.{users[-1]}") from None
+
+
 def proxy_app(upstream: str, variant: str = "s2a", upstream_key: str | None = None, api_key: str | None = None,
               timeout: float = 120.0, max_body: int = 4 << 20):
-    import httpx
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-
-    from attnkit.s2a.backends import OpenAIBackend, Sampling, UpstreamError
-    from attnkit.s2a.pipeline import S2A
-
     from contextlib import asynccontextmanager
 
-    client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    up = Upstream(upstream, timeout)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await client.aclose()
+        await up.client.aclose()
 
     app = FastAPI(title="attnkit S2A proxy", version="1", lifespan=lifespan)
     install_error_handlers(app)
     install_auth(app, api_key)
-    base = upstream.rstrip("/")
 
     def key_for(request) -> str:
         return upstream_key or bearer(request) or "none"
 
-    async def send(method: str, path: str, key: str, body: dict | None = None, stream: bool = False):
-        req = client.build_request(method, base + path, json=body, headers={"Authorization": f"Bearer {key}"})
-        try:
-            return await client.send(req, stream=stream)
-        except httpx.TimeoutException:
-            raise ApiError(504, f"upstream {base} did not answer within {timeout:g} s", code="upstream_timeout") from None
-        except httpx.HTTPError as e:
-            raise ApiError(502, f"upstream {base} is unreachable ({type(e).__name__})", code="upstream_unreachable") from None
-
     @app.get("/v1/models")
     async def models(request: Request):
-        r = await send("GET", "/models", key_for(request))
+        r = await up.send("GET", "/models", key_for(request))
         if r.status_code >= 400:
             raise _upstream_error(r.status_code, r.content)
         try:
@@ -82,46 +118,27 @@ def proxy_app(upstream: str, variant: str = "s2a", upstream_key: str | None = No
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = parse_request(await read_body(request, max_body), ProxyRequest)
-        messages = req.messages
-        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
-        if not users:
-            raise ApiError(400, "S2A needs a user message", param="messages")
-        last = users[-1]
-        try:
-            text = Message.model_validate(messages[last]).text()
-        except ValueError:
-            raise ApiError(400, "the last user message must have text content", param=f"messages.{last}") from None
-        extra = dict(req.model_extra or {})
-        key = key_for(request)
-        rewriter = OpenAIBackend(base, req.model, api_key=key, max_retries=0, timeout=timeout)
-        step1 = S2A(rewriter, variant, Sampling(temperature=_number(extra, "temperature", 0.6),
-                                                top_p=_number(extra, "top_p", 0.9),
-                                                max_tokens=int(_number(extra, "max_tokens", 1024)),
-                                                seed=extra["seed"] if isinstance(extra.get("seed"), int) else None))
-        try:
-            prepared = (await run_in_threadpool(step1.prepare, [text]))[0]
-        except UpstreamError as e:
-            status = e.status if e.status < 500 or e.status == 504 else 502
-            raise ApiError(status, f"upstream (S2A rewrite): {e.detail}", kind="upstream_error",
-                           code="upstream_timeout" if status == 504 else None) from None
+        last, text = _last_user_text(req.messages)
+        fields, key = dict(req.model_extra or {}), key_for(request)
+        prepared = await up.rewrite(variant, req.model, text, fields, key)
         info = {"s2a": {"variant": variant, "rewrite": prepared.rewrite, "final_prompt": prepared.final_prompt,
                         "parse_ok": prepared.parse_ok, "fell_back": prepared.fell_back}}
-        body = {**extra, "model": req.model, "stream": req.stream,
-                "messages": messages[:last] + [{"role": "user", "content": prepared.final_prompt}] + messages[last + 1:]}
-        r = await send("POST", "/chat/completions", key, body, stream=req.stream)
+        messages = req.messages[:last] + [{"role": "user", "content": prepared.final_prompt}] + req.messages[last + 1:]
+        r = await up.send("POST", "/chat/completions", key,
+                          {**fields, "model": req.model, "stream": req.stream, "messages": messages}, stream=req.stream)
         if r.status_code >= 400:
             raw = await r.aread()
             await r.aclose()
             raise _upstream_error(r.status_code, raw)
-        if not req.stream:
-            try:
-                reply = r.json()
-            except ValueError:
-                raise ApiError(502, "upstream answered with something that is not JSON") from None
-            if not isinstance(reply, dict):
-                raise ApiError(502, "upstream answered with JSON that is not a completion")
-            return {**reply, **info}
-        return StreamingResponse(_relay(r, info), media_type="text/event-stream")
+        if req.stream:
+            return StreamingResponse(_relay(r, info), media_type="text/event-stream")
+        try:
+            reply = r.json()
+        except ValueError:
+            raise ApiError(502, "upstream answered with something that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise ApiError(502, "upstream answered with JSON that is not a completion")
+        return {**reply, **info}
 
     return app
 
