@@ -29,11 +29,56 @@ def tiny_model(family: str = "llama", kv_heads: int = 2, attn: str = "sdpa", see
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _embedded_once():
+    """`load_model("embedded")` loads the shipped model once per test run, for the library and the
+    in-process CLI alike (each test that wraps the model restores it when it finishes)."""
+    import attnkit.core.loading as L
+
+    original, cache = L.load_model, {}
+
+    def load(spec, device="cpu", dtype=None, device_map=None, attn_implementation="sdpa"):
+        if str(spec) != "embedded" or device_map is not None or attn_implementation != "sdpa":
+            return original(spec, device, dtype, device_map, attn_implementation)
+        where = L.resolve_device(device)
+        key = (where, L.resolve_dtype(dtype, where) or torch.float32)
+        if key not in cache:
+            cache[key] = original(spec, *key)
+        model, tok = cache[key]
+        assert model.config._attn_implementation == "sdpa", "a test left the shared model wrapped"
+        return model, tok
+
+    L.load_model = load
+    yield
+    L.load_model = original
+
+
 @pytest.fixture(scope="session")
-def embedded():
-    """The shipped model, loaded once per test run (tests that wrap it restore it when they finish)."""
-    from attnkit.core.loading import load_model
-    return load_model("embedded")
+def embedded(_embedded_once):
+    """The shipped model, loaded once per test run."""
+    import attnkit.core.loading as L
+    return L.load_model("embedded")
+
+
+class CliResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args) -> CliResult:
+    """`attnkit ARGS` in this process (typer's CliRunner), with `main()`'s handling of user errors:
+    `error: <message>` on stderr and exit code 2."""
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+    from attnkit.errors import AttnkitError
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(r.exception, AttnkitError):
+        return CliResult(2, r.stdout, f"error: {r.exception}\n")
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return CliResult(r.exit_code, r.stdout, r.stderr)
 
 
 @pytest.fixture

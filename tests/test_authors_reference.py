@@ -119,6 +119,7 @@ def _check(model, tok, needles, haystacks, lengths, depths):
     return rows
 
 
+@pytest.mark.slow
 def test_detect_equals_the_authors_loop_on_passkey_needles(embedded):
     model, tok = embedded
     needles = [{"needle": n.needle, "question": n.question, "real_needle": n.real_needle} for n in N.passkey_needles()[:3]]
@@ -127,6 +128,7 @@ def test_detect_equals_the_authors_loop_on_passkey_needles(embedded):
     assert all(isinstance(r["answer"], str) for r in rows) and any(r["recall"] > 50 for r in rows)
 
 
+@pytest.mark.slow
 def test_detect_equals_the_authors_loop_on_their_detection_files(embedded, shared_data):
     model, tok = embedded
     root = shared_data / "retrieval_head" / "haystack_for_detect"

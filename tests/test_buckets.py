@@ -145,6 +145,10 @@ def test_sampling_is_seeded():
     a = bm.generate_ids(ids, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)[0]
     b = bm.generate_ids(ids, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)[0]
     assert a == b
+    # and it is sampling: other seeds give other tokens, and the draws are not the greedy path
+    draws = {tuple(bm.generate_ids(ids, max_new_tokens=8, temperature=1.0, seed=s)[0][0]) for s in range(6)}
+    greedy = tuple(bm.generate_ids(ids, max_new_tokens=8)[0][0])
+    assert len(draws) > 1 and draws != {greedy}
 
 
 def test_model_without_rope_is_refused():

@@ -5,11 +5,19 @@ import sys
 from transformers import AutoTokenizer
 
 from attnkit.core.loading import EMBEDDED_DIR
-from conftest import result_lines, tiny_model
+from conftest import result_lines, run_cli, tiny_model
 
 
 def attnkit(*args):
-    return subprocess.run([sys.executable, "-m", "attnkit.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
+
+
+def test_main_prints_one_line_errors_without_traceback(tmp_path):
+    """The one test that runs the real entry point in a subprocess."""
+    for args in (["info", str(tmp_path / "missing")], ["niah", "--lengths", "a,b"]):
+        r = subprocess.run([sys.executable, "-m", "attnkit.cli", *args], capture_output=True, text=True)
+        assert r.returncode == 2
+        assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error:"), r.stderr
 
 
 def test_info_json_on_embedded():

@@ -1,6 +1,5 @@
 import pytest
 
-from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.heads import ablate as A
@@ -20,8 +19,8 @@ def test_random_heads_avoid_retrieval_heads():
         A.random_heads(3, 4, 11, A.excluded_heads(scores), 0)
 
 
-def test_ablation_runs_three_conditions_and_masking_changes_answers(tmp_path):
-    model, tok = load_model("embedded")
+def test_ablation_runs_three_conditions_and_masking_changes_answers(tmp_path, embedded):
+    model, tok = embedded
     scores = {(l, h): [float(l == 5 and h < 4)] for l in range(8) for h in range(8)}
     needles = N.load_needles()[:1]
     out = tmp_path / "a.jsonl"

@@ -1,16 +1,12 @@
 import pytest
 import torch
 
-from attnkit.core.loading import load_model
 from attnkit.evals import niah as N
 from attnkit.heads import detect as D
 from attnkit.heads.copying import trial
 from conftest import result_lines
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return load_model("embedded")
 
 
 def test_detect_aggregates_counted_trials_and_resumes(tmp_path, embedded):

@@ -59,11 +59,10 @@ def test_malformed_line_names_its_number(tmp_path):
         kv.load_examples(path)
 
 
-def test_evaluate_writes_scored_rows_and_resumes(tmp_path):
-    import attnkit
+def test_evaluate_writes_scored_rows_and_resumes(tmp_path, embedded):
     from attnkit.buckets import BucketsConfig
 
-    model, tok = attnkit.load_model("embedded")
+    model, tok = embedded
     exs = kv.generate_examples(2, 4, seed=0)
     from attnkit.buckets import BucketedModel
     systems = {name: BucketedModel(model, tok, BucketsConfig(bases)).system()

@@ -71,6 +71,7 @@ def test_kv_plan_reports_the_formula(tmp_path):
         assert size["bytes"] == HeadKVConfig(frozenset(map(tuple, res["full_heads"]))).kv_bytes(8, 8, 32, t)
 
 
+@pytest.mark.slow
 def test_kv_compare_and_niah_with_the_cache(tmp_path):
     S.save_scores(_scores(8, 8, {(5, 0): 0.9, (6, 3): 0.7}), tmp_path / "s.json")
     out, plot = tmp_path / "kv.jsonl", tmp_path / "kv.png"

@@ -4,15 +4,11 @@ import pytest
 
 from conftest import result_lines
 
-from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.prose import filler_text
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return load_model("embedded")
 
 
 def test_filler_prose_is_deterministic_and_varied():

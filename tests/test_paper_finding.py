@@ -2,16 +2,14 @@
 answers): a retrieval head found by detection breaks retrieval when masked; random heads do not."""
 
 import json
-import subprocess
-import sys
 
+import pytest
 
-from attnkit.core.loading import load_model
 from attnkit.evals import niah as N
 from attnkit.heads import ablate as A
 from attnkit.heads import detect as D
 from attnkit.heads import scores as S
-from conftest import result_lines
+from conftest import result_lines, run_cli
 
 
 def test_passkey_needles_are_deterministic_copy_probes(tmp_path, monkeypatch):
@@ -28,8 +26,9 @@ def test_passkey_needles_are_deterministic_copy_probes(tmp_path, monkeypatch):
     assert N.load_needles("passkey") == [N.Needle("a b.", "q?", "b")]
 
 
-def test_masking_top_retrieval_heads_breaks_retrieval_far_more_than_random_heads():
-    model, tok = load_model("embedded")
+@pytest.mark.slow
+def test_masking_top_retrieval_heads_breaks_retrieval_far_more_than_random_heads(embedded):
+    model, tok = embedded
     needles, haystack = N.passkey_needles(), N.load_haystack()
     per_head, rows = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True,
                            prompt="clean")
@@ -48,7 +47,7 @@ def test_ablate_cli_sweeps_k(tmp_path):
     out, plot = tmp_path / "a.jsonl", tmp_path / "curve.png"
     args = ["heads", "ablate", "--scores", str(tmp_path / "s.json"), "--k", "1,2", "--seeds", "2",
             "--needles", "passkey", "--lengths", "256", "--depths", "50", "--out", str(out), "--plot", str(plot), "--json"]
-    r = subprocess.run([sys.executable, "-m", "attnkit.cli", *args], capture_output=True, text=True, timeout=300)
+    r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     sweep = json.loads(r.stdout)["sweep"]
     assert [s["k"] for s in sweep] == [1, 2]
@@ -58,16 +57,16 @@ def test_ablate_cli_sweeps_k(tmp_path):
     assert sum(row["condition"] == "none" for row in rows) == 6  # the unmasked run is shared across K
     assert len(rows) == 6 * (1 + 2 * 3)
     assert plot.stat().st_size > 0
-    bad = subprocess.run([sys.executable, "-m", "attnkit.cli", "heads", "ablate", "--scores", str(tmp_path / "s.json"),
-                          "--k", "0"], capture_output=True, text=True, timeout=300)
+    bad = run_cli("heads", "ablate", "--scores", str(tmp_path / "s.json"), "--k", "0")
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 
-def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not():
+@pytest.mark.slow
+def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not(embedded):
     """Issue 10's thesis: at the same KV memory, keeping the retrieval heads' full cache keeps the answer."""
     from attnkit.heads.kvcompare import CacheSettings, compare
 
-    model, tok = load_model("embedded")
+    model, tok = embedded
     needles, haystack = N.passkey_needles(), N.load_haystack()
     per_head, _ = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True,
                            prompt="clean")
