@@ -20,6 +20,13 @@ def test_main_prints_one_line_errors_without_traceback(tmp_path):
         assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error:"), r.stderr
 
 
+def test_the_command_line_starts_without_torch():
+    """`attnkit --help` stays fast because importing the CLI imports neither torch nor numpy."""
+    code = "import sys, attnkit.cli; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_info_json_on_embedded():
     r = attnkit("info", "embedded", "--json")
     facts = json.loads(r.stdout)

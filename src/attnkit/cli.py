@@ -155,6 +155,10 @@ def main() -> None:
     except AttnkitError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(2)
+    except ModuleNotFoundError as e:  # an install that lost a dependency: say how to mend it
+        console.print(f"[red]error:[/red] the Python package '{e.name}' is missing; reinstall attnkit "
+                      "with `pip install -e .` (or `pip install attnkit`)", highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; finished results are kept")
         sys.exit(130)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from ..core.decode import eos_ids, last_logits_only, sample_token
+from ..core.decode import eos_ids, last_logits_only, left_padded, sample_token
 from ..core.rope import per_row_bases, require_rope
 from ..errors import AttnkitError
 
@@ -83,14 +83,7 @@ class BucketedModel:
         return len(self.config.bases)
 
     def _encode(self, prompts: list[str]):
-        tok = self.tokenizer
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            batch = tok(prompts, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
+        batch = left_padded(self.tokenizer, prompts)
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.no_grad()

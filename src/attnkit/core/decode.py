@@ -72,6 +72,17 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_padded(tokenizer, texts: list[str], add_special_tokens: bool = True):
+    """A batch padded on the left (what generation needs), without changing the tokenizer's own side."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = side
+
+
 def render_plain(messages: list[dict]) -> str:
     """A conversation as plain text, for tokenizers without a chat template."""
     names = {"system": "System", "user": "User", "assistant": "Assistant"}

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from ..core.decode import eos_ids, render_chat
+from ..core.decode import eos_ids, left_padded, render_chat
 from ..errors import AttnkitError
 
 
@@ -71,12 +71,7 @@ class HFBackend:
         out = []
         for i in range(0, len(conversations), self.batch_size):
             texts = [self.render(m) for m in conversations[i:i + self.batch_size]]
-            side, tok.padding_side = tok.padding_side, "left"
-            try:
-                batch = tok(texts, return_tensors="pt", padding=True,
-                            add_special_tokens=not getattr(tok, "chat_template", None))
-            finally:
-                tok.padding_side = side
+            batch = left_padded(tok, texts, add_special_tokens=not getattr(tok, "chat_template", None))
             max_new = sampling.max_tokens
             if limit:
                 max_new = min(max_new, limit - batch["input_ids"].shape[1])
