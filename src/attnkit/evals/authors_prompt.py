@@ -89,7 +89,7 @@ class AuthorsPromptBuilder:
         return tok.decode(tokens)
 
     def build(self, needle, length: int, depth: float):
-        from attnkit.evals.niah import NiahPrompt, find_span
+        from attnkit.evals.niah import NiahPrompt, locate_answer
 
         tok = self.tok
         context = self.context(needle, length, depth)
@@ -98,10 +98,4 @@ class AuthorsPromptBuilder:
             ids = tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=True, return_dict=False)
         else:
             ids = tok(context + QUESTION.format(question=needle.question))["input_ids"]
-        for spelling in (needle.real_needle, " " + needle.real_needle.lstrip()):
-            span = find_span(ids, tok(spelling, add_special_tokens=False)["input_ids"])
-            if span[0] >= 0:
-                break
-        if span[0] < 0:
-            raise AttnkitError(f"needle not found in the token stream after tokenisation: {needle.needle[:60]!r}")
-        return NiahPrompt(torch.tensor([ids]), span, length, depth)
+        return NiahPrompt(torch.tensor([ids]), locate_answer(tok, ids, needle), length, depth)

@@ -128,6 +128,16 @@ def load_haystack(path: str | Path | None = None, min_chars: int = 0) -> str:
     return text
 
 
+def locate_answer(tokenizer, ids: list[int], needle: Needle) -> tuple[int, int]:
+    """The answer's span in the prompt; byte-level BPE tokenises a word differently after a space, so
+    both spellings are tried. Not found: an AttnkitError (the trial becomes a counted skip)."""
+    for spelling in (needle.real_needle, " " + needle.real_needle.lstrip()):
+        span = find_span(ids, tokenizer(spelling, add_special_tokens=False)["input_ids"])
+        if span[0] >= 0:
+            return span
+    raise AttnkitError(f"needle not found in the token stream after tokenisation: {needle.needle[:60]!r}")
+
+
 def require_chat_template(tokenizer, wanted: bool) -> None:
     if wanted and not getattr(tokenizer, "chat_template", None):
         raise AttnkitError("--chat-template: this tokenizer has no chat template (a base model?); leave the option out")
@@ -178,14 +188,7 @@ class PromptBuilder:
                 at -= 1
         text = tok.decode(context[:at]) + tok.decode(needle_ids) + tok.decode(context[at:])
         ids = self._text(text, needle)
-        # byte-level BPE tokenises a word differently after a space, so try both spellings
-        for variant in (needle.real_needle, " " + needle.real_needle.lstrip()):
-            span = find_span(ids, tok(variant, add_special_tokens=False)["input_ids"])
-            if span[0] >= 0:
-                break
-        if span[0] < 0:
-            raise AttnkitError(f"needle not found in the token stream after tokenisation: {needle.needle[:60]!r}")
-        return NiahPrompt(torch.tensor([ids]), span, length, depth)
+        return NiahPrompt(torch.tensor([ids]), locate_answer(tok, ids, needle), length, depth)
 
 
 def recall(answer: str, reference: str) -> float:
