@@ -14,7 +14,7 @@ from rich.table import Table
 from attnkit.buckets.cli import buckets_app, eval_app
 from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, floats, ints, quiet_transformers
 from attnkit.errors import AttnkitError
-from attnkit.heads.cli import heads_app, kv_app, kv_options_config
+from attnkit.heads.cli import heads_app, kv_app, kv_from_options
 from attnkit.s2a.cli import s2a_app
 from attnkit.serve.cli import serve
 
@@ -76,7 +76,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
     or the retrieval-head KV cache)."""
     # (over 60 lines only for its 21 options: the body is about 45)
-    from attnkit.core.loading import load_model, load_config
+    from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
 
     quiet_transformers()
@@ -84,20 +84,15 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     N.check_depths(depth_list)
     if prompt not in N.PROMPTS:
         raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
-    kv_on = kv_scores is not None or kv_choose is not None
-    if kv_on and (bases or search):
-        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
-    kv = None
-    if kv_on:
-        from attnkit.heads.kvcompare import CacheSettings, label
-        kv_choose = kv_choose or "retrieval"
-        kv = kv_options_config(load_config(model), kv_scores, kv_choose, kv_full, None, kv_sink, kv_window, kv_chunk)
+    kv = kv_from_options(model, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk, bool(bases or search))
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     decoders = [N.Decoder("NIAH")]
     if kv is not None:
         from attnkit.core.kvcache import HeadKV
+        from attnkit.heads.kvcompare import CacheSettings, label
+        kv_choose = kv_choose or "retrieval"
         name = label(kv_choose, kv_full, CacheSettings(kv_sink, kv_window, kv_chunk))
         decoders = [N.Decoder(f"NIAH, {name}", {"cache": name}, HeadKV(mdl, kv).decoder(tok))]
     if bases or search:

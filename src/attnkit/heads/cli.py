@@ -161,17 +161,17 @@ def kv_options_config(model_config, scores: Optional[Path], choose: str, full: f
     return kvplan.plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed)
 
 
-def _check_kv_options(choose: str, full: float, sink: int, window: int, chunk: int, scores: Optional[Path]) -> None:
-    from attnkit.core.kvcache import HeadKVConfig
-    from attnkit.heads.kvplan import CHOICES
+def kv_from_options(model: str, scores: Optional[Path], choose: Optional[str], full: float, sink: int, window: int,
+                    chunk: int, with_buckets: bool):
+    """The `--kv-*` options of `niah` and `serve` as a HeadKVConfig, or None when none is given; read
+    from the model's config alone, so bad options fail before any weights load."""
+    from attnkit.core.loading import load_config
 
-    HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk)
-    if choose not in CHOICES:
-        raise AttnkitError(f"--choose must be one of {', '.join(CHOICES)}, not {choose!r}")
-    if not 0.0 <= full <= 1.0:
-        raise AttnkitError(f"--full must be a fraction in [0, 1], got {full}")
-    if choose in ("retrieval", "random") and scores is None:
-        raise AttnkitError(f"--choose {choose} needs --scores (a retrieval-score file)")
+    if scores is None and choose is None:
+        return None
+    if with_buckets:
+        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
+    return kv_options_config(load_config(model), scores, choose or "retrieval", full, None, sink, window, chunk)
 
 
 @kv_app.command("plan")
@@ -192,7 +192,6 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
     from attnkit.core.loading import load_config
     from attnkit.heads.kvplan import model_shape
 
-    _check_kv_options(choose, full, sink, window, 1, scores)
     token_list = ints(tokens, "--tokens")
     cfg = load_config(model)
     kv = kv_options_config(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
@@ -237,6 +236,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                as_json: bool = typer.Option(False, "--json")):
     """NIAH recall and KV memory: full cache vs retrieval-chosen vs random-chosen vs all-window heads."""
     from attnkit.core.loading import load_model
+    from attnkit.core.kvcache import HeadKVConfig
     from attnkit.evals import niah as N
     from attnkit.heads.kvcompare import CacheSettings, compare
     from attnkit.heads.kvplan import check_shape, model_shape
@@ -246,7 +246,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     budget_list = floats(budgets, "--budgets")
     if any(not 0 <= b <= 1 for b in budget_list):
         raise AttnkitError(f"--budgets must be fractions in [0, 1], got {budgets}")
-    _check_kv_options("none", 0.0, sink, window, chunk, None)
+    HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk)  # validates them before any work
     if seeds < 1:
         raise AttnkitError("--seeds must be at least 1")
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")

@@ -91,17 +91,11 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                  device: str, dtype: str, max_queue: int, device_map=None):
-    from attnkit.core.loading import load_config, load_model
+    from attnkit.core.loading import load_model
+    from attnkit.heads.cli import kv_from_options
     from attnkit.serve.engine import BucketsDecoder, Engine, PlainDecoder
 
-    kv_on = kv_scores is not None or kv_choose is not None
-    if kv_on and (bases or search):
-        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
-    kv = None
-    if kv_on:
-        from attnkit.heads.cli import kv_options_config
-        kv = kv_options_config(load_config(model), kv_scores, kv_choose or "retrieval", kv_full, None, kv_sink,
-                               kv_window, kv_chunk)
+    kv = kv_from_options(model, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk, bool(bases or search))
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     if bases or search:
