@@ -26,6 +26,7 @@ from attnkit.errors import AttnkitError
 
 WRAPPABLE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 PREFIX = "attnkit_"
+KV_PREFIX = PREFIX + "kv_"  # the retrieval-head KV cache's wrappers (core/kvcache.py)
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None):
         ctl.positions()  # [steps, layers, batch, heads, k]
     """
     base = model.config._attn_implementation
-    if base.startswith("attnkit_kv_"):
+    if base.startswith(KV_PREFIX):
         raise AttnkitError("a head mask or probe cannot be combined with the retrieval-head KV cache "
                            "(head_kv() is active on this model)")
     if base.startswith(PREFIX):

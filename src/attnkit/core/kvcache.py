@@ -29,9 +29,9 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from attnkit.core.hook import KV_PREFIX, base_function
 from attnkit.errors import AttnkitError
 
-KV_PREFIX = "attnkit_kv_"
 SUPPORTED_BASES = ("sdpa", "eager")
 _handoff = threading.local()
 
@@ -99,6 +99,7 @@ class HeadKVLayer(CacheLayerMixin):
         self.win_pos = self.win_sink = None  # [batch, kept]: position and sink flag of each kept window key
         self.valid_count = None  # [batch] real tokens seen so far (to find the sink)
         self.pending = None
+        self._query_index = None  # (full, window) query-head indices, built at the first attention
         self.is_initialized = False
 
     # --- the Cache layer protocol -----------------------------------------------------------------
@@ -179,11 +180,14 @@ class HeadKVLayer(CacheLayerMixin):
         pending, self.pending = self.pending, None
         if not self.windowed:
             return base_fn(module, query, keys, values, attention_mask, **kwargs)
+        if self._query_index is None or self._query_index[1].device != query.device:
+            self._query_index = (_query_heads(self.full, group, query.device),
+                                 _query_heads(self.windowed, group, query.device))
+        full_heads, window_heads = self._query_index
         out = query.new_empty(b, q, n_heads, d)
         if self.full:
-            heads = _query_heads(self.full, group, query.device)
-            full_out, _ = base_fn(module, query.index_select(1, heads), keys, values, attention_mask, **kwargs)
-            out[:, :, heads] = full_out
+            full_out, _ = base_fn(module, query.index_select(1, full_heads), keys, values, attention_mask, **kwargs)
+            out[:, :, full_heads] = full_out
         cand_k, cand_v, cand_pos, new = pending
         allowed_model = _allowed(attention_mask, cand_pos, self.seen - q, q)  # [b, 1, q, cand]
         new_valid = allowed_model[:, 0, -1, -new:]  # the last query sees every real key before it
@@ -195,9 +199,9 @@ class HeadKVLayer(CacheLayerMixin):
         allowed = allowed_model & (recent | cand_sink[:, None, None, :])
         mask = allowed if not additive else torch.zeros(allowed.shape, dtype=query.dtype, device=query.device) \
             .masked_fill(~allowed, torch.finfo(query.dtype).min)
-        heads = _query_heads(self.windowed, group, query.device)
-        win_out, _ = base_fn(module, query.index_select(1, heads), cand_k, cand_v, mask, **{**kwargs, "is_causal": False})
-        out[:, :, heads] = win_out
+        win_out, _ = base_fn(module, query.index_select(1, window_heads), cand_k, cand_v, mask,
+                             **{**kwargs, "is_causal": False})
+        out[:, :, window_heads] = win_out
         self._keep(cand_k, cand_v, cand_pos, cand_sink)
         return out, None
 
@@ -256,11 +260,13 @@ class HeadKVCache(Cache):
 
 
 def _make_attention(base: str):
-    from attnkit.core.hook import base_function
+    functions: dict[type, object] = {}  # the base attention, resolved once per module class
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = _take_handoff()
-        fn = base_function(base, module)
+        fn = functions.get(type(module))
+        if fn is None:
+            fn = functions[type(module)] = base_function(base, module)
         if layer is None:  # a plain cache (or none): the model's own attention
             return fn(module, query, key, value, attention_mask, **kwargs)
         if layer.layer_idx != module.layer_idx:
