@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from itertools import islice
@@ -194,16 +195,25 @@ def model_identity(model) -> dict:
               if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     source = str(getattr(model.config, "_name_or_path", "") or "")
-    files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")) if source and Path(source).is_dir() else []
+    folder = Path(source) if source else None
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder and folder.is_dir() else []
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read())
+        stat = f.stat()
+        h.update(_file_digest(str(f), stat.st_size, stat.st_mtime_ns))
     if not files:
         for _, p in islice(model.named_parameters(), 4):
             h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     dtype = next(model.parameters()).dtype
     return {"model": source or type(model).__name__, "model_hash": h.hexdigest()[:16], "dtype": str(dtype)}
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """Name, size, first and last MiB of a weight file; every `evaluate` of a run asks again, the file
+    is read once (a changed file has another size or mtime, so it is read anew)."""
+    h = hashlib.sha256(f"{Path(path).name}:{size}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read())
+    return h.digest()
