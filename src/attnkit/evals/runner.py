@@ -11,6 +11,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -112,17 +115,26 @@ def _short(value) -> str:
 def progress_bar(quiet: bool = False):
     """A rich bar on a terminal; off a terminal (logs, CI, nohup) a plain line every 10% and at the end,
     since a rich bar there is drawn only once, when it is finished."""
-    import sys
-
     if not quiet and not sys.stderr.isatty():
         return _LineProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), disable=quiet, transient=False)
 
 
+@dataclass
+class _Line:
+    description: str
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    printed_decile: int = -1
+
+
 class _LineProgress:
+    """What `progress_bar` gives off a terminal: the same add_task/advance calls, printed as lines."""
+
     def __init__(self):
-        self.tasks: dict[int, list] = {}
+        self.tasks: list[_Line] = []
 
     def __enter__(self):
         return self
@@ -131,22 +143,19 @@ class _LineProgress:
         return False
 
     def add_task(self, description: str, total: int) -> int:
-        import time
-        self.tasks[len(self.tasks)] = [description, total, 0, time.monotonic(), -1]
+        self.tasks.append(_Line(description, total))
         return len(self.tasks) - 1
 
     def advance(self, task: int, n: int = 1) -> None:
-        import sys
-        import time
-
         t = self.tasks[task]
-        t[2] += n
-        decile = 10 * t[2] // max(1, t[1])
-        if decile > t[4]:
-            t[4] = decile
-            elapsed = time.monotonic() - t[3]
-            left = elapsed / t[2] * (t[1] - t[2]) if t[2] else 0
-            print(f"{t[0]}: {t[2]}/{t[1]} ({elapsed:.0f} s, about {left:.0f} s left)", file=sys.stderr, flush=True)
+        t.done += n
+        decile = 10 * t.done // max(1, t.total)
+        if decile > t.printed_decile:
+            t.printed_decile = decile
+            elapsed = time.monotonic() - t.started
+            left = elapsed / t.done * (t.total - t.done) if t.done else 0
+            print(f"{t.description}: {t.done}/{t.total} ({elapsed:.0f} s, about {left:.0f} s left)",
+                  file=sys.stderr, flush=True)
 
 
 def run_grid(cells: list[dict], fields: tuple[str, ...], work, out: Path | None = None,

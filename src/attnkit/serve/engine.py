@@ -85,7 +85,7 @@ class PlainDecoder:
 
 class BucketsDecoder:
     def __init__(self, bucketed):
-        self.bucketed = bucketed
+        self.bucketed, self.model = bucketed, bucketed.model
 
     def describe(self) -> dict:
         cfg = self.bucketed.config
@@ -105,7 +105,7 @@ class Engine:
 
     def __init__(self, decoder, tokenizer, max_positions: int | None, max_queue: int = 16):
         self.decoder, self.tokenizer, self.max_positions = decoder, tokenizer, max_positions
-        self.eos = eos_ids(getattr(decoder, "model", None) or decoder.bucketed.model, tokenizer)
+        self.eos = eos_ids(decoder.model, tokenizer)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
         self.busy = False
