@@ -8,6 +8,7 @@ needle's answer, 0-100.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -224,9 +225,11 @@ def check_lengths(model, lengths: list[int]) -> None:
 PROMPTS = ("clean", "authors")
 
 
+@functools.lru_cache(maxsize=4)
 def prompt_builder(kind: str, tokenizer, haystack: str, chat_template: bool = False, min_words: int = 0):
     """`clean` (attnkit's builder) or `authors` (the retrieval-head authors' construction, artefacts
-    included; see `attnkit.evals.authors_prompt`)."""
+    included; see `attnkit.evals.authors_prompt`). Cached: an ablation or a comparison evaluates the
+    same haystack once per condition, and a builder tokenises it once."""
     if kind == "clean":
         return PromptBuilder(tokenizer, haystack, chat_template)
     if kind == "authors":
