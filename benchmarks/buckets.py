@@ -16,6 +16,8 @@ import argparse
 import json
 
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from _common import build, header, timed
 from transformers import DynamicCache
 
@@ -31,16 +33,16 @@ class _NoTokenizer:
 
 @torch.no_grad()
 def plain_prefill(model, ids):
-    model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, **last_logits_only(model))
+    model(input_ids=ids, **cache_kwarg(model, DynamicCache(config=model.config)), use_cache=True, **last_logits_only(model))
 
 
 @torch.no_grad()
 def plain_generate(model, ids, steps):
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **last_logits_only(model))
+    out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, **last_logits_only(model))
     for _ in range(steps):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwarg(model, cache), use_cache=True)
 
 
 def main():

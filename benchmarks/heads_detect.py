@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from _common import build, header, timed
 from transformers import DynamicCache
 
@@ -37,10 +39,10 @@ def decode(model, ids, steps, output_attentions=False, loop=False):
     The naive detector reads attentions on decode steps only, as the authors' code does: returning the
     prefill's [heads x tokens x tokens] maps of every layer would not fit at any long context."""
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, **last_logits_only(model))
+    model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True, **last_logits_only(model))
     token = torch.ones(1, 1, dtype=torch.long, device=ids.device)
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, output_attentions=output_attentions)
+        out = model(input_ids=token, **cache_kwarg(model, cache), use_cache=True, output_attentions=output_attentions)
         if output_attentions:
             top1_per_head(out.attentions, loop)
 

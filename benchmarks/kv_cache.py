@@ -19,6 +19,8 @@ import json
 import random
 
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from _common import build, header, sync, timed
 from transformers import DynamicCache
 
@@ -41,10 +43,10 @@ def choose(model, fraction: float, seed: int, scores_path: str | None) -> frozen
 def run(model, ids, steps: int, chunk: int, cache):
     out = None
     for start in range(0, ids.shape[1], chunk):
-        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids[:, start:start + chunk], **cache_kwarg(model, cache), use_cache=True,
                     **last_logits_only(model))
     for _ in range(steps):
-        out = model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+        out = model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), **cache_kwarg(model, cache), use_cache=True)
     return cache
 
 

@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from rouge_score import rouge_scorer
 from transformers import DynamicCache
 
@@ -71,11 +73,11 @@ class AuthorsPort:
         start, end = self.find_needle(prompt_ids, needle["real_needle"])
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
-            self.model(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True)
+            self.model(input_ids=input_ids[:, :-1], **cache_kwarg(self.model, cache), use_cache=True)
             inp, output = input_ids[:, -1], []
             score = [[0.0] * self.heads for _ in range(self.layers)]
             for _ in range(50):
-                out = self.model(input_ids=inp.view(1, 1), past_key_values=cache, use_cache=True, output_attentions=True)
+                out = self.model(input_ids=inp.view(1, 1), **cache_kwarg(self.model, cache), use_cache=True, output_attentions=True)
                 inp = out.logits[0, -1].argmax()
                 output.append(inp.item())
                 for l in range(self.layers):

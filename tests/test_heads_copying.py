@@ -2,6 +2,8 @@ import copy
 
 import pytest
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from transformers import DynamicCache
 
 from attnkit.heads.copying import copy_scores, trial
@@ -38,7 +40,7 @@ def naive_reference(model, ids, span, steps, count, first_token):
     seq = ids[0].tolist()
     cache = DynamicCache(config=eager.config)
     with torch.no_grad():
-        out = eager(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=True)
+        out = eager(input_ids=ids, **cache_kwarg(eager, cache), use_cache=True, output_attentions=True)
         for step in range(steps):
             token = int(out.logits[0, -1].argmax())
             if step > 0 or first_token:
@@ -51,7 +53,7 @@ def naive_reference(model, ids, span, steps, count, first_token):
                             else:
                                 seen[l][h].add(i)
             seq.append(token)
-            out = eager(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+            out = eager(input_ids=torch.tensor([[token]]), **cache_kwarg(eager, cache), use_cache=True,
                         output_attentions=True)
     if count == "unique":
         score = torch.tensor([[len(s) / (end - start) for s in row] for row in seen])

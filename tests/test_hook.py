@@ -2,6 +2,8 @@ import copy
 
 import pytest
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from transformers import DynamicCache
 
 from attnkit.core.hook import HeadMask, Probe, intervene
@@ -15,11 +17,11 @@ def _prefill_decode(model, ids, steps=3):
     """Logits of a prefill, then of `steps` greedy decode steps through the cache."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True)
         logits = [out.logits]
         for _ in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_kwarg(model, cache), use_cache=True)
             logits.append(out.logits)
     return logits
 
@@ -42,15 +44,15 @@ def test_probe_matches_eager_output_attentions(family, kv):
     ids = torch.randint(0, 97, (1, 40))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :-3], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :-3], **cache_kwarg(model, cache), use_cache=True)
         reference = []
         ref_cache = copy.deepcopy(cache)
         for t in range(3):
-            out = model(input_ids=ids[:, 37 + t:38 + t], past_key_values=ref_cache, use_cache=True, output_attentions=True)
+            out = model(input_ids=ids[:, 37 + t:38 + t], **cache_kwarg(model, ref_cache), use_cache=True, output_attentions=True)
             reference.append(torch.stack([a[0, :, -1].topk(2).indices for a in out.attentions]))
         with intervene(model, probe=Probe(top_k=2)) as ctl:
             for t in range(3):
-                model(input_ids=ids[:, 37 + t:38 + t], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, 37 + t:38 + t], **cache_kwarg(model, cache), use_cache=True)
     got = ctl.positions()[:, :, 0]  # [steps, layers, heads, k]
     assert got.shape == (3, 3, 4, 2)
     assert torch.equal(got, torch.stack(reference))
@@ -110,13 +112,13 @@ def test_mask_decode_only_leaves_prefill_alone(mode):
     ids = torch.randint(0, 97, (1, 21))
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        first = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True).logits
         nxt = first[:, -1:].argmax(-1)
-        ref = edited(input_ids=nxt, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        ref = edited(input_ids=nxt, **cache_kwarg(edited, copy.deepcopy(cache)), use_cache=True).logits
         with intervene(model, mask=HeadMask({(1, 2)}, mode=mode, phase="decode")):
             cache2 = DynamicCache(config=model.config)
-            pre = model(input_ids=ids, past_key_values=cache2, use_cache=True).logits
-            got = model(input_ids=nxt, past_key_values=cache2, use_cache=True).logits
+            pre = model(input_ids=ids, **cache_kwarg(model, cache2), use_cache=True).logits
+            got = model(input_ids=nxt, **cache_kwarg(model, cache2), use_cache=True).logits
     assert torch.equal(pre, first)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 

@@ -6,7 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from attnkit.cli import app
-from attnkit.core.kvcache import HeadKVConfig, full_kv_bytes
+from attnkit.core.family import architecture
+from attnkit.core.loading import load_config
+from attnkit.core.kvcache import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.heads import kvplan as P
 from attnkit.heads import scores as S
@@ -28,7 +30,8 @@ def test_choices_retrieval_random_none_all():
     config = tiny_config("llama", kv_heads=2)  # 3 layers x 4 heads, 2 KV heads: 6 KV heads
     scores = _scores(3, 4, {(2, 3): 0.9, (0, 0): 0.4})
     assert P.choose_full_heads(scores, config, "retrieval", count=2) == {(2, 1), (0, 0)}
-    assert P.choose_full_heads(scores, config, "retrieval", full=0.5) == {(2, 1), (0, 0), (0, 1)}
+    # a budget beyond the heads that scored: the rest stays unused, never filled by index order
+    assert P.choose_full_heads(scores, config, "retrieval", full=0.5) == {(2, 1), (0, 0)}
     drawn = P.choose_full_heads(scores, config, "random", count=3, seed=1)
     assert len(drawn) == 3 and not drawn & {(2, 1), (0, 0)}  # never a retrieval head
     assert drawn == P.choose_full_heads(scores, config, "random", count=3, seed=1)
@@ -47,7 +50,8 @@ def test_choices_retrieval_random_none_all():
 def test_published_score_file_chooses_kv_heads_for_its_model(shared_data):
     scores = S.load_scores(shared_data / "retrieval_head/head_score/Mistral-7B-v0.2-hf.json")
     from transformers import MistralConfig
-    config = MistralConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    config = MistralConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                           sliding_window=None)  # v0.2 dropped v0.1's 4,096-token window
     chosen = P.choose_full_heads(scores, config, "retrieval", full=0.25)
     assert len(chosen) == 64
     kv = P.kv_head_scores(scores, 32, 32, 8)
@@ -64,11 +68,14 @@ def test_kv_plan_reports_the_formula(tmp_path):
     r = cli("kv", "plan", "--scores", str(tmp_path / "s.json"), "--full", "0.125", "--tokens", "2048,100000", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert len(res["full_heads"]) == 8 and [5, 0] in res["full_heads"] and [6, 3] in res["full_heads"]
+    assert sorted(map(tuple, res["full_heads"])) == [(5, 0), (6, 3)]  # only two heads scored
+    assert res["requested"] == 8 and res["unfilled"] == 6
+    arch = architecture(load_config("embedded"))
     for size in res["sizes"]:
         t = size["tokens"]
-        assert size["full_cache_bytes"] == full_kv_bytes(8, 8, 32, t)
-        assert size["bytes"] == HeadKVConfig(frozenset(map(tuple, res["full_heads"]))).kv_bytes(8, 8, 32, t)
+        assert size["full_cache_bytes"] == 2 * 2 * 8 * 8 * 32 * t  # layers x KV heads x head dim, keys and values
+        assert size["full_cache_bytes"] == native_kv_bytes(arch, t)
+        assert size["bytes"] == HeadKVConfig(frozenset(map(tuple, res["full_heads"]))).kv_bytes(arch, t)
 
 
 @pytest.mark.slow

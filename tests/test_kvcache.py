@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+
+from attnkit.core.decode import cache_kwarg
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from attnkit.core.hook import HeadMask, intervene
-from attnkit.core.kvcache import HeadKVConfig, full_kv_bytes, head_kv
+from attnkit.core.family import architecture
+from attnkit.core.kvcache import HeadKVConfig, head_kv, native_kv_bytes
 from attnkit.errors import AttnkitError
 from conftest import tiny_model
 
@@ -79,7 +82,7 @@ def test_prefill_in_chunks_and_decode_equal_the_reference(family, kv, attn):
             for start in range(0, ids.shape[1], chunk):
                 end = min(start + chunk, ids.shape[1])
                 out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
-                            position_ids=_positions(mask[:, :end])[:, start:end], past_key_values=cache, use_cache=True)
+                            position_ids=_positions(mask[:, :end])[:, start:end], **cache_kwarg(model, cache), use_cache=True)
                 logits.append(out.logits)
             got = torch.cat(logits, dim=1)
             torch.testing.assert_close(got[real], reference[real], atol=2e-4, rtol=1e-4)
@@ -89,7 +92,7 @@ def test_prefill_in_chunks_and_decode_equal_the_reference(family, kv, attn):
                 nxt = out.logits[:, -1:].argmax(-1)
                 seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
                 out = model(input_ids=nxt, attention_mask=seq_mask, position_ids=_positions(seq_mask)[:, -1:],
-                            past_key_values=cache, use_cache=True)
+                            **cache_kwarg(model, cache), use_cache=True)
                 ref = _reference_logits(model, seq, seq_mask, config)[:, -1]
                 torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
 
@@ -121,15 +124,15 @@ def test_cache_bytes_equal_the_formula_and_shrink():
     config = HeadKVConfig(full={(0, 1), (1, 0)}, sink=4, window=10, prefill_chunk=16)
     with head_kv(model, config) as hkv, torch.no_grad():
         out, cache = hkv.prefill(ids, mask)
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        arch = architecture(cfg)
         for tokens in (60, 61, 62):
-            expect = config.kv_bytes(cfg.num_hidden_layers, 2, head_dim, tokens, batch=2, bytes_per_value=4)
+            expect = config.kv_bytes(arch, tokens, batch=2, bytes_per_value=4)
             assert cache.kv_bytes() == expect
             nxt = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             out = model(input_ids=nxt, attention_mask=mask, position_ids=_positions(mask)[:, -1:],
-                        past_key_values=cache, use_cache=True)
-    full = full_kv_bytes(cfg.num_hidden_layers, 2, head_dim, 62, batch=2, bytes_per_value=4)
+                        **cache_kwarg(model, cache), use_cache=True)
+    full = native_kv_bytes(arch, 62, batch=2, bytes_per_value=4)
     assert cache.kv_bytes() < 0.6 * full
 
 
@@ -151,7 +154,7 @@ def test_bad_settings_are_clear_errors():
             with intervene(model, mask=HeadMask({(0, 0)})):
                 pass
     with pytest.raises(AttnkitError, match="only inside"):
-        model(input_ids=torch.tensor([[5, 6]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([[5, 6]]), **cache_kwarg(model, cache), use_cache=True)
     flash = tiny_model("llama", 2)
     flash.config._attn_implementation = "flex_attention"
     with pytest.raises(AttnkitError, match="supports attention implementations"):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.buckets.cli import buckets_app, eval_app
-from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, floats, ints, quiet_transformers
+from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, floats, ints, quiet_transformers
 from attnkit.errors import AttnkitError
 from attnkit.heads.cli import heads_app, kv_app, kv_from_options
 from attnkit.s2a.cli import s2a_app
@@ -57,7 +57,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
          lengths: str = typer.Option("512,1024,2048", help="context lengths in tokens"),
          depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
-         chat_template: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+         chat_template: Optional[bool] = CHAT_TEMPLATE,
          prompt: str = typer.Option("clean", help="clean (attnkit's builder) or authors (the retrieval-head "
                                                   "authors' construction, artefacts included)"),
          device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,

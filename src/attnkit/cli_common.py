@@ -12,10 +12,13 @@ from attnkit.errors import AttnkitError
 console = Console(stderr=True, soft_wrap=True)
 
 # shared by every command that loads a model
-MODEL_HELP = "'embedded', a local model directory, or a Hugging Face Hub id (from the local cache)"
+MODEL_HELP = ("'embedded', a real model by name (`attnkit models list`), a .gguf file, a local model directory, "
+              "or a Hugging Face Hub id (from the local cache)")
 DEVICE = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 DTYPE = typer.Option("auto", help="auto (the checkpoint's on a GPU, float32 on CPU), float32, bfloat16/bf16, float16/fp16")
 DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the model over every visible GPU (accelerate)")
+CHAT_TEMPLATE = typer.Option(None, "--chat-template/--no-chat-template",
+                             help="wrap prompts in the tokenizer's chat template; default: when it has one")
 
 
 def ints(text: str, what: str) -> list[int]:

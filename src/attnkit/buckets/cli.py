@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers, span
+from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers, span
 from attnkit.errors import AttnkitError
 
 buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et al. 2024): RoPE bases in parallel.")
@@ -173,6 +173,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
                  search: bool = typer.Option(False, help="run the base search to choose the bucket bases"),
                  combine: str = typer.Option("paper", help="paper or reference"),
                  seed: int = typer.Option(0, help="seed of the generated examples"),
+                 chat_template: Optional[bool] = CHAT_TEMPLATE,
                  device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  out: Optional[Path] = typer.Option(None, help="append rows here as they finish; reruns resume"),
                  plot: Optional[Path] = typer.Option(None, help="accuracy-by-position PNG"),
@@ -192,7 +193,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     systems = {"single": BucketedModel(mdl, tok, BucketsConfig([rope_base(mdl.config)], combine)).system(),
                "buckets": BucketedModel(mdl, tok, BucketsConfig(base_list, combine)).system()}
-    summary = kv.evaluate(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json)
+    summary = kv.evaluate(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json, chat_template=chat_template)
     summary["bases"] = base_list
     if plot:
         from attnkit.evals.plots import accuracy_by_position

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from ..core.decode import eos_ids, last_logits_only, left_padded, sample_token
+from ..core.decode import cache_kwarg, eos_ids, last_logits_only, left_padded, render_chat, sample_token
 from ..core.rope import per_row_bases, require_rope
 from ..errors import AttnkitError
 
@@ -82,8 +82,13 @@ class BucketedModel:
     def n(self) -> int:
         return len(self.config.bases)
 
-    def _encode(self, prompts: list[str]):
-        batch = left_padded(self.tokenizer, prompts)
+    def _encode(self, prompts: list[str], chat_template: bool = False):
+        """Left-padded ids of the prompts, each wrapped in the chat template (as one user turn) if asked."""
+        add_special = True
+        if chat_template:
+            rendered = [render_chat(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+            prompts, add_special = [text for text, _ in rendered], rendered[0][1]
+        batch = left_padded(self.tokenizer, prompts, add_special_tokens=add_special)
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.no_grad()
@@ -118,7 +123,7 @@ class BucketedModel:
         cache = DynamicCache(config=model.config)
         with per_row_bases(model, self.config.bases):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, **last_logits_only(model))
+                        use_cache=True, **cache_kwarg(model, cache), **last_logits_only(model))
             while True:
                 logprobs, w = combine(out.logits[:, -1].view(prompts, n, -1), self.config.combine)
                 chosen = sample_token(logprobs, temperature, top_p, gen)
@@ -126,7 +131,7 @@ class BucketedModel:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 out = model(input_ids=chosen.repeat_interleave(n).view(-1, 1).to(device), attention_mask=mask,
-                            position_ids=positions, past_key_values=cache, use_cache=True)
+                            position_ids=positions, use_cache=True, **cache_kwarg(model, cache))
 
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      max_new_tokens: int = 50, temperature: float = 0.0, top_p: float = 1.0,
@@ -160,8 +165,8 @@ class BucketedModel:
         """This model as an evaluation system (`attnkit.evals.kv.System`): greedy, cut at a newline."""
         from ..evals.kv import System
 
-        def generate(prompt: str, max_new_tokens: int) -> str:
-            return self.generate(prompt, max_new_tokens=max_new_tokens, stop=("\n",))[0].text
+        def generate(prompt: str, max_new_tokens: int, chat_template: bool = False) -> str:
+            return self.generate(prompt, max_new_tokens=max_new_tokens, stop=("\n",), chat_template=chat_template)[0].text
         return System(generate, {"bases": list(self.config.bases), "combine": self.config.combine})
 
     def as_decoder(self, stop: tuple[str, ...] = ("\n",)):
@@ -172,16 +177,18 @@ class BucketedModel:
         return decode
 
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 50, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> list[Generation]:
-        """Generate for each prompt; `stop` strings end a prompt's generation (and are cut off)."""
+                 top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = (),
+                 chat_template: bool = False) -> list[Generation]:
+        """Generate for each prompt; `stop` strings end a prompt's generation once its answer has begun
+        (leading whitespace never does) and are cut off."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        input_ids, mask = self._encode(prompts)
+        input_ids, mask = self._encode(prompts, chat_template)
         tokens, weights = self.generate_ids(input_ids, mask, max_new_tokens, temperature, top_p, seed,
                                             stop_strings=tuple(stop))
         results = []
         for ids, w in zip(tokens, weights):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
             for s in stop:
                 if s in text:
                     text = text[:text.index(s)]
@@ -190,8 +197,9 @@ class BucketedModel:
 
 
 def _hits(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
-    tail = tokenizer.decode(ids[-8:], skip_special_tokens=True)
-    return any(s in tail for s in stops)
+    """A stop string in the text so far, not counting the whitespace an answer starts with."""
+    text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+    return any(s in text for s in stops)
 
 
 def single_vs_buckets(model, tokenizer, config: BucketsConfig) -> list:

@@ -14,10 +14,11 @@ import torch
 def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 50,
                   stop_at_newline: bool = True, cache=None, prefill_chunk: int | None = None,
                   stop_rule: Literal["clean", "authors"] = "clean") -> list[int]:
-    """Token ids generated after `input_ids` ([1, n]). `stop_rule` "clean" stops at EOS or a token
-    containing a newline; "authors" (the retrieval-head authors' loop) only at a token that is exactly
-    a newline, never at EOS. `cache` replaces a fresh DynamicCache; `prefill_chunk` runs the prompt
-    that many tokens at a time."""
+    """Token ids generated after `input_ids` ([1, n]). `stop_rule` "clean" stops at EOS, an end-of-turn
+    token, or a token containing a newline once the answer has begun (leading whitespace and newlines,
+    which instruct models often emit first, never end it); "authors" (the retrieval-head authors'
+    loop) only at a token made of newlines alone, never at EOS. `cache` replaces a fresh DynamicCache;
+    `prefill_chunk` runs the prompt that many tokens at a time."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config) if cache is None else cache
@@ -25,37 +26,53 @@ def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
     input_ids = input_ids.to(device)
     step = prefill_chunk or input_ids.shape[1]
     for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids=input_ids[:, start:start + step], past_key_values=cache, use_cache=True,
+        out = model(input_ids=input_ids[:, start:start + step], use_cache=True, **cache_kwarg(model, cache),
                     **last_logits_only(model))
     eos = eos_ids(model, tokenizer)
     generated = []
+    begun = False  # has the answer produced anything but whitespace yet?
     for step in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
         generated.append(token)
+        text = tokenizer.decode([token])
         if stop_rule == "authors":
-            if stop_at_newline and tokenizer.decode([token]) == "\n":
+            if stop_at_newline and is_newline(text):
                 break
-        elif token in eos or (stop_at_newline and "\n" in tokenizer.decode([token])):
+        elif token in eos or (stop_at_newline and begun and "\n" in text):
             break
+        begun = begun or bool(text.strip())
         if step + 1 < max_new_tokens:
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache_kwarg(model, cache))
     return generated
+
+
+def is_newline(text: str) -> bool:
+    """A token made of newlines alone: the authors' stop test (Llama's "<0x0A>"), generalised to
+    tokenizers whose newline tokens merge several ("\n\n" in Gemma's vocabulary)."""
+    return bool(text) and set(text) == {"\n"}
+
+
+def cache_kwarg(model, cache) -> dict:
+    """The KV cache as the installed transformers wants it passed: `cache` where the model's forward
+    takes it (transformers >= 5.2x; `past_key_values` is deprecated there), else `past_key_values`."""
+    return {"cache": cache} if _takes(type(model), "cache") else {"past_key_values": cache}
 
 
 def last_logits_only(model) -> dict:
     """Forward kwargs that keep only the last position's logits, where the model supports it: at long
     context the full [tokens x vocab] logits of a prefill cost more memory than the KV cache."""
-    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
+    return {"logits_to_keep": 1} if _takes(type(model), "logits_to_keep") else {}
 
 
 @functools.cache
-def _takes_logits_to_keep(model_class) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def _takes(model_class, argument: str) -> bool:
+    return argument in inspect.signature(model_class.forward).parameters
 
 
 def eos_ids(model, tokenizer) -> set[int]:
-    """Every id that ends generation: the generation config's and the tokenizer's EOS."""
-    return set(_as_list(getattr(model.generation_config, "eos_token_id", None)) + _as_list(tokenizer.eos_token_id))
+    """Every id that ends generation: EOS and the chat end-of-turn tokens (`family.end_of_turn_ids`)."""
+    from attnkit.core.family import end_of_turn_ids
+    return end_of_turn_ids(model, tokenizer)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
@@ -95,9 +112,3 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
     return render_plain(messages), True
-
-
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -15,6 +15,11 @@ streaming heads). Two pieces work together:
 `update` is always called right before attention in the same module's forward, so the layer is
 handed over through a thread-local slot. Keys are stored after RoPE, so they keep their positions.
 
+Hybrid models (Gemma 3: five sliding-window layers per global layer) keep their native sliding
+layers as transformers' own `DynamicSlidingWindowLayer`: those already hold only their window, so
+full-cache heads are chosen among the full-attention layers alone, and sizes are counted per layer
+type (`kv_bytes`, `native_kv_bytes`).
+
     with head_kv(model, HeadKVConfig(full={(5, 3), (6, 1)}, sink=16, window=128)) as kv:
         out = kv.generate(**inputs, max_new_tokens=20)   # chunked prefill, then decoding
 """
@@ -29,6 +34,8 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from attnkit.core.decode import cache_kwarg
+from attnkit.core.family import Architecture, architecture
 from attnkit.core.hook import KV_PREFIX, base_function
 from attnkit.errors import AttnkitError
 
@@ -54,25 +61,35 @@ class HeadKVConfig:
         if self.prefill_chunk < 1:
             raise AttnkitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
-    def check(self, layers: int, kv_heads: int) -> None:
-        bad = [(l, h) for l, h in self.full if not (0 <= l < layers and 0 <= h < kv_heads)]
-        if bad:
-            raise AttnkitError(f"full-cache head {sorted(bad)[0]} is outside the model "
-                               f"({layers} layers x {kv_heads} KV heads)")
+    def check(self, arch: Architecture) -> None:
+        for l, h in sorted(self.full):
+            arch.check_head(l, h, kv=True)
+            if arch.layer_types[l] == "sliding":
+                raise AttnkitError(f"full-cache head {(l, h)} lies in a sliding-window layer (window "
+                                   f"{arch.windows[l]}): its cache is the model's own window; choose heads of "
+                                   f"the full-attention layers {arch.full_layers}")
 
-    def kv_bytes(self, layers: int, kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
-                 bytes_per_value: int = 2) -> int:
-        """What the cache holds after `tokens` tokens: keys and values of every KV head (a window head
-        keeps sink + window - 1 tokens, all that a later query can see besides its own key)."""
-        n_full = len(self.full)
-        n_window = layers * kv_heads - n_full
-        kept = n_full * tokens + n_window * min(tokens, self.sink + self.window - 1)
-        return 2 * batch * head_dim * bytes_per_value * kept
+    def kv_bytes(self, arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+        """What the cache holds after `tokens` tokens: keys and values of every KV head. A window head
+        keeps sink + window - 1 tokens (all that a later query can see besides its own key); a native
+        sliding layer keeps its window - 1, as transformers' sliding layers do."""
+        kept = 0
+        for layer, kind in enumerate(arch.layer_types):
+            if kind == "sliding":
+                kept += arch.kv_heads * min(tokens, arch.windows[layer] - 1)
+                continue
+            n_full = sum(1 for l, _ in self.full if l == layer)
+            kept += n_full * tokens + (arch.kv_heads - n_full) * min(tokens, self.sink + self.window - 1)
+        return 2 * batch * arch.head_dim * bytes_per_value * kept
 
 
-def full_kv_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
-                  bytes_per_value: int = 2) -> int:
-    return 2 * batch * layers * kv_heads * head_dim * tokens * bytes_per_value
+def native_kv_bytes(arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+    """The model's own cache after `tokens` tokens: every token in full-attention layers, the window
+    - 1 most recent in sliding layers (what transformers' DynamicCache keeps)."""
+    kept = sum(arch.kv_heads * (tokens if kind == "full" else min(tokens, arch.windows[l] - 1))
+               for l, kind in enumerate(arch.layer_types))
+    return 2 * batch * arch.head_dim * bytes_per_value * kept
+
 
 
 def _take_handoff():
@@ -242,12 +259,15 @@ class HeadKVCache(Cache):
     """A transformers `Cache` of `HeadKVLayer`s; usable only where `head_kv(model, ...)` is active."""
 
     def __init__(self, model, config: HeadKVConfig):
-        cfg = model.config
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        config.check(cfg.num_hidden_layers, kv_heads)
-        self._model_config = cfg
-        super().__init__(layers=[HeadKVLayer(i, kv_heads, [h for l, h in config.full if l == i], config.sink,
-                                             config.window) for i in range(cfg.num_hidden_layers)])
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        arch = architecture(model.config)
+        config.check(arch)
+        self._model_config = model.config
+        layers = [DynamicSlidingWindowLayer(sliding_window=arch.windows[i]) if kind == "sliding" else
+                  HeadKVLayer(i, arch.kv_heads, [h for l, h in config.full if l == i], config.sink, config.window)
+                  for i, kind in enumerate(arch.layer_types)]
+        super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self._model_config._attn_implementation.startswith(KV_PREFIX):
@@ -256,7 +276,9 @@ class HeadKVCache(Cache):
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now."""
-        return sum(layer.kv_bytes() for layer in self.layers)
+        return sum(layer.kv_bytes() if isinstance(layer, HeadKVLayer) else
+                   sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                   for layer in self.layers)
 
 
 def _make_attention(base: str):
@@ -311,7 +333,7 @@ class HeadKV:
             kwargs = {"attention_mask": attention_mask[:, :end]} if attention_mask is not None else {}
             if attention_mask is not None:
                 kwargs["position_ids"] = (attention_mask[:, :end].cumsum(-1) - 1).clamp_min(0)[:, start:end]
-            out = self.model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
+            out = self.model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwarg(self.model, cache),
                              **kwargs, **forward)
         return out, cache
 
@@ -331,7 +353,7 @@ class HeadKV:
     def generate(self, **kwargs):
         """`model.generate` with a fresh cache of this kind and chunked prefill."""
         kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
-        return self.model.generate(past_key_values=self.new_cache(), **kwargs)
+        return self.model.generate(**cache_kwarg(self.model, self.new_cache()), **kwargs)
 
 
 @contextmanager
@@ -344,8 +366,7 @@ def head_kv(model, config: HeadKVConfig):
         raise AttnkitError("the retrieval-head KV cache cannot be combined with a head mask or probe "
                            "(intervene() is active on this model)")
     name = register(base)
-    cfg = model.config
-    config.check(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    config.check(architecture(model.config))
     model.set_attn_implementation(name)
     try:
         yield HeadKV(model, config)

@@ -62,11 +62,18 @@ def resolve_dtype(dtype, device: str):
 
 
 def resolve_spec(spec: str | Path) -> Path:
-    """'embedded', a local model directory, or a Hugging Face Hub id (from the local cache; downloaded
-    when it is not there and the network allows)."""
+    """'embedded', a real model from attnkit's registry (`attnkit models list`; installed with `attnkit
+    models pull`), a .gguf file (converted once into the cache), a local model directory, or a Hugging
+    Face Hub id (from the local cache; downloaded when it is not there and the network allows)."""
+    from attnkit.core import models
+
     if str(spec) == "embedded":
         return EMBEDDED_DIR
+    if models.find(str(spec)) is not None and not Path(spec).exists():
+        return models.pulled_path(str(spec))
     path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return models.gguf_folder(path)
     if not path.exists() and _looks_like_hub_id(str(spec)):
         path = _from_hub(str(spec))
     if not path.exists():
@@ -151,41 +158,50 @@ def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str |
 
 
 def head_dim(config) -> int:
-    """Per-head width: the config's `head_dim`, else hidden size / attention heads."""
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    """Per-head width (see `attnkit.core.family`)."""
+    from attnkit.core.family import architecture
+    return architecture(config).head_dim
 
 
 def rope_base(config) -> float | None:
-    params = getattr(config, "rope_parameters", None) or {}
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    theta = getattr(config, "rope_theta", None)
-    return float(theta) if theta is not None else None
+    """The RoPE base of the full-attention layers (see `attnkit.core.family`)."""
+    from attnkit.core.family import architecture
+    return architecture(config).rope_base
 
 
 def model_info(spec: str | Path) -> dict:
-    """Architecture facts read from the config, plus the parameter count (from a meta-device model)."""
+    """Architecture facts read from the config (through the model-family layer), plus the parameter
+    count (from a meta-device model) and, for a converted GGUF, where it came from."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = load_config(spec)
-    heads = config.num_attention_heads
+    from attnkit.core.family import architecture
+    from attnkit.core.models import source_of
+
+    path = resolve_spec(spec)
+    config = load_config(path)
+    arch = architecture(config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()
     params = getattr(config, "rope_parameters", None) or {}
-    return {
+    info = {
         "architecture": (config.architectures or [type(model).__name__])[0],
         "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "query_heads": heads,
-        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim(config),
-        "rope_base": rope_base(config),
-        "rope_scaling": params.get("rope_type", "default") if params else None,
-        "max_positions": getattr(config, "max_position_embeddings", None),
+        "layers": arch.layers,
+        "query_heads": arch.query_heads,
+        "kv_heads": arch.kv_heads,
+        "head_dim": arch.head_dim,
+        "rope_base": arch.rope_base,
+        "rope_scaling": arch.rope_type if params else None,
+        "attention": arch.describe_layers(),
+        "max_positions": arch.max_positions,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    source = source_of(path)
+    if source:
+        info["source"] = source.get("title") or source.get("gguf_path") or source.get("gguf")
+    return info
 
 
 def model_identity(model) -> dict:
@@ -197,6 +213,10 @@ def model_identity(model) -> dict:
     source = str(getattr(model.config, "_name_or_path", "") or "")
     folder = Path(source) if source else None
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder and folder.is_dir() else []
+    from attnkit.core.models import source_of
+
+    if folder is not None and folder.is_dir() and source_of(folder):
+        h.update(json.dumps(source_of(folder).get("gguf_sha256", ""), sort_keys=True).encode())
     for f in files:
         stat = f.stat()
         h.update(_file_digest(str(f), stat.st_size, stat.st_mtime_ns))

@@ -23,8 +23,10 @@ PROMPT = ('Extract the value corresponding to the specified key in the JSON obje
 
 @dataclass(frozen=True)
 class System:
-    """One way of answering: `generate(prompt, max_new_tokens) -> text`, cut at the first newline, and the
-    settings that identify it in a results file. Techniques provide these (`BucketedModel.system()`)."""
+    """One way of answering: `generate(prompt, max_new_tokens, chat_template) -> text`, cut at the first
+    newline (after the answer has begun), with the prompt wrapped in the tokenizer's chat template when
+    `chat_template` is true, and the settings that identify it in a results file. Techniques provide
+    these (`BucketedModel.system()`)."""
     generate: Callable[[str, int], str]
     settings: dict
 
@@ -94,10 +96,14 @@ def is_correct(answer: str, value: str) -> bool:
 
 
 def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positions: list[int],
-             systems: dict[str, System], out: Path | None = None, quiet: bool = False, template: str = PROMPT) -> dict:
-    """Accuracy per gold position for each system; rows go to `out` as they finish."""
+             systems: dict[str, System], out: Path | None = None, quiet: bool = False, template: str = PROMPT,
+             chat_template: bool | None = None) -> dict:
+    """Accuracy per gold position for each system; rows go to `out` as they finish. `chat_template`
+    None: the tokenizer's chat template when it has one."""
+    from .niah import use_chat_template
     from .runner import run_grid
 
+    chat = use_chat_template(tokenizer, chat_template)
     limit = getattr(model.config, "max_position_embeddings", None)
     first = format_prompt(place_gold(examples[0], num_pairs, 0), examples[0].key, template)
     need = len(tokenizer(first)["input_ids"]) + 2 * len(tokenizer(examples[0].value)["input_ids"])
@@ -111,7 +117,7 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
         ex = examples[cell["example"]]
         prompt = format_prompt(place_gold(ex, num_pairs, cell["position"]), ex.key, template)
         room = len(tokenizer(ex.value, add_special_tokens=False)["input_ids"]) + 8
-        answer = systems[cell["system"]].generate(prompt, room)
+        answer = systems[cell["system"]].generate(prompt, room, chat)
         return {"answer": answer, "correct": is_correct(answer, ex.value)}
 
     from ..core.loading import model_identity
@@ -119,7 +125,7 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
     settings = {"kind": "kv-retrieval", **model_identity(model), "template": digest(template),
                 "examples": digest([[ex.records, ex.key, ex.value] for ex in examples]),
                 "systems": {name: system.settings for name, system in systems.items()},
-                "positions": list(positions), "num_pairs": num_pairs} if out is not None else None
+                "positions": list(positions), "num_pairs": num_pairs, "chat_template": chat} if out is not None else None
     rows = run_grid(cells, ("example", "position", "system", "num_pairs"), work, out,
                     "kv-retrieval", quiet, settings=settings)
     return summarize(rows, list(systems), positions)

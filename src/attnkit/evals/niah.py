@@ -144,6 +144,16 @@ def require_chat_template(tokenizer, wanted: bool) -> None:
         raise AttnkitError("--chat-template: this tokenizer has no chat template (a base model?); leave the option out")
 
 
+def use_chat_template(tokenizer, wanted: bool | None) -> bool:
+    """Whether prompts go through the chat template: `None` (the default everywhere) means yes when the
+    tokenizer has one, so an instruct model is asked the way it was trained; True without a template
+    is an error; False opts out."""
+    if wanted is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    require_chat_template(tokenizer, wanted)
+    return bool(wanted)
+
+
 def find_span(prompt_ids: list[int], answer_ids: list[int]) -> tuple[int, int]:
     """First window of len(answer) tokens whose token set covers > 90% of the answer's token set."""
     want = set(answer_ids)
@@ -187,7 +197,13 @@ class PromptBuilder:
         if depth < 100:
             while at > 0 and not tok.decode(context[at - 1:at]).rstrip().endswith("."):
                 at -= 1
-        text = tok.decode(context[:at]) + tok.decode(needle_ids) + tok.decode(context[at:])
+        before, rest = tok.decode(context[:at]), tok.decode(context[at:])
+        needle_text = tok.decode(needle_ids)
+        if not before:  # depth 0: the needle opens the context
+            needle_text = needle_text.lstrip()
+        if rest and not rest[0].isspace():  # keep "...Felix. At first", never "...Felix.At first"
+            rest = " " + rest
+        text = before + needle_text + rest
         ids = self._text(text, needle)
         return NiahPrompt(torch.tensor([ids]), locate_answer(tok, ids, needle), length, depth)
 
@@ -279,7 +295,7 @@ def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], *
 
 
 def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
-             out: Path | None = None, chat_template: bool = False, quiet: bool = False, label: str = "niah",
+             out: Path | None = None, chat_template: bool | None = None, quiet: bool = False, label: str = "niah",
              extra: dict | None = None, decode=None, prompt: PromptKind = "clean") -> list[dict]:
     """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`).
     With `decode`, trials use it instead of greedy decoding; `extra` must then name the system, since
@@ -288,6 +304,7 @@ def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: li
 
     check_lengths(model, lengths)
     check_depths(depths)
+    chat_template = use_chat_template(tokenizer, chat_template)
     builder = prompt_builder(prompt, tokenizer, haystack, chat_template, max(lengths))
 
     def work(cell):

@@ -36,13 +36,14 @@ def random_heads(layers: int, heads: int, k: int, exclude: set, seed: int) -> li
 
 
 def ablate(model, tokenizer, scores: dict, k: int, grid: N.Grid, mode: Mode = "uniform", phase: Phase = "decode",
-           seeds: int = 3, out: Path | None = None, quiet: bool = False) -> dict:
+           seeds: int = 3, out: Path | None = None, quiet: bool = False, chat_template: bool | None = None) -> dict:
     """NIAH with no mask, the top-K heads masked, and K random non-retrieval heads per seed."""
-    return ablate_sweep(model, tokenizer, scores, [k], grid, mode, phase, seeds, out, quiet)[0]
+    return ablate_sweep(model, tokenizer, scores, [k], grid, mode, phase, seeds, out, quiet, chat_template)[0]
 
 
 def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mode: Mode = "uniform",
-                 phase: Phase = "decode", seeds: int = 3, out: Path | None = None, quiet: bool = False) -> list[dict]:
+                 phase: Phase = "decode", seeds: int = 3, out: Path | None = None, quiet: bool = False,
+                 chat_template: bool | None = None) -> list[dict]:
     """`ablate` for every K in `ks`; the unmasked grid, the same for every K, runs once."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     outside = [key for key in scores if not (0 <= key[0] < layers and 0 <= key[1] < heads)]
@@ -54,7 +55,8 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mo
         with intervene(model, mask=mask):
             rows = N.evaluate(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
                               label=f"K={k} {name}" + (f" (seed {seed})" if name == "random" else "") if k else name,
-                              extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase})
+                              extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase},
+                              chat_template=chat_template)
         return N.summarize(rows)
 
     exclude = excluded_heads(scores)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
+from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
 from attnkit.errors import AttnkitError
 
 heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2024).")
@@ -30,7 +30,7 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
                                                              "code); --no-first-token skips it (neither does)"),
                  prompt: str = typer.Option("authors", help="authors (their construction, artefacts included: scores "
                                                             "comparable with the published files) or clean"),
-                 chat_template: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+                 chat_template: Optional[bool] = CHAT_TEMPLATE,
                  threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
                  device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  out: Path = typer.Option(Path("detect_trials.jsonl"), help="trials, appended as they finish; reruns resume"),
@@ -81,6 +81,7 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
                  needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                  haystack: Optional[Path] = typer.Option(None),
                  lengths: str = typer.Option("512,1024,2048"), depths: str = typer.Option("0,25,50,75,100"),
+                 chat_template: Optional[bool] = CHAT_TEMPLATE,
                  device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                  out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
                  plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
@@ -102,7 +103,7 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
     runs = A.ablate_sweep(mdl, tok, data, k_list, N.Grid(needle_list, hay, length_list, depth_list),
-                          mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json)
+                          mode=mode, phase=phase, seeds=seeds, out=out, quiet=as_json, chat_template=chat_template)
     if len(runs) > 1:
         if plot:
             from attnkit.evals.plots import ablation_curve
@@ -187,28 +188,38 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             seed: int = typer.Option(0, help="random choice: the draw"),
             as_json: bool = typer.Option(False, "--json")):
     """Which KV heads keep the full cache, and the cache's size against the full cache (no weights loaded)."""
-    from attnkit.core.kvcache import full_kv_bytes
-    from attnkit.core.loading import head_dim as model_head_dim
+    from attnkit.core.family import architecture
+    from attnkit.core.kvcache import native_kv_bytes
     from attnkit.core.loading import load_config
-    from attnkit.heads.kvplan import model_shape
+    from attnkit.heads.kvplan import budget_count, choosable
 
     token_list = ints(tokens, "--tokens")
     cfg = load_config(model)
     kv = kv_options_config(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
-    layers, heads, kv_heads = model_shape(cfg)
-    head_dim = model_head_dim(cfg)
-    sizes = [{"tokens": t, "full_cache_bytes": full_kv_bytes(layers, kv_heads, head_dim, t, 1, dtype_bytes),
-              "bytes": kv.kv_bytes(layers, kv_heads, head_dim, t, 1, dtype_bytes)} for t in token_list]
+    arch = architecture(cfg)
+    pool = len(choosable(cfg))
+    wanted = budget_count(full, count, pool) if choose in ("retrieval", "random") else len(kv.full)
+    sizes = [{"tokens": t, "full_cache_bytes": native_kv_bytes(arch, t, 1, dtype_bytes),
+              "bytes": kv.kv_bytes(arch, t, 1, dtype_bytes)} for t in token_list]
     for s in sizes:
         s["ratio"] = round(s["bytes"] / s["full_cache_bytes"], 4)
-    result = {"full_heads": sorted(kv.full), "kv_heads": layers * kv_heads, "sink": sink, "window": window,
-              "sizes": sizes}
+    sliding = [l for l, t in enumerate(arch.layer_types) if t == "sliding"]
+    result = {"full_heads": sorted(kv.full), "kv_heads": arch.layers * arch.kv_heads, "choosable_kv_heads": pool,
+              "requested": wanted, "unfilled": wanted - len(kv.full), "sliding_layers": sliding,
+              "sink": sink, "window": window, "sizes": sizes}
 
     def render():
-        console.print(f"{len(kv.full)} of {layers * kv_heads} KV heads keep the full cache: "
-                      + ", ".join(f"{l}-{h}" for l, h in sorted(kv.full)), highlight=False)
+        console.print(f"{len(kv.full)} of {pool} choosable KV heads keep the full cache: "
+                      + (", ".join(f"{l}-{h}" for l, h in sorted(kv.full)) or "none"), highlight=False)
+        if sliding:
+            console.print(f"{len(sliding)} of {arch.layers} layers are sliding-window layers (window "
+                          f"{arch.windows[sliding[0]]}): they keep their own window in both caches, and only the "
+                          f"{len(arch.full_layers)} full-attention layers' KV heads can be chosen", highlight=False)
+        if result["unfilled"] > 0:
+            console.print(f"the budget asks for {wanted} heads, but only {len(kv.full)} scored above 0: "
+                          f"{result['unfilled']} place(s) left unused", highlight=False)
         table = Table(title=f"KV cache per sequence ({dtype_bytes}-byte values), sink {sink}, window {window}")
-        for col in ("tokens", "full cache", "this cache", "ratio"):
+        for col in ("tokens", "model's own cache", "this cache", "ratio"):
             table.add_column(col, justify="right")
         for s in sizes:
             table.add_row(f"{s['tokens']:,}", _gib(s["full_cache_bytes"]), _gib(s["bytes"]), f"{s['ratio']:.3f}")
@@ -230,6 +241,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
                lengths: str = typer.Option("2048"), depths: str = typer.Option("0,25,50,75,100"),
+               chat_template: Optional[bool] = CHAT_TEMPLATE,
                device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
                out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
                plot: Optional[Path] = typer.Option(None, help="recall against KV memory, one line per head choice"),
@@ -255,7 +267,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     check_shape(data, *model_shape(mdl.config)[:2])
     results = compare(mdl, tok, data, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
-                      CacheSettings(sink, window, chunk), seeds, out, quiet=as_json)
+                      CacheSettings(sink, window, chunk), seeds, out, quiet=as_json, chat_template=chat_template)
     if plot:
         from attnkit.evals.plots import kv_tradeoff
         kv_tradeoff(results, plot, title=f"{Path(model).name}: NIAH at {max(length_list)} tokens, "

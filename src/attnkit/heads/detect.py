@@ -50,10 +50,12 @@ def haystacks_for(needles: list[N.Needle], haystack: str | Path | None) -> list[
 def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], lengths: list[int],
            depths: list[float], out: Path | None = None, count: Count = "unique", first_token: bool = True,
            min_recall: float = MIN_RECALL, quiet: bool = False, prompt: Literal["authors", "clean"] = "authors",
-           chat_template: bool = False) -> tuple[dict, list[dict]]:
-    """Return ({(layer, head): [per-trial scores of counted trials]}, trial rows)."""
+           chat_template: bool | None = None) -> tuple[dict, list[dict]]:
+    """Return ({(layer, head): [per-trial scores of counted trials]}, trial rows). `chat_template`
+    None: the tokenizer's template when it has one."""
     N.check_lengths(model, lengths)
     N.check_depths(depths)
+    chat_template = N.use_chat_template(tokenizer, chat_template)
     builders = {}
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
 

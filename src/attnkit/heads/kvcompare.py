@@ -11,10 +11,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnkit.core.kvcache import HeadKV, HeadKVConfig, full_kv_bytes
-from attnkit.core.loading import head_dim
+from attnkit.core.family import architecture
+from attnkit.core.kvcache import HeadKV, HeadKVConfig, native_kv_bytes
 from attnkit.evals import niah as N
-from attnkit.heads.kvplan import model_shape, plan
+from attnkit.heads.kvplan import plan
 
 
 @dataclass(frozen=True)
@@ -35,23 +35,23 @@ def label(how: str, full: float, settings: CacheSettings, seed: int = 0) -> str:
 
 
 def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
-    layers, heads, kv_heads = model_shape(model_config)
-    width = head_dim(model_config)
-    return config.kv_bytes(layers, kv_heads, width, tokens) / full_kv_bytes(layers, kv_heads, width, tokens)
+    """This cache's bytes over the model's own cache (hybrid models: sliding layers counted as they are)."""
+    arch = architecture(model_config)
+    return config.kv_bytes(arch, tokens) / native_kv_bytes(arch, tokens)
 
 
 def compare(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
             settings: CacheSettings = CacheSettings(), seeds: int = 1, out: Path | None = None,
-            quiet: bool = False) -> list[dict]:
+            quiet: bool = False, chat_template: bool | None = None) -> list[dict]:
     """One result per system: {system, full, kv_ratio (at the longest length), recall, grid}."""
     tokens = max(grid.lengths)
 
-    def run(how: str, full: float, seed: int = 0) -> dict:
-        cfg = plan(scores, model.config, how, full, sink=settings.sink, window=settings.window,
+    def run(how: str, full: float, seed: int = 0, count: int | None = None) -> dict:
+        cfg = plan(scores, model.config, how, full, count, sink=settings.sink, window=settings.window,
                    prefill_chunk=settings.prefill_chunk, seed=seed)
         name = label(how, full, settings, seed)
         decoder = N.Decoder(name, {"cache": name}, None if how == "all" else HeadKV(model, cfg).decoder(tokenizer))
-        summary = N.compare(model, tokenizer, grid, [decoder], out, quiet)[name]
+        summary = N.compare(model, tokenizer, grid, [decoder], out, quiet, chat_template=chat_template)[name]
         return {"system": how, "full": full, "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4),
                 "recall": summary["mean_recall"], "grid": summary["grid"]}
 
@@ -59,8 +59,10 @@ def compare(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
     for full in budgets:
         if full <= 0 or full >= 1:
             continue  # the all-window and full-cache rows already cover these budgets
-        results.append(run("retrieval", full))
-        draws = [run("random", full, s) for s in range(seeds)]
+        chosen = run("retrieval", full)
+        results.append(chosen)
+        same = len(plan(scores, model.config, "retrieval", full).full)  # random at the retrieval row's memory
+        draws = [run("random", full, s, same) for s in range(seeds)]
         recalls = [d["recall"] for d in draws if d["recall"] is not None]
         results.append({**draws[0], "recall": round(statistics.fmean(recalls), 2) if recalls else None,
                         "recall_std": round(statistics.pstdev(recalls), 2) if len(recalls) > 1 else 0.0,

@@ -3,6 +3,12 @@
 The unit is the KV head: under GQA every query head of a group reads the same keys, so a KV head
 keeps the full cache when it is chosen, and its score is the max over its query heads (the head the
 group cannot lose; `reduce="mean"` is the alternative).
+
+Only KV heads of full-attention layers can be chosen: a hybrid model's sliding layers (Gemma 3)
+keep their own window whatever the plan says, so budgets are fractions of the full-attention KV
+heads. A retrieval choice takes heads that scored above 0 only: when fewer did than the budget
+asks, the rest of the budget stays unused (and `kv plan` says so) rather than going to score-0
+heads picked by index order.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
+from attnkit.core.family import architecture
 from attnkit.core.kvcache import HeadKVConfig
 from attnkit.errors import AttnkitError
 from attnkit.heads.scores import THRESHOLD, mean_scores
@@ -20,8 +27,14 @@ CHOICES = ("retrieval", "random", "none", "all")
 
 def model_shape(config) -> tuple[int, int, int]:
     """(layers, query heads, KV heads) of a model config."""
-    heads = config.num_attention_heads
-    return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads
+    arch = architecture(config)
+    return arch.layers, arch.query_heads, arch.kv_heads
+
+
+def choosable(model_config) -> list[tuple[int, int]]:
+    """The (layer, KV head) pairs a plan may give the full cache: those of full-attention layers."""
+    arch = architecture(model_config)
+    return [(l, g) for l in arch.full_layers for g in range(arch.kv_heads)]
 
 
 def check_shape(scores: dict, layers: int, heads: int) -> None:
@@ -64,25 +77,28 @@ def choose_full_heads(scores: dict | None, model_config, how: Choice = "retrieva
                       seed: int = 0) -> frozenset[tuple[int, int]]:
     """The (layer, KV head) pairs that keep the full cache.
 
-    retrieval: the top KV heads by score; random: as many, drawn (seeded) from the KV heads that are
-    not retrieval heads (score <= 0.1); none: no head (StreamingLLM); all: every head (full cache).
+    Heads come from the full-attention layers (`choosable`); `full` is a fraction of those.
+    retrieval: the top KV heads by score, among those scoring above 0; random: as many as the budget,
+    drawn (seeded) from the KV heads that are not retrieval heads (score <= 0.1); none: no head
+    (StreamingLLM); all: every choosable head (the model's own cache).
     """
     layers, heads, kv_heads = model_shape(model_config)
-    total = layers * kv_heads
+    pool_all = choosable(model_config)
+    total = len(pool_all)
     if how not in CHOICES:
         raise AttnkitError(f"unknown head choice {how!r}: use one of {', '.join(CHOICES)}")
     if how == "none":
         return frozenset()
     if how == "all":
-        return frozenset((l, g) for l in range(layers) for g in range(kv_heads))
+        return frozenset(pool_all)
     n = budget_count(full, count, total)
     if scores is None:
         raise AttnkitError(f"choosing heads by '{how}' needs a retrieval-score file")
     kv_scores = kv_head_scores(scores, layers, heads, kv_heads, reduce)
-    ranked = sorted(kv_scores, key=lambda k: (-kv_scores[k], k))
     if how == "retrieval":
+        ranked = sorted((k for k in pool_all if kv_scores[k] > 0), key=lambda k: (-kv_scores[k], k))
         return frozenset(ranked[:n])
-    pool = [k for k in sorted(kv_scores) if kv_scores[k] <= THRESHOLD]
+    pool = [k for k in pool_all if kv_scores[k] <= THRESHOLD]
     if n > len(pool):
         raise AttnkitError(f"cannot draw {n} random KV heads: only {len(pool)} of {total} are not retrieval heads")
     return frozenset(random.Random(seed).sample(pool, n))

@@ -50,7 +50,8 @@ def local_app(engine: Engine, name: str, api_key: str | None = None, max_body: i
         wanted = req.new_tokens() or default_max_tokens
         params = Params(min(wanted, room) if room is not None else wanted,
                         req.temperature if req.temperature is not None else DEFAULT_TEMPERATURE,
-                        req.top_p if req.top_p is not None else DEFAULT_TOP_P, req.seed, list(req.stop or []))
+                        req.top_p if req.top_p is not None else DEFAULT_TOP_P, req.seed,
+                        list(req.stop or []) + turn_stops(engine.tokenizer))
         events = _submit(engine, ids, params)
         first = await anext(events)  # a generation that fails at once is answered as an error, not a stream
         if first.kind == "error":
@@ -62,6 +63,12 @@ def local_app(engine: Engine, name: str, api_key: str | None = None, max_body: i
         return await _collect(cid, name, first, events, request)
 
     return app
+
+
+def turn_stops(tokenizer) -> list[str]:
+    """A base model without a chat template is prompted with `render_plain` ("User: ...\n\nAssistant:");
+    its answer ends where it starts writing the user's next turn."""
+    return [] if getattr(tokenizer, "chat_template", None) else ["\n\nUser:"]
 
 
 def _tokenize(tokenizer, messages: list[dict]) -> list[int]:

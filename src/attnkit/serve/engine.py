@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from attnkit.core.decode import eos_ids, last_logits_only, sample_token
+from attnkit.core.decode import cache_kwarg, eos_ids, last_logits_only, sample_token
 
 
 @dataclass
@@ -75,12 +75,12 @@ class PlainDecoder:
             prompt = torch.tensor([ids], device=device)
             chunk = self.kv.prefill_chunk if self.kv is not None else prompt.shape[1]
             for start in range(0, prompt.shape[1], chunk):
-                out = model(input_ids=prompt[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                out = model(input_ids=prompt[:, start:start + chunk], use_cache=True, **cache_kwarg(model, cache),
                             **last_logits_only(model))
             while True:
                 token = sample_token(out.logits[:, -1], p.temperature, p.top_p, gen)
                 yield int(token[0])
-                out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+                out = model(input_ids=token.view(1, 1), use_cache=True, **cache_kwarg(model, cache))
 
 
 class BucketsDecoder:
