@@ -8,6 +8,8 @@ import torch
 from attnkit import AttnkitError
 from attnkit.buckets import BucketedModel, BucketsConfig, combine, search_bases, waveform
 from attnkit.buckets.search import _merge, dominant_peaks, dominant_troughs
+from attnkit.core.loading import rope_base
+from attnkit.core.rope import config_with_base
 from conftest import tiny_model
 
 
@@ -98,14 +100,14 @@ def test_combine_modes_follow_their_definitions():
         assert torch.allclose(combine(same, mode)[0].exp(), same[:, 0].softmax(-1), atol=1e-6)
 
 
-@pytest.mark.parametrize("family,kv", [("llama", 4), ("qwen2", 2)])
+@pytest.mark.parametrize("family,kv", [("llama", 4), ("qwen2", 2), ("gemma3", 2)])
 def test_single_base_generation_equals_model_generate(family, kv):
     model = tiny_model(family, kv_heads=kv)
     torch.manual_seed(1)
     ids = torch.randint(3, 97, (1, 40))
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          pad_token_id=0)[0, 40:].tolist()
-    bm = BucketedModel(model, _FakeTok(), BucketsConfig([10000.0]))
+    bm = BucketedModel(model, _FakeTok(), BucketsConfig([rope_base(model.config)]))
     ours, _ = bm.generate_ids(ids, max_new_tokens=12)
     assert ours[0] == ref[:len(ours[0])] and len(ours[0]) == len(ref)
 
@@ -174,3 +176,23 @@ class _FakeTok:
 
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(map(str, ids))
+
+
+def test_per_layer_type_bases_move_the_global_layers_only():
+    """Gemma 3 rule: a bucket's base replaces the full-attention layers' base; sliding layers keep theirs.
+    Each row of the buckets equals a model whose config says exactly that."""
+    model = tiny_model("gemma3", kv_heads=2)
+    cfg = config_with_base(model.config, 250000.0)
+    assert cfg.rope_parameters["full_attention"]["rope_theta"] == 250000.0
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    assert model.config.rope_parameters["full_attention"]["rope_theta"] == 1000000.0  # a copy, not an edit
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (1, 30))
+    bases = [1000000.0, 250000.0]
+    ours = BucketedModel(model, _FakeTok(), BucketsConfig(bases)).logits(ids)
+    for b, base in enumerate(bases):
+        other = copy.deepcopy(model)
+        other.config.rope_parameters = config_with_base(model.config, base).rope_parameters
+        other.model.rotary_emb = type(model.model.rotary_emb)(config=other.config)
+        assert torch.allclose(ours[:, b], other(input_ids=ids).logits[:, -1], atol=1e-5), base
+    assert not torch.allclose(ours[:, 0], ours[:, 1], atol=1e-3)  # the base reaches the output

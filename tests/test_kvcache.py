@@ -40,9 +40,9 @@ AttentionMaskInterface.register("test_window_reference", ALL_MASK_ATTENTION_FUNC
 
 
 def _reference_logits(model, ids, mask, config: HeadKVConfig):
-    kv = model.config.num_key_value_heads
-    REF.update(windowed={l: {h for h in range(kv) if (l, h) not in config.full}
-                         for l in range(model.config.num_hidden_layers)},
+    arch = architecture(model.config)  # a native sliding layer is left to the model's own sliding mask
+    REF.update(windowed={l: {h for h in range(arch.kv_heads) if (l, h) not in config.full} if kind == "full" else set()
+                         for l, kind in enumerate(arch.layer_types)},
                sink=config.sink, window=config.window, padding=mask)
     base = model.config._attn_implementation
     model.set_attn_implementation("test_window_reference")
@@ -159,4 +159,27 @@ def test_bad_settings_are_clear_errors():
     flash.config._attn_implementation = "flex_attention"
     with pytest.raises(AttnkitError, match="supports attention implementations"):
         with head_kv(flash, HeadKVConfig()):
+            pass
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hybrid_model_keeps_its_sliding_layers_and_equals_the_reference(attn):
+    """Gemma-3-style layers (full, sliding 8, full): the sliding layer keeps the model's own window cache,
+    the full layers follow the plan; logits equal the reference and the bytes the per-layer formula."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    model = tiny_model("gemma3", 2, attn=attn)
+    arch = architecture(model.config)
+    ids, mask = _batch(tokens=30)
+    config = HeadKVConfig(full={(0, 1)}, sink=3, window=6, prefill_chunk=7)
+    reference = _reference_logits(model, ids, mask, config)
+    with head_kv(model, config) as hkv, torch.no_grad():
+        out, cache = hkv.prefill(ids, mask)
+        assert isinstance(cache.layers[1], DynamicSlidingWindowLayer)
+        assert cache.kv_bytes() == config.kv_bytes(arch, 30, batch=2, bytes_per_value=4)
+    torch.testing.assert_close(out.logits[:, -1], reference[:, -1], atol=2e-4, rtol=1e-4)
+    # native sliding layers count as they are: 7 kept tokens there, all 30 in full layers
+    assert native_kv_bytes(arch, 30, bytes_per_value=4) == 2 * 16 * 4 * 2 * (30 + 7 + 30)
+    with pytest.raises(AttnkitError, match="sliding-window layer"):
+        with head_kv(model, HeadKVConfig(full={(1, 0)})):
             pass

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import result_lines
 
@@ -98,3 +99,36 @@ def test_detection_needles_and_pg_haystack_build(shared_data, embedded):
             # the span holds the answer, not just any window (the > 90% set-overlap rule may start it a
             # few tokens early, as the authors' does, so the last word can be cut)
             assert sum(w.strip(",.") in found for w in words) / len(words) > 0.8
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose greedy continuation is a fixed list of token ids."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.script, self.vocab, self.step = script, vocab, 0
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"_attn_implementation": "sdpa"})()
+        self.generation_config = type("G", (), {"eos_token_id": None})()
+
+    def forward(self, input_ids, **kw):
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+        logits[0, -1, self.script[min(self.step, len(self.script) - 1)]] = 1.0
+        self.step += 1
+        return type("O", (), {"logits": logits})()
+
+
+def test_clean_stop_rule_lets_an_answer_begin_after_leading_newlines(embedded):
+    """An instruct model prompted raw often opens with a newline: that must not end the answer (it did,
+    leaving it empty); a newline after the answer still ends it, and the authors' rule stops at once."""
+    from attnkit.core.decode import greedy_decode
+
+    _, tok = embedded
+    nl, space = tok("\n", add_special_tokens=False)["input_ids"], tok(" ", add_special_tokens=False)["input_ids"]
+    answer = tok(" 963838", add_special_tokens=False)["input_ids"]
+    script = nl + space + nl + answer + nl + answer
+    ids = greedy_decode(_Scripted(script, len(tok)), tok, torch.tensor([[5, 6]]), 20, cache=object())
+    assert tok.decode(ids).strip() == "963838" and ids == nl + space + nl + answer + nl
+    ids = greedy_decode(_Scripted(script, len(tok)), tok, torch.tensor([[5, 6]]), 20, cache=object(),
+                        stop_rule="authors")
+    assert ids == nl

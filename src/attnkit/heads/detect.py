@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.runner import run_grid
@@ -57,7 +58,8 @@ def detect(model, tokenizer, needles: list[N.Needle], haystacks: list[str], leng
     N.check_depths(depths)
     chat_template = N.use_chat_template(tokenizer, chat_template)
     builders = {}
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    arch = architecture(model.config)
+    layers, heads = arch.layers, arch.query_heads
 
     def work(cell):
         i = cell["needle"]

@@ -46,6 +46,18 @@ def summary(scores, top: int = 20, threshold: float = THRESHOLD) -> dict:
             "top": [[l, h, round(m, 2)] for l, h, m in rank[:top]]}
 
 
+def by_layer_type(scores, arch, threshold: float = THRESHOLD) -> dict[str, dict]:
+    """Where the retrieval heads live in a hybrid model: per layer type ("full" / "sliding"), how many
+    heads it has and how many score above `threshold`."""
+    means = mean_scores(scores)
+    out: dict[str, dict] = {}
+    for (l, _), m in means.items():
+        row = out.setdefault(arch.layer_types[l], {"heads": 0, "above_threshold": 0})
+        row["heads"] += 1
+        row["above_threshold"] += int(m > threshold)
+    return out
+
+
 def as_grid(scores) -> torch.Tensor:
     """Mean scores as a [layers, heads] tensor."""
     means = mean_scores(scores)
