@@ -36,3 +36,19 @@ def test_roundtrip_and_bad_file(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(AttnkitError, match="not a retrieval-score file"):
         S.load_scores(tmp_path / "bad.json")
+
+
+def test_scores_by_layer_type_on_a_hybrid_model(tmp_path):
+    """Gemma-style models: where the retrieval heads sit, full vs sliding layers, from the score file."""
+    from attnkit.core.family import architecture
+    from conftest import run_cli, tiny_config
+
+    arch = architecture(tiny_config("gemma3"))  # layers: full, sliding, full; 4 heads each
+    scores = {(l, h): [0.9 if (l, h) in {(0, 1), (2, 3), (1, 0)} else 0.0] for l in range(3) for h in range(4)}
+    assert S.by_layer_type(scores, arch) == {"full": {"heads": 8, "above_threshold": 2},
+                                             "sliding": {"heads": 4, "above_threshold": 1}}
+    tiny_config("gemma3").save_pretrained(tmp_path / "m")
+    S.save_scores(scores, tmp_path / "s.json")
+    r = run_cli("heads", "show", str(tmp_path / "s.json"), "--model", str(tmp_path / "m"), "--json")
+    res = json.loads(r.stdout)
+    assert res["by_layer_type"]["sliding"]["above_threshold"] == 1 and set(res["top_layer_types"][:3]) == {"full", "sliding"}

@@ -132,3 +132,23 @@ def test_clean_stop_rule_lets_an_answer_begin_after_leading_newlines(embedded):
     ids = greedy_decode(_Scripted(script, len(tok)), tok, torch.tensor([[5, 6]]), 20, cache=object(),
                         stop_rule="authors")
     assert ids == nl
+
+
+def test_decoding_passes_the_cache_under_the_name_transformers_wants(embedded):
+    """transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)."""
+    import warnings
+
+    model, tok = embedded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        rows = N.evaluate(model, tok, N.passkey_needles()[:1], N.load_haystack(None), [256], [50], quiet=True)
+    assert rows[0]["answer"] is not None
+
+
+def test_a_needle_at_depth_0_is_separated_from_the_haystack(embedded):
+    _, tok = embedded
+    needle = N.passkey_needles()[0]
+    hay = "At first the mill was quiet. " * 200
+    for depth in (0, 50):
+        text = tok.decode(N.PromptBuilder(tok, hay).build(needle, 256, depth).input_ids[0])
+        assert needle.needle + " " in text, text[:200]

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .core.family import architecture
 from .core.loading import head_dim as model_head_dim
 from .core.loading import load_model, model_info, rope_base
 from .evals import niah as N
@@ -148,11 +149,11 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     say("\n[bold]4. Attention Buckets[/bold] (Chen et al. 2024)")
     cfg = model.config
     head_dim = model_head_dim(cfg)
-    m0, m1 = default_distances(cfg.max_position_embeddings)
+    m0, m1 = default_distances(architecture(cfg).max_positions)
     base = rope_base(cfg)
     found = search_bases([base], 4, lo=base, hi=3 * base, step=base / 20, distances=(m0, m1), head_dim=head_dim)
     bases = found.bases
-    waveform_plot(bases, head_dim, np.arange(0, cfg.max_position_embeddings), out_dir / "waveform.png",
+    waveform_plot(bases, head_dim, np.arange(0, architecture(cfg).max_positions), out_dir / "waveform.png",
                   search_range=(m0, m1))
     say(f"bases from the search (head dim {head_dim}, m {m0}..{m1}): {', '.join(f'{b:g}' for b in bases)}; "
         f"waveforms: {out_dir / 'waveform.png'}")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers, span
+from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
 buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et al. 2024): RoPE bases in parallel.")
@@ -25,7 +26,7 @@ def _model_rope(model: str) -> tuple[float, int, int]:
     base = rope_base(cfg)
     if base is None:
         raise AttnkitError(f"{model} has no RoPE base in its config; Attention Buckets needs a RoPE model")
-    return base, head_dim(cfg), int(cfg.max_position_embeddings)
+    return base, head_dim(cfg), int(architecture(cfg).max_positions)
 
 
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: str, distances: Optional[str],

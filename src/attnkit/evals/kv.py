@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..core.family import architecture
 from ..errors import AttnkitError
 
 PROMPT = ('Extract the value corresponding to the specified key in the JSON object below.\n\n'
@@ -104,7 +105,7 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
     from .runner import run_grid
 
     chat = use_chat_template(tokenizer, chat_template)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = architecture(model.config).max_positions
     first = format_prompt(place_gold(examples[0], num_pairs, 0), examples[0].key, template)
     need = len(tokenizer(first)["input_ids"]) + 2 * len(tokenizer(examples[0].value)["input_ids"])
     if limit and need > limit:

@@ -18,6 +18,7 @@ from typing import Callable, Literal
 
 import torch
 
+from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
@@ -230,7 +231,7 @@ def check_depths(depths: list[float]) -> None:
 
 
 def check_lengths(model, lengths: list[int]) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = architecture(model.config).max_positions
     too_long = [L for L in lengths if limit and L > limit]
     if too_long:
         raise AttnkitError(f"context length {too_long[0]} is above the model's max positions ({limit})")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
+from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
 heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2024).")
@@ -38,7 +39,6 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
                  top: int = typer.Option(20), plot: Optional[Path] = typer.Option(None),
                  as_json: bool = typer.Option(False, "--json")):
     """Detect retrieval heads with NIAH trials (Wu et al. 2024)."""
-    from attnkit.core.family import architecture
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
     from attnkit.heads import detect as D
@@ -50,9 +50,10 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
     if prompt not in N.PROMPTS:
         raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    limit = max_length or mdl.config.max_position_embeddings
-    if limit > mdl.config.max_position_embeddings:
-        raise AttnkitError(f"--max-length {limit} is above the model's max positions ({mdl.config.max_position_embeddings})")
+    positions = architecture(mdl.config).max_positions
+    limit = max_length or positions
+    if limit > positions:
+        raise AttnkitError(f"--max-length {limit} is above the model's max positions ({positions})")
     length_list = ints(lengths, "--lengths") if lengths else D.default_lengths(limit)
     depth_list = floats(depths, "--depths") if depths else D.default_depths()
     needle_list = N.load_needles(needles)
@@ -94,7 +95,6 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
                  plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
                  as_json: bool = typer.Option(False, "--json")):
     """NIAH with no mask vs the top-K retrieval heads masked vs K random non-retrieval heads."""
-    from attnkit.core.family import architecture
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
     from attnkit.heads import ablate as A
@@ -140,12 +140,22 @@ def heads_show(file: Path = typer.Argument(..., help="score file: one JSON objec
                top: int = typer.Option(20, help="how many heads to list"),
                threshold: float = typer.Option(0.1, help="retrieval-head threshold on the mean score"),
                plot: Optional[Path] = typer.Option(None, help="write a layer x head heatmap PNG"),
+               model: Optional[str] = typer.Option(None, help="the scores' model: adds each head's layer type "
+                                                   "(full / sliding attention; no weights loaded)"),
                as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Rank the heads of a retrieval-score file."""
+    from attnkit.core.loading import load_config
     from attnkit.heads import scores as S
+    from attnkit.heads.kvplan import check_shape
 
     data = S.load_scores(file)
     result = S.summary(data, top, threshold)
+    arch = None
+    if model is not None:
+        arch = architecture(load_config(model))
+        check_shape(data, arch.layers, arch.query_heads)
+        result["by_layer_type"] = S.by_layer_type(data, arch, threshold)
+        result["top_layer_types"] = [arch.layer_types[l] for l, _, _ in result["top"]]
     if plot:
         S.plot_heatmap(S.as_grid(data), plot, title=file.stem)
     if as_json:
@@ -153,11 +163,14 @@ def heads_show(file: Path = typer.Argument(..., help="score file: one JSON objec
         return
     table = Table(title=f"{file.name}: {result['above_threshold']} of {result['heads']} heads above "
                         f"{threshold} ({100 * result['fraction_above']:.1f}%)")
-    for col in ("rank", "layer", "head", "score"):
+    for col in ("rank", "layer", "head", "score") + (("attention",) if arch else ()):
         table.add_column(col, justify="right")
     for i, (l, h, m) in enumerate(result["top"], 1):
-        table.add_row(str(i), str(l), str(h), f"{m:.2f}")
+        table.add_row(str(i), str(l), str(h), f"{m:.2f}", *((arch.layer_types[l],) if arch else ()))
     Console().print(table)
+    for kind, row in result.get("by_layer_type", {}).items():
+        console.print(f"{kind}-attention layers: {row['above_threshold']} of {row['heads']} heads above {threshold}",
+                      highlight=False)
 
 
 KV_CHOICE_HELP = "which KV heads keep the full cache: retrieval (top scores), random, none (all sink + window)"
@@ -199,7 +212,6 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             seed: int = typer.Option(0, help="random choice: the draw"),
             as_json: bool = typer.Option(False, "--json")):
     """Which KV heads keep the full cache, and the cache's size against the full cache (no weights loaded)."""
-    from attnkit.core.family import architecture
     from attnkit.core.kvcache import native_kv_bytes
     from attnkit.core.loading import load_config
     from attnkit.heads.kvplan import budget_count, choosable

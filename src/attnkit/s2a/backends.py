@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from ..core.family import architecture
 from ..core.decode import eos_ids, left_padded, render_chat
 from ..errors import AttnkitError
 
@@ -67,7 +68,7 @@ class HFBackend:
     def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]:
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = architecture(model.config).max_positions
         out = []
         for i in range(0, len(conversations), self.batch_size):
             texts = [self.render(m) for m in conversations[i:i + self.batch_size]]

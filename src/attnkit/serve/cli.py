@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, quiet_transformers
+from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
 
@@ -104,4 +105,4 @@ def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full,
         decoder = BucketsDecoder(BucketedModel(mdl, tok, BucketsConfig(resolve_bases(model, bases, search))))
     else:
         decoder = PlainDecoder(mdl, kv)
-    return Engine(decoder, tok, getattr(mdl.config, "max_position_embeddings", None), max_queue)
+    return Engine(decoder, tok, architecture(mdl.config).max_positions, max_queue)
