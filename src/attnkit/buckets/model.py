@@ -162,11 +162,12 @@ class BucketedModel:
         return tokens, weights
 
     def system(self):
-        """This model as an evaluation system (`attnkit.evals.kv.System`): greedy, cut at a newline."""
+        """This model as an evaluation system (`attnkit.evals.kv.System`): greedy; a raw prompt is cut at a newline."""
         from ..evals.kv import System
 
         def generate(prompt: str, max_new_tokens: int, chat_template: bool = False) -> str:
-            return self.generate(prompt, max_new_tokens=max_new_tokens, stop=("\n",), chat_template=chat_template)[0].text
+            stop = () if chat_template else ("\n",)  # a chat answer ends with its turn
+            return self.generate(prompt, max_new_tokens=max_new_tokens, stop=stop, chat_template=chat_template)[0].text
         return System(generate, {"bases": list(self.config.bases), "combine": self.config.combine})
 
     def as_decoder(self, stop: tuple[str, ...] = ("\n",)):

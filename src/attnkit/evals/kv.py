@@ -24,10 +24,10 @@ PROMPT = ('Extract the value corresponding to the specified key in the JSON obje
 
 @dataclass(frozen=True)
 class System:
-    """One way of answering: `generate(prompt, max_new_tokens, chat_template) -> text`, cut at the first
-    newline (after the answer has begun), with the prompt wrapped in the tokenizer's chat template when
-    `chat_template` is true, and the settings that identify it in a results file. Techniques provide
-    these (`BucketedModel.system()`)."""
+    """One way of answering: `generate(prompt, max_new_tokens, chat_template) -> text`. A raw prompt's
+    answer is cut at the first newline (after it has begun); with `chat_template` the prompt is one
+    user turn of the tokenizer's chat template and the answer runs to the end of the turn. `settings`
+    identify the system in a results file. Techniques provide these (`BucketedModel.system()`)."""
     generate: Callable[[str, int], str]
     settings: dict
 
@@ -117,7 +117,8 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
     def work(cell):
         ex = examples[cell["example"]]
         prompt = format_prompt(place_gold(ex, num_pairs, cell["position"]), ex.key, template)
-        room = len(tokenizer(ex.value, add_special_tokens=False)["input_ids"]) + 8
+        # a chat model often introduces the value on a line of its own: more room, and it ends its turn
+        room = len(tokenizer(ex.value, add_special_tokens=False)["input_ids"]) + (32 if chat else 8)
         answer = systems[cell["system"]].generate(prompt, room, chat)
         return {"answer": answer, "correct": is_correct(answer, ex.value)}
 
