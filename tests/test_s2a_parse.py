@@ -64,3 +64,14 @@ def test_single_rewrite_drops_a_chatty_first_line():
     p = parse(f"Here is the rewritten text:\n{CONTEXT} {QUESTION}", SINGLE)
     assert p.ok and p.context == f"{CONTEXT} {QUESTION}"
     assert not parse("   ", SINGLE).ok
+
+
+def test_a_variant_with_labels_of_its_own_parses():
+    """Labels carry their own key words (prompts.Label); a plain-text label is found by its words, so a
+    new variant never needs the parser edited (it raised StopIteration before)."""
+    from attnkit.s2a.parse import parse
+    from attnkit.s2a.prompts import Label, Variant
+
+    v = Variant("mine", "{text}", Label("Facts only (no opinions):", r"facts?\s+only"), "Ask (plainly):")
+    got = parse("**Facts Only:** Paris is in France.\n**Ask:** What is the capital of France?", v)
+    assert got.ok and got.context == "Paris is in France." and got.question == "What is the capital of France?"

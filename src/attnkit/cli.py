@@ -131,7 +131,6 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
     or the retrieval-head KV cache)."""
-    # (over 60 lines only for its 21 options: the body is about 45)
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
 
@@ -156,7 +155,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
         from attnkit.buckets.cli import resolve_bases
         base_list = resolve_bases(model, bases, search)
         decoders = single_vs_buckets(mdl, tok, BucketsConfig(base_list, combine))
-    summaries = N.compare(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), decoders, out, quiet=as_json,
+    summaries = N.compare_decoders(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), decoders, out, quiet=as_json,
                           chat_template=chat_template, prompt=prompt)
     summary = summaries[decoders[0].name]
     if bases or search:

@@ -116,7 +116,7 @@ def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
     """The detected heads turned into memory savings: 2,048-token passkey NIAH at a quarter of the heads."""
     from .evals.plots import kv_tradeoff
     from .heads import scores as S
-    from .heads.kvcompare import CacheSettings, compare
+    from .heads.kvcompare import CacheSettings, compare_caches
 
     scores_file = out_dir / "head_scores.json"
     if not scores_file.exists():
@@ -125,7 +125,7 @@ def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
     say("\n[bold]3. Retrieval-head KV cache[/bold]: 25% of KV heads keep the whole context, the rest keep "
         "16 sink + 128 recent tokens")
     settings = CacheSettings(sink=16, window=128, prefill_chunk=512)
-    results = compare(model, tok, S.load_scores(scores_file), [0.25], N.Grid(needles, haystack, [2048], [10, 50, 90]),
+    results = compare_caches(model, tok, S.load_scores(scores_file), [0.25], N.Grid(needles, haystack, [2048], [10, 50, 90]),
                       settings, seeds=1, out=out_dir / "kv_trials.jsonl")
     names = {"all": "full cache", "none": "every head sink + window", "retrieval": "retrieval heads full",
              "random": "random heads full"}
@@ -164,7 +164,7 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     for col in ("RoPE bases", *(f"depth {d}%" for d in depths)):
         table.add_column(col, justify="left" if col.startswith("RoPE") else "right")
     decoders = single_vs_buckets(model, tok, BucketsConfig(bases))
-    summaries = N.compare(model, tok, N.Grid(needles, haystack, lengths, depths), decoders,
+    summaries = N.compare_decoders(model, tok, N.Grid(needles, haystack, lengths, depths), decoders,
                           out_dir / "buckets_niah.jsonl")
     for name, summary in summaries.items():
         cells = N.grid_map(summary["grid"])

@@ -182,7 +182,7 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
     """Accuracy by gold position, the model's own RoPE base vs Attention Buckets."""
     from attnkit.buckets import BucketedModel, BucketsConfig
     from attnkit.core.loading import load_model, rope_base
-    from attnkit.evals import kv
+    from attnkit.evals import kv_retrieval as kv
 
     quiet_transformers()
     if num_pairs < 2:

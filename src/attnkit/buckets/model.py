@@ -162,8 +162,8 @@ class BucketedModel:
         return tokens, weights
 
     def system(self):
-        """This model as an evaluation system (`attnkit.evals.kv.System`): greedy; a raw prompt is cut at a newline."""
-        from ..evals.kv import System
+        """This model as an evaluation system (`attnkit.evals.kv_retrieval.System`): greedy; a raw prompt is cut at a newline."""
+        from ..evals.kv_retrieval import System
 
         def generate(prompt: str, max_new_tokens: int, chat_template: bool = False) -> str:
             stop = () if chat_template else ("\n",)  # a chat answer ends with its turn

@@ -1,5 +1,6 @@
 """Decoding helpers shared by every technique: greedy decoding with a KV cache one token at a time (so
-hooks see every decode step), token sampling, the set of end-of-sequence ids, chat rendering."""
+hooks see every decode step), token sampling, the set of end-of-sequence ids, chat rendering and the
+chat-template choice."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import inspect
 from typing import Literal
 
 import torch
+
+from attnkit.errors import AttnkitError
 
 
 @torch.no_grad()
@@ -112,3 +115,18 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
     return render_plain(messages), True
+
+
+def require_chat_template(tokenizer, wanted: bool) -> None:
+    if wanted and not getattr(tokenizer, "chat_template", None):
+        raise AttnkitError("--chat-template: this tokenizer has no chat template (a base model?); leave the option out")
+
+
+def use_chat_template(tokenizer, wanted: bool | None) -> bool:
+    """Whether prompts go through the chat template: `None` (the default everywhere) means yes when the
+    tokenizer has one, so an instruct model is asked the way it was trained; True without a template
+    is an error; False opts out."""
+    if wanted is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    require_chat_template(tokenizer, wanted)
+    return bool(wanted)

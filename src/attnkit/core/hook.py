@@ -134,9 +134,6 @@ class Controller:
         self.mask = mask
         self._keep = {}
 
-    def reset_probes(self) -> None:
-        self.steps, self.step_probs = [], []
-
     # --- results -------------------------------------------------------------------------------
     def positions(self) -> torch.Tensor:
         """Top-k key indices of all probed steps: [steps, layers, batch, heads, k]."""

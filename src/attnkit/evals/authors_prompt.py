@@ -28,28 +28,24 @@ import functools
 
 import torch
 
+from attnkit.core.decode import require_chat_template
 from attnkit.errors import AttnkitError
+from attnkit.evals.needles import NiahPrompt, locate_answer
 
 BUFFER = 200
 QUESTION = "Based on the content of the book, Question: {question}\nAnswer:"
 
 
 @functools.lru_cache(maxsize=8)
-def _period_ids(tokenizer) -> frozenset[int]:
-    return frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == ".")
-
-
 def period_ids(tokenizer) -> frozenset[int]:
     """Ids of every token that is a period, with or without a space marker (Llama's 29889 and 869)."""
-    return _period_ids(tokenizer)
+    return frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == ".")
 
 
 class AuthorsPromptBuilder:
     """Same interface as `niah.PromptBuilder`; see the module docstring for what differs."""
 
     def __init__(self, tokenizer, haystack: str, chat_template: bool = False, min_words: int = 0):
-        from attnkit.evals.niah import require_chat_template
-
         require_chat_template(tokenizer, chat_template)
         self.tok, self.haystack, self.chat = tokenizer, haystack, chat_template
         self.min_words = min_words
@@ -89,8 +85,6 @@ class AuthorsPromptBuilder:
         return tok.decode(tokens)
 
     def build(self, needle, length: int, depth: float):
-        from attnkit.evals.niah import NiahPrompt, locate_answer
-
         tok = self.tok
         context = self.context(needle, length, depth)
         if self.chat:

@@ -1,9 +1,11 @@
-"""Needle-in-a-haystack: prompts built as the retrieval-head authors built them, trials, and grids.
+"""Needle-in-a-haystack: attnkit's clean prompt builder (the authors' one is `authors_prompt`), trials,
+and grids.
 
 Prompt: the haystack cut to fit the context length (room is left for needle, question and answer),
-the needle inserted at the depth on a sentence boundary, then the question template. Greedy decoding
-up to 50 tokens, stopping at a newline or EOS. Score: ROUGE-1 recall (stemmed) against the
-needle's answer, 0-100.
+the needle inserted at the depth on a sentence boundary, then the question template, in the chat
+template when the tokenizer has one. Greedy decoding up to 50 tokens, stopping at EOS, end of turn or
+a newline once the answer has begun. Score: ROUGE-1 recall (stemmed) against the needle's answer,
+0-100.
 """
 
 from __future__ import annotations
@@ -19,17 +21,13 @@ from typing import Callable, Literal
 import torch
 
 from attnkit.core.family import architecture
+from attnkit.core.decode import require_chat_template, use_chat_template  # noqa: F401 (part of this module's API)
 from attnkit.errors import AttnkitError
+from attnkit.evals.authors_prompt import AuthorsPromptBuilder
+from attnkit.evals.needles import Needle, NiahPrompt, find_span, locate_answer  # noqa: F401 (likewise)
 
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
 ANSWER_ROOM = 50
-
-
-@dataclass(frozen=True)
-class Needle:
-    needle: str
-    question: str
-    real_needle: str
 
 
 PromptKind = Literal["clean", "authors"]
@@ -52,14 +50,6 @@ class Decoder:
     name: str
     fields: dict = field(default_factory=dict)
     decode: Callable | None = None
-
-
-@dataclass
-class NiahPrompt:
-    input_ids: torch.Tensor  # [1, tokens]
-    span: tuple[int, int]  # token positions of the answer span inside the prompt
-    length: int
-    depth: float
 
 
 PASSKEY = "passkey"
@@ -128,41 +118,6 @@ def load_haystack(path: str | Path | None = None, min_chars: int = 0) -> str:
     if not text.strip():
         raise AttnkitError(f"haystack {p} is empty")
     return text
-
-
-def locate_answer(tokenizer, ids: list[int], needle: Needle) -> tuple[int, int]:
-    """The answer's span in the prompt; byte-level BPE tokenises a word differently after a space, so
-    both spellings are tried. Not found: an AttnkitError (the trial becomes a counted skip)."""
-    for spelling in (needle.real_needle, " " + needle.real_needle.lstrip()):
-        span = find_span(ids, tokenizer(spelling, add_special_tokens=False)["input_ids"])
-        if span[0] >= 0:
-            return span
-    raise AttnkitError(f"needle not found in the token stream after tokenisation: {needle.needle[:60]!r}")
-
-
-def require_chat_template(tokenizer, wanted: bool) -> None:
-    if wanted and not getattr(tokenizer, "chat_template", None):
-        raise AttnkitError("--chat-template: this tokenizer has no chat template (a base model?); leave the option out")
-
-
-def use_chat_template(tokenizer, wanted: bool | None) -> bool:
-    """Whether prompts go through the chat template: `None` (the default everywhere) means yes when the
-    tokenizer has one, so an instruct model is asked the way it was trained; True without a template
-    is an error; False opts out."""
-    if wanted is None:
-        return bool(getattr(tokenizer, "chat_template", None))
-    require_chat_template(tokenizer, wanted)
-    return bool(wanted)
-
-
-def find_span(prompt_ids: list[int], answer_ids: list[int]) -> tuple[int, int]:
-    """First window of len(answer) tokens whose token set covers > 90% of the answer's token set."""
-    want = set(answer_ids)
-    n = len(answer_ids)
-    for i in range(len(prompt_ids) - n + 1):
-        if len(set(prompt_ids[i:i + n]) & want) / len(want) > 0.9:
-            return i, i + n
-    return -1, -1
 
 
 class PromptBuilder:
@@ -250,7 +205,6 @@ def prompt_builder(kind: str, tokenizer, haystack: str, chat_template: bool = Fa
     if kind == "clean":
         return PromptBuilder(tokenizer, haystack, chat_template)
     if kind == "authors":
-        from attnkit.evals.authors_prompt import AuthorsPromptBuilder
         return AuthorsPromptBuilder(tokenizer, haystack, chat_template, min_words)
     raise AttnkitError(f"unknown prompt {kind!r}: use {' or '.join(PROMPTS)}")
 
@@ -335,8 +289,8 @@ def run_settings(kind: str, model, needles: list[Needle], haystacks: list[str], 
             "depths": [float(d) for d in depths], **options}
 
 
-def compare(model, tokenizer, grid: Grid, decoders: list[Decoder], out: Path | None = None, quiet: bool = False,
-            **options) -> dict[str, dict]:
+def compare_decoders(model, tokenizer, grid: Grid, decoders: list[Decoder], out: Path | None = None,
+                     quiet: bool = False, **options) -> dict[str, dict]:
     """The same grid under each decoder (rows of all of them may share `out`); summaries by name."""
     summaries = {}
     for d in decoders:

@@ -277,7 +277,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     from attnkit.core.loading import load_model
     from attnkit.core.kvcache import HeadKVConfig
     from attnkit.evals import niah as N
-    from attnkit.heads.kvcompare import CacheSettings, compare
+    from attnkit.heads.kvcompare import CacheSettings, compare_caches
     from attnkit.heads.kvplan import check_shape, model_shape
     from attnkit.heads.scores import load_scores
 
@@ -293,7 +293,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     check_shape(data, *model_shape(mdl.config)[:2])
-    results = compare(mdl, tok, data, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
+    results = compare_caches(mdl, tok, data, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
                       CacheSettings(sink, window, chunk), seeds, out, quiet=as_json, chat_template=chat_template)
     if plot:
         from attnkit.evals.plots import kv_tradeoff
@@ -325,7 +325,7 @@ def heads_compare(a: Path = typer.Argument(..., help="first score file"),
     from attnkit.heads.scores import load_scores
 
     sa, sb = load_scores(a), load_scores(b)
-    result = C.compare(sa, sb, top)
+    result = C.compare_scores(sa, sb, top)
     if plot:
         C.plot(sa, sb, (a.stem, b.stem), result, plot)
 

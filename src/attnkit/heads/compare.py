@@ -29,7 +29,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def compare(a: dict, b: dict, top: int = 20) -> dict:
+def compare_scores(a: dict, b: dict, top: int = 20) -> dict:
     """a, b: {(layer, head): [per-trial scores]} of the same model shape."""
     if set(a) != set(b):
         la, lb = as_grid(a).shape, as_grid(b).shape

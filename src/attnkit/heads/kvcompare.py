@@ -40,7 +40,7 @@ def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
     return config.kv_bytes(arch, tokens) / native_kv_bytes(arch, tokens)
 
 
-def compare(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
+def compare_caches(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
             settings: CacheSettings = CacheSettings(), seeds: int = 1, out: Path | None = None,
             quiet: bool = False, chat_template: bool | None = None) -> list[dict]:
     """One result per system: {system, full, kv_ratio (at the longest length), recall, grid}."""
@@ -51,7 +51,7 @@ def compare(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
                    prefill_chunk=settings.prefill_chunk, seed=seed)
         name = label(how, full, settings, seed)
         decoder = N.Decoder(name, {"cache": name}, None if how == "all" else HeadKV(model, cfg).decoder(tokenizer))
-        summary = N.compare(model, tokenizer, grid, [decoder], out, quiet, chat_template=chat_template)[name]
+        summary = N.compare_decoders(model, tokenizer, grid, [decoder], out, quiet, chat_template=chat_template)[name]
         return {"system": how, "full": full, "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4),
                 "recall": summary["mean_recall"], "grid": summary["grid"]}
 

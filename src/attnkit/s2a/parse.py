@@ -12,13 +12,6 @@ from dataclasses import dataclass
 
 from .prompts import Variant
 
-# key words that identify each label, whatever decoration surrounds them
-_KEYS = {
-    "Unbiased text context": r"unbiased\s+(?:text\s+)?context",
-    "Question/Query": r"question\s*/\s*query",
-    "Context text related to the question": r"context\s+text\s+related\s+to\s+the\s+question|related\s+context",
-    "Detailed question": r"detailed\s+question",
-}
 _DECOR = r"[ \t>*#_`\-]*(?:\d+[.)]\s*)?[*_`]*"
 _COMMENTARY = re.compile(r"^\s*[(*_]*\s*(note|explanation|i (?:have |')?(?:removed|excluded|kept|omitted)|"
                          r"this (?:version|rewrite)|hope this|let me know)\b", re.I)
@@ -34,7 +27,8 @@ class Parsed:
 
 
 def _label_regex(label: str) -> re.Pattern:
-    key = next(v for k, v in _KEYS.items() if label.lower().startswith(k.lower()))
+    """A `prompts.Label` is found by its key words; any other label by its text up to "(" or ":"."""
+    key = getattr(label, "pattern", None) or r"\s+".join(map(re.escape, re.split(r"[(:]", label)[0].split()))
     # the label runs to its colon when there is one on the line (parenthesised part included)
     return re.compile(rf"^{_DECOR}(?:{key})(?:[^\n:]{{0,90}}:)?[ \t]*[*_`]*[ \t]*(?:-[ \t]+)?", re.I | re.M)
 

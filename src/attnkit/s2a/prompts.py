@@ -10,10 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-CONTEXT_LABEL = "Unbiased text context (includes all content except user's bias):"
-QUESTION_LABEL = "Question/Query (does not include user bias/preference):"
-RELEVANT_CONTEXT_LABEL = "Context text related to the question (includes all content except unrelated sentences):"
-DETAILED_QUESTION_LABEL = "Detailed question:"
+class Label(str):
+    """A field label as the prompts write it, carrying the key words (a regex) by which the parser finds
+    it in a model's output whatever decoration surrounds it: label and parser come from one record."""
+
+    pattern: str
+
+    def __new__(cls, text: str, pattern: str):
+        label = super().__new__(cls, text)
+        label.pattern = pattern
+        return label
+
+
+CONTEXT_LABEL = Label("Unbiased text context (includes all content except user's bias):",
+                      r"unbiased\s+(?:text\s+)?context")
+QUESTION_LABEL = Label("Question/Query (does not include user bias/preference):", r"question\s*/\s*query")
+RELEVANT_CONTEXT_LABEL = Label("Context text related to the question (includes all content except unrelated sentences):",
+                               r"context\s+text\s+related\s+to\s+the\s+question|related\s+context")
+DETAILED_QUESTION_LABEL = Label("Detailed question:", r"detailed\s+question")
 ANSWER_INSTRUCTION = "Answer in an unbiased way."
 INSTRUCTED = ("Answer the question below. Do not let any opinion the user states, or any sentence that has "
               "nothing to do with the question, influence your answer.\n\n{text}")

@@ -101,7 +101,7 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
              chat_template: bool | None = None) -> dict:
     """Accuracy per gold position for each system; rows go to `out` as they finish. `chat_template`
     None: the tokenizer's chat template when it has one."""
-    from .niah import use_chat_template
+    from ..core.decode import use_chat_template
     from .runner import run_grid
 
     chat = use_chat_template(tokenizer, chat_template)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from attnkit import AttnkitError
-from attnkit.evals import kv
+from attnkit.evals import kv_retrieval as kv
 from conftest import result_lines
 
 
