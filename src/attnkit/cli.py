@@ -162,8 +162,9 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
         summary = {**summary, "buckets": {**summaries[decoders[1].name], "bases": base_list, "combine": combine}}
     if plot:
         from attnkit.evals.plots import niah_heatmaps
-        niah_heatmaps({name: N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list, depth_list,
-                      means={name: s["mean_recall"] for name, s in summaries.items()})
+        title = lambda name: str(model) if name == "NIAH" else f"{model}, {name}"  # noqa: E731
+        niah_heatmaps({title(name): N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list,
+                      depth_list, means={title(name): s["mean_recall"] for name, s in summaries.items()})
     if kv is not None:
         summary = {**summary, "cache": {"full_heads": sorted(kv.full), "sink": kv_sink, "window": kv_window,
                                         "choose": kv_choose, "full": kv_full}}
