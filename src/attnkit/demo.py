@@ -31,7 +31,7 @@ def run(out_dir: Path) -> None:
     facts = model_info("embedded")
     say(f"[bold]embedded model[/bold]: {facts['parameters']:,} parameters, {facts['layers']} layers x "
         f"{facts['query_heads']} heads, context {facts['max_positions']}")
-    say("about 2-3 minutes on 2 CPU cores (faster on a rerun: finished trials are read back from the folder)")
+    say("about 5 minutes on 2 CPU cores (faster on a rerun: finished trials are read back from the folder)")
     model, tok = load_model("embedded", device="cpu")
     needle_sets = {"built-in needles": N.load_needles(), "passkey needles": N.passkey_needles()}
     haystack = N.load_haystack()
