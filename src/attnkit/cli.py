@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.buckets.cli import buckets_app, eval_app
-from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
+from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
+                                quiet_transformers, resolve_bases)
 from attnkit.errors import AttnkitError
-from attnkit.heads.cli import heads_app, kv_app, kv_from_options
+from attnkit.heads.cli import heads_app, kv_app
 from attnkit.s2a.cli import s2a_app
 from attnkit.serve.cli import serve
 
@@ -139,7 +140,10 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     N.check_depths(depth_list)
     if prompt not in N.PROMPTS:
         raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
-    kv = kv_from_options(model, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk, bool(bases or search))
+    from attnkit.core.loading import load_config
+    from attnkit.heads.kvplan import cache_from_options
+    kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
+                            bool(bases or search))
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -152,7 +156,6 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
         decoders = [N.Decoder(f"NIAH, {name}", {"cache": name}, HeadKV(mdl, kv).decoder(tok))]
     if bases or search:
         from attnkit.buckets import BucketsConfig, single_vs_buckets
-        from attnkit.buckets.cli import resolve_bases
         base_list = resolve_bases(model, bases, search)
         decoders = single_vs_buckets(mdl, tok, BucketsConfig(base_list, combine))
     summaries = N.compare_decoders(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), decoders, out, quiet=as_json,

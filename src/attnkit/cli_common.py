@@ -51,6 +51,18 @@ def quiet_transformers() -> None:
 
 
 
+def resolve_bases(model: str, bases: str | None, search: bool) -> list[float]:
+    """--bases / --search as the buckets' bases (`buckets.search.choose_bases`), the search's message printed."""
+    from attnkit.buckets.search import choose_bases
+    from attnkit.core.loading import load_config
+
+    chosen, message = choose_bases(load_config(model) if search else None,
+                                   floats(bases, "--bases") if bases else None, search)
+    if message:
+        console.print(f"[yellow]{message}[/yellow]")
+    return chosen
+
+
 def span(text: str, what: str, parts: int) -> list[float]:
     """'a:b' or 'a:b:c' as numbers."""
     try:

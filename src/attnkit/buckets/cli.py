@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers, span
-from attnkit.core.family import architecture
+from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
+                                quiet_transformers, resolve_bases, span)
 from attnkit.errors import AttnkitError
 
 buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et al. 2024): RoPE bases in parallel.")
@@ -18,31 +18,21 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluations that compare meth
 
 
 
-def _model_rope(model: str) -> tuple[float, int, int]:
-    """(RoPE base, head dim, max positions) from a model's config, without loading weights."""
-    from attnkit.core.loading import head_dim, load_config, rope_base
-
-    cfg = load_config(model)
-    base = rope_base(cfg)
-    if base is None:
-        raise AttnkitError(f"{model} has no RoPE base in its config; Attention Buckets needs a RoPE model")
-    return base, head_dim(cfg), int(architecture(cfg).max_positions)
-
-
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: str, distances: Optional[str],
             head_dim: int, tolerance: int, method: str):
     from attnkit.buckets import search_bases
-    from attnkit.buckets.search import default_distances
+    from attnkit.buckets.search import search_for_model
+    from attnkit.core.loading import load_config
 
     lo, hi, step = span(grid, "--grid", 3)
+    seed_list = floats(seeds, "--seeds") if seeds is not None else None
+    span_m = tuple(map(int, span(distances, "--distances", 2))) if distances is not None else None
     if model:
-        base, head_dim, max_pos = _model_rope(model)
-        seed_list = [base] if seeds is None else floats(seeds, "--seeds")
-        m0, m1 = default_distances(max_pos) if distances is None else map(int, span(distances, "--distances", 2))
+        result, head_dim, (m0, m1) = search_for_model(load_config(model), seed_list, n, (lo, hi, step), span_m,
+                                                     tolerance, method)
     else:
-        seed_list = [10000.0] if seeds is None else floats(seeds, "--seeds")
-        m0, m1 = (1000, 4090) if distances is None else map(int, span(distances, "--distances", 2))
-    result = search_bases(seed_list, n, lo, hi, step, (int(m0), int(m1)), head_dim, tolerance, method)
+        m0, m1 = span_m or (1000, 4090)
+        result = search_bases(seed_list or [10000.0], n, lo, hi, step, (m0, m1), head_dim, tolerance, method)
     if result.message:
         console.print(f"[yellow]{result.message}[/yellow]")
     return result, head_dim, (int(m0), int(m1))
@@ -119,15 +109,6 @@ def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with t
            "steps": result.steps, "message": result.message}
     emit(out, as_json, lambda: Console().print(
         f"bases ({method}, head dim {head_dim}, m {m0}..{m1}): " + ", ".join(f"{b:g}" for b in result.bases)))
-
-
-def resolve_bases(model: str, bases: Optional[str], search: bool) -> list[float]:
-    """--bases as given, or the searched ones for this model (--search)."""
-    if search:
-        return _search(model, None, 6, "10000:30000:500", None, 128, 3, "reference")[0].bases
-    if bases:
-        return floats(bases, "--bases")
-    raise AttnkitError("give --bases or --search")
 
 
 @buckets_app.command("generate")

@@ -195,3 +195,33 @@ def default_distances(max_positions: int) -> tuple[int, int]:
     if max_positions == 4096:
         return 1000, 4090
     return max(8, round(max_positions * 1000 / 4096)), max(16, max_positions - 6)
+
+
+# the grid `--search` runs (the reference code's 10K-30K range, 500 apart, 6 bases, tolerance 3)
+SEARCH_GRID = (10000.0, 30000.0, 500.0)
+
+
+def search_for_model(model_config, seeds: list[float] | None = None, n: int = 6,
+                     grid: tuple[float, float, float] = SEARCH_GRID, distances: tuple[int, int] | None = None,
+                     tolerance: int = 3, method: Literal["reference", "paper"] = "reference"):
+    """The base search seeded with the model's own RoPE base (that of its global layers), over the
+    distances its context spans and with its head dim. Returns (SearchResult, head dim, (m0, m1))."""
+    from ..core.family import architecture
+
+    arch = architecture(model_config)
+    if arch.rope_base is None:
+        raise AttnkitError(f"{arch.model_type} has no RoPE base in its config; Attention Buckets needs a RoPE model")
+    m0, m1 = default_distances(arch.max_positions) if distances is None else distances
+    result = search_bases(seeds or [arch.rope_base], n, *grid, (int(m0), int(m1)), arch.head_dim, tolerance, method)
+    return result, arch.head_dim, (int(m0), int(m1))
+
+
+def choose_bases(model_config, bases: list[float] | None, search: bool) -> tuple[list[float], str]:
+    """The buckets' bases from the `--bases` / `--search` options, validated once for every command:
+    (bases, the search's message or "")."""
+    if search:
+        result = search_for_model(model_config)[0]
+        return list(result.bases), result.message or ""
+    if bases:
+        return list(bases), ""
+    raise AttnkitError("give --bases or --search")

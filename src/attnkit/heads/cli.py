@@ -180,29 +180,6 @@ def heads_show(file: Path = typer.Argument(..., help="score file: one JSON objec
 KV_CHOICE_HELP = "which KV heads keep the full cache: retrieval (top scores), random, none (all sink + window)"
 
 
-def kv_options_config(model_config, scores: Optional[Path], choose: str, full: float, count: Optional[int],
-                      sink: int, window: int, chunk: int, reduce: str = "max", seed: int = 0):
-    """A HeadKVConfig from command-line options (validated before any model work where possible)."""
-    from attnkit.heads import kvplan
-    from attnkit.heads.scores import load_scores
-
-    data = load_scores(scores) if scores is not None else None
-    return kvplan.plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed)
-
-
-def kv_from_options(model: str, scores: Optional[Path], choose: Optional[str], full: float, sink: int, window: int,
-                    chunk: int, with_buckets: bool):
-    """The `--kv-*` options of `niah` and `serve` as a HeadKVConfig, or None when none is given; read
-    from the model's config alone, so bad options fail before any weights load."""
-    from attnkit.core.loading import load_config
-
-    if scores is None and choose is None:
-        return None
-    if with_buckets:
-        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
-    return kv_options_config(load_config(model), scores, choose or "retrieval", full, None, sink, window, chunk)
-
-
 @kv_app.command("plan")
 def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             scores: Optional[Path] = typer.Option(None, help="retrieval-score file (attnkit's or the published ones)"),
@@ -218,11 +195,11 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
     """Which KV heads keep the full cache, and the cache's size against the full cache (no weights loaded)."""
     from attnkit.core.kvcache import native_kv_bytes
     from attnkit.core.loading import load_config
-    from attnkit.heads.kvplan import budget_count, choosable
+    from attnkit.heads.kvplan import budget_count, choosable, plan_from_options
 
     token_list = ints(tokens, "--tokens")
     cfg = load_config(model)
-    kv = kv_options_config(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
+    kv = plan_from_options(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
     arch = architecture(cfg)
     pool = len(choosable(cfg))
     wanted = budget_count(full, count, pool) if choose in ("retrieval", "random") else len(kv.full)

@@ -111,3 +111,23 @@ def plan(scores: dict | None, model_config, how: Choice = "retrieval", full: flo
     HeadKVConfig(sink=sink, window=window, prefill_chunk=prefill_chunk)  # validate before any work
     chosen = choose_full_heads(scores, model_config, how, full, count, reduce, seed)
     return HeadKVConfig(chosen, sink, window, prefill_chunk)
+
+
+def plan_from_options(model_config, scores_path, choose: str, full: float, count: int | None, sink: int,
+                      window: int, chunk: int, reduce: str = "max", seed: int = 0) -> HeadKVConfig:
+    """A HeadKVConfig from the `kv plan` / `--kv-*` options: the score file (a path, or None) read here."""
+    from attnkit.heads.scores import load_scores
+
+    data = load_scores(scores_path) if scores_path is not None else None
+    return plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed)
+
+
+def cache_from_options(model_config, scores_path, choose: str | None, full: float, sink: int, window: int,
+                       chunk: int, with_buckets: bool) -> HeadKVConfig | None:
+    """The `--kv-*` options of `niah` and `serve` as a HeadKVConfig, or None when none is given; read
+    from the model's config alone, so bad options fail before any weights load."""
+    if scores_path is None and choose is None:
+        return None
+    if with_buckets:
+        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
+    return plan_from_options(model_config, scores_path, choose or "retrieval", full, None, sink, window, chunk)

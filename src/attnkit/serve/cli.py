@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, quiet_transformers
+from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, quiet_transformers, resolve_bases
 from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
@@ -92,16 +92,16 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                  device: str, dtype: str, max_queue: int, device_map=None):
-    from attnkit.core.loading import load_model
-    from attnkit.heads.cli import kv_from_options
+    from attnkit.core.loading import load_config, load_model
+    from attnkit.heads.kvplan import cache_from_options
     from attnkit.serve.engine import BucketsDecoder, Engine, PlainDecoder
 
-    kv = kv_from_options(model, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk, bool(bases or search))
+    kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
+                            bool(bases or search))
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     if bases or search:
         from attnkit.buckets import BucketedModel, BucketsConfig
-        from attnkit.buckets.cli import resolve_bases
         decoder = BucketsDecoder(BucketedModel(mdl, tok, BucketsConfig(resolve_bases(model, bases, search))))
     else:
         decoder = PlainDecoder(mdl, kv)
