@@ -64,14 +64,15 @@ def test_ablate_cli_sweeps_k(tmp_path):
 @pytest.mark.slow
 def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not(embedded):
     """Issue 10's thesis: at the same KV memory, keeping the retrieval heads' full cache keeps the answer."""
-    from attnkit.heads.kvcompare import CacheSettings, compare_caches
+    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.heads.kvcompare import compare_caches
 
     model, tok = embedded
     needles, haystack = N.passkey_needles(), N.load_haystack()
     per_head, _ = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True,
                            prompt="clean")
     res = {r["system"]: r for r in compare_caches(model, tok, per_head, [0.25], N.Grid(needles, haystack, [2048], [10, 90]),
-                                           CacheSettings(16, 128, 1024), quiet=True)}
+                                           HeadKVConfig(sink=16, window=128, prefill_chunk=1024), quiet=True)}
     assert res["retrieval"]["kv_ratio"] <= 0.32
     assert res["all"]["recall"] >= 70
     assert res["retrieval"]["recall"] >= res["all"]["recall"] - 15

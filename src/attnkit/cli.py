@@ -14,6 +14,7 @@ from rich.table import Table
 from attnkit.buckets.cli import buckets_app, eval_app
 from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
                                 quiet_transformers, resolve_bases)
+from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 from attnkit.heads.cli import heads_app, kv_app
 from attnkit.s2a.cli import s2a_app
@@ -126,9 +127,9 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          kv_scores: Optional[Path] = typer.Option(None, help="run with the retrieval-head KV cache, heads from this score file"),
          kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default with --kv-scores), random or none"),
          kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
-         kv_sink: int = typer.Option(16, help="KV cache: first tokens every window head keeps"),
-         kv_window: int = typer.Option(128, help="KV cache: recent tokens every window head sees"),
-         kv_chunk: int = typer.Option(2048, help="KV cache: prefill chunk (tokens)"),
+         kv_sink: int = typer.Option(KV_DEFAULTS.sink, help="KV cache: first tokens every window head keeps"),
+         kv_window: int = typer.Option(KV_DEFAULTS.window, help="KV cache: recent tokens every window head sees"),
+         kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="KV cache: prefill chunk (tokens)"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
     or the retrieval-head KV cache)."""
@@ -150,9 +151,9 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     decoders = [N.Decoder("NIAH")]
     if kv is not None:
         from attnkit.core.kvcache import HeadKV
-        from attnkit.heads.kvcompare import CacheSettings, label
+        from attnkit.heads.kvcompare import label
         kv_choose = kv_choose or "retrieval"
-        name = label(kv_choose, kv_full, CacheSettings(kv_sink, kv_window, kv_chunk))
+        name = label(kv_choose, kv_full, kv)
         decoders = [N.Decoder(f"NIAH, {name}", {"cache": name}, HeadKV(mdl, kv).decoder(tok))]
     if bases or search:
         from attnkit.buckets import BucketsConfig, single_vs_buckets

@@ -116,7 +116,8 @@ def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
     """The detected heads turned into memory savings: 2,048-token passkey NIAH at a quarter of the heads."""
     from .evals.plots import kv_tradeoff
     from .heads import scores as S
-    from .heads.kvcompare import CacheSettings, compare_caches
+    from .core.kvconfig import HeadKVConfig
+    from .heads.kvcompare import compare_caches
 
     scores_file = out_dir / "head_scores.json"
     if not scores_file.exists():
@@ -124,7 +125,7 @@ def kv_step(model, tok, needles, haystack, out_dir: Path) -> None:
         return
     say("\n[bold]3. Retrieval-head KV cache[/bold]: 25% of KV heads keep the whole context, the rest keep "
         "16 sink + 128 recent tokens")
-    settings = CacheSettings(sink=16, window=128, prefill_chunk=512)
+    settings = HeadKVConfig(sink=16, window=128, prefill_chunk=512)
     results = compare_caches(model, tok, S.load_scores(scores_file), [0.25], N.Grid(needles, haystack, [2048], [10, 50, 90]),
                       settings, seeds=1, out=out_dir / "kv_trials.jsonl")
     names = {"all": "full cache", "none": "every head sink + window", "retrieval": "retrieval heads full",

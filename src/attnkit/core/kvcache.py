@@ -28,68 +28,19 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
 from attnkit.core.decode import cache_kwarg
-from attnkit.core.family import Architecture, architecture
+from attnkit.core.family import architecture
+from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes  # noqa: F401 (defined there, torch-free)
 from attnkit.core.hook import KV_PREFIX, base_function
 from attnkit.errors import AttnkitError
 
 SUPPORTED_BASES = ("sdpa", "eager")
 _handoff = threading.local()
-
-
-@dataclass(frozen=True)
-class HeadKVConfig:
-    """Which KV heads keep the full cache, and what the others keep."""
-
-    full: frozenset = field(default_factory=frozenset)  # (layer, kv_head) pairs with the full cache
-    sink: int = 16  # first real tokens every window head keeps
-    window: int = 128  # most recent tokens every window head keeps (the query's own included)
-    prefill_chunk: int = 2048  # prompt tokens per forward; window heads are trimmed after each
-
-    def __post_init__(self):
-        object.__setattr__(self, "full", frozenset((int(l), int(h)) for l, h in self.full))
-        if self.sink < 0:
-            raise AttnkitError(f"sink must be >= 0, got {self.sink}")
-        if self.window < 1:
-            raise AttnkitError(f"window must be >= 1, got {self.window}")
-        if self.prefill_chunk < 1:
-            raise AttnkitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-
-    def check(self, arch: Architecture) -> None:
-        for l, h in sorted(self.full):
-            arch.check_head(l, h, kv=True)
-            if arch.layer_types[l] == "sliding":
-                raise AttnkitError(f"full-cache head {(l, h)} lies in a sliding-window layer (window "
-                                   f"{arch.windows[l]}): its cache is the model's own window; choose heads of "
-                                   f"the full-attention layers {arch.full_layers}")
-
-    def kv_bytes(self, arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
-        """What the cache holds after `tokens` tokens: keys and values of every KV head. A window head
-        keeps sink + window - 1 tokens (all that a later query can see besides its own key); a native
-        sliding layer keeps its window - 1, as transformers' sliding layers do."""
-        kept = 0
-        for layer, kind in enumerate(arch.layer_types):
-            if kind == "sliding":
-                kept += arch.kv_heads * min(tokens, arch.windows[layer] - 1)
-                continue
-            n_full = sum(1 for l, _ in self.full if l == layer)
-            kept += n_full * tokens + (arch.kv_heads - n_full) * min(tokens, self.sink + self.window - 1)
-        return 2 * batch * arch.head_dim * bytes_per_value * kept
-
-
-def native_kv_bytes(arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
-    """The model's own cache after `tokens` tokens: every token in full-attention layers, the window
-    - 1 most recent in sliding layers (what transformers' DynamicCache keeps)."""
-    kept = sum(arch.kv_heads * (tokens if kind == "full" else min(tokens, arch.windows[l] - 1))
-               for l, kind in enumerate(arch.layer_types))
-    return 2 * batch * arch.head_dim * bytes_per_value * kept
-
 
 
 def _take_handoff():

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
 from attnkit.core.family import architecture
+from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 
 heads_app = typer.Typer(no_args_is_help=True, help="Retrieval heads (Wu et al. 2024).")
@@ -187,13 +188,13 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             full: float = typer.Option(0.25, help="fraction of KV heads that keep the full cache"),
             count: Optional[int] = typer.Option(None, help="number of full-cache KV heads (instead of --full)"),
             reduce: str = typer.Option("max", help="a KV head's score from its query heads: max or mean"),
-            sink: int = typer.Option(16), window: int = typer.Option(128),
+            sink: int = typer.Option(KV_DEFAULTS.sink), window: int = typer.Option(KV_DEFAULTS.window),
             tokens: str = typer.Option("32768,131072", help="context lengths to size the cache for"),
             dtype_bytes: int = typer.Option(2, help="bytes per cached value (2 for bf16/fp16)"),
             seed: int = typer.Option(0, help="random choice: the draw"),
             as_json: bool = typer.Option(False, "--json")):
     """Which KV heads keep the full cache, and the cache's size against the full cache (no weights loaded)."""
-    from attnkit.core.kvcache import native_kv_bytes
+    from attnkit.core.kvconfig import native_kv_bytes
     from attnkit.core.loading import load_config
     from attnkit.heads.kvplan import budget_count, choosable, plan_from_options
 
@@ -239,8 +240,8 @@ def _gib(n: int) -> str:
 def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                scores: Path = typer.Option(..., help="retrieval-score file for this model"),
                budgets: str = typer.Option("0,0.125,0.25,0.5", help="fractions of KV heads with the full cache"),
-               sink: int = typer.Option(16), window: int = typer.Option(128),
-               chunk: int = typer.Option(2048, help="prefill chunk (tokens)"),
+               sink: int = typer.Option(KV_DEFAULTS.sink), window: int = typer.Option(KV_DEFAULTS.window),
+               chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="prefill chunk (tokens)"),
                seeds: int = typer.Option(1, help="random-head draws per budget"),
                needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
                haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
@@ -252,9 +253,9 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                as_json: bool = typer.Option(False, "--json")):
     """NIAH recall and KV memory: full cache vs retrieval-chosen vs random-chosen vs all-window heads."""
     from attnkit.core.loading import load_model
-    from attnkit.core.kvcache import HeadKVConfig
+    from attnkit.core.kvconfig import HeadKVConfig
     from attnkit.evals import niah as N
-    from attnkit.heads.kvcompare import CacheSettings, compare_caches
+    from attnkit.heads.kvcompare import compare_caches
     from attnkit.heads.kvplan import check_shape, model_shape
     from attnkit.heads.scores import load_scores
 
@@ -271,7 +272,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     check_shape(data, *model_shape(mdl.config)[:2])
     results = compare_caches(mdl, tok, data, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
-                      CacheSettings(sink, window, chunk), seeds, out, quiet=as_json, chat_template=chat_template)
+                      HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk), seeds, out, quiet=as_json, chat_template=chat_template)
     if plot:
         from attnkit.evals.plots import kv_tradeoff
         kv_tradeoff(results, plot, title=f"{Path(model).name}: NIAH at {max(length_list)} tokens, "

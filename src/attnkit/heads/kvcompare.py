@@ -8,23 +8,16 @@ decides whether retrieval survives.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 from attnkit.core.family import architecture
-from attnkit.core.kvcache import HeadKV, HeadKVConfig, native_kv_bytes
+from attnkit.core.kvcache import HeadKV
+from attnkit.core.kvconfig import KV_DEFAULTS, HeadKVConfig, native_kv_bytes
 from attnkit.evals import niah as N
 from attnkit.heads.kvplan import plan
 
 
-@dataclass(frozen=True)
-class CacheSettings:
-    sink: int = 16
-    window: int = 128
-    prefill_chunk: int = 2048
-
-
-def label(how: str, full: float, settings: CacheSettings, seed: int = 0) -> str:
+def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0) -> str:
     """Names a cache system in result rows, so that a resumed run matches on every setting."""
     if how == "all":
         return "full cache"
@@ -41,7 +34,7 @@ def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
 
 
 def compare_caches(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
-            settings: CacheSettings = CacheSettings(), seeds: int = 1, out: Path | None = None,
+            settings: HeadKVConfig = KV_DEFAULTS, seeds: int = 1, out: Path | None = None,
             quiet: bool = False, chat_template: bool | None = None) -> list[dict]:
     """One result per system: {system, full, kv_ratio (at the longest length), recall, grid}."""
     tokens = max(grid.lengths)

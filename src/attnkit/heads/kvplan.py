@@ -17,7 +17,7 @@ import random
 from typing import Literal
 
 from attnkit.core.family import architecture
-from attnkit.core.kvcache import HeadKVConfig
+from attnkit.core.kvconfig import KV_DEFAULTS, HeadKVConfig
 from attnkit.errors import AttnkitError
 from attnkit.heads.scores import THRESHOLD, mean_scores
 
@@ -105,7 +105,8 @@ def choose_full_heads(scores: dict | None, model_config, how: Choice = "retrieva
 
 
 def plan(scores: dict | None, model_config, how: Choice = "retrieval", full: float | None = 0.25,
-         count: int | None = None, sink: int = 16, window: int = 128, prefill_chunk: int = 2048,
+         count: int | None = None, sink: int = KV_DEFAULTS.sink, window: int = KV_DEFAULTS.window,
+         prefill_chunk: int = KV_DEFAULTS.prefill_chunk,
          reduce: Literal["max", "mean"] = "max", seed: int = 0) -> HeadKVConfig:
     """A `HeadKVConfig` with heads chosen by `choose_full_heads`."""
     HeadKVConfig(sink=sink, window=window, prefill_chunk=prefill_chunk)  # validate before any work

@@ -11,6 +11,7 @@ import typer
 
 from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, quiet_transformers, resolve_bases
 from attnkit.core.family import architecture
+from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 
 
@@ -60,7 +61,8 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
           kv_scores: Optional[Path] = typer.Option(None, help="answer with the retrieval-head KV cache (score file)"),
           kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default), random or none"),
           kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
-          kv_sink: int = typer.Option(16), kv_window: int = typer.Option(128), kv_chunk: int = typer.Option(2048),
+          kv_sink: int = typer.Option(KV_DEFAULTS.sink), kv_window: int = typer.Option(KV_DEFAULTS.window),
+          kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk),
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
