@@ -15,7 +15,6 @@ below, not in the techniques.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from attnkit.errors import AttnkitError
@@ -124,7 +123,6 @@ def _rope(cfg, raw_types) -> tuple[tuple[float | None, ...], str | None]:
     return ((float(theta) if theta is not None else None),) * layers, ("default" if theta is not None else None)
 
 
-@functools.lru_cache(maxsize=64)
 def _architecture(cfg) -> Architecture:
     heads = cfg.num_attention_heads
     layers = cfg.num_hidden_layers
@@ -139,13 +137,10 @@ def _architecture(cfg) -> Architecture:
 
 
 def architecture(config) -> Architecture:
-    """The attention facts of a model config (or of a model)."""
+    """The attention facts of a model config (or of a model). Computed on each call (a few attribute
+    reads): transformers' configs are mutable and unhashable, so there is nothing safe to cache on."""
     config = getattr(config, "config", config)  # a model
-    cfg = text_config(config)
-    try:
-        return _architecture(cfg)
-    except TypeError:  # an unhashable config object: no caching
-        return _architecture.__wrapped__(cfg)
+    return _architecture(text_config(config))
 
 
 def end_of_turn_ids(model, tokenizer) -> set[int]:
