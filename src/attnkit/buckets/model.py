@@ -198,7 +198,10 @@ class BucketedModel:
 
 
 def _hits(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
-    """A stop string in the text so far, not counting the whitespace an answer starts with."""
+    """A stop string in the text so far, not counting the whitespace an answer starts with. The last
+    tokens are checked first; the whole answer is decoded only when they hold a stop string."""
+    if not any(s in tokenizer.decode(ids[-8:], skip_special_tokens=True) for s in stops):
+        return False
     text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
     return any(s in text for s in stops)
 

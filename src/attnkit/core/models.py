@@ -287,13 +287,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _known_digest(path: Path) -> str:
+    """The file's SHA-256, hashed once per (path, size, mtime): a command that resolves its --model
+    twice, or a rerun, does not read hundreds of MB again."""
+    index_file = cache_root() / "gguf" / "index.json"
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    if key not in index:
+        index[key] = file_sha256(path)
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_file)
+    return index[key]
+
+
 def gguf_folder(path: Path, say=None) -> Path:
     """The converted folder of a user's .gguf file, converting it on first use (keyed by its SHA-256)."""
     path = Path(path)
     if not path.is_file():
         raise AttnkitError(f"GGUF file not found: {path}")
     _check_gguf(path)
-    digest = file_sha256(path)
+    digest = _known_digest(path)
     folder = cache_root() / "gguf" / digest[:16]
     if (folder / SOURCE_FILE).is_file():
         return folder
