@@ -39,9 +39,9 @@ def main() -> None:
         setups["Paul Graham essays + detection needles"] = (rh / "PaulGrahamEssays", rh / "haystack_for_detect/needles.jsonl")
     results = {}
     for i, (name, (hay, needles)) in enumerate(setups.items()):
-        rows = N.evaluate(model, tok, N.load_needles(needles), N.load_haystack(hay), LENGTHS, DEPTHS,
+        rows = N.evaluate_niah(model, tok, N.load_needles(needles), N.load_haystack(hay), LENGTHS, DEPTHS,
                           out=args.out / f"setup{i}.jsonl", label=name)
-        results[name] = {"per_length": per_length(rows), "mean": N.summarize(rows)["mean_recall"]}
+        results[name] = {"per_length": per_length(rows), "mean": N.summarize_niah(rows)["mean_recall"]}
     print("| setup | " + " | ".join(str(L) for L in LENGTHS) + " | mean |")
     print("|---|" + "---|" * (len(LENGTHS) + 1))
     for name, r in results.items():

@@ -7,6 +7,7 @@ import torch
 
 from attnkit import AttnkitError
 from attnkit.buckets import BucketedModel, BucketsConfig, combine, search_bases, waveform
+from attnkit.core.generate import Sampling
 from attnkit.buckets.search import _merge, dominant_peaks, dominant_troughs
 from attnkit.core.loading import rope_base
 from attnkit.core.rope import config_with_base
@@ -144,11 +145,11 @@ def test_sampling_is_seeded():
     model = tiny_model("llama", kv_heads=2)
     bm = BucketedModel(model, _FakeTok(), BucketsConfig([10000.0, 15000.0]))
     ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(0))
-    a = bm.generate_ids(ids, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)[0]
-    b = bm.generate_ids(ids, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)[0]
+    a = bm.generate_ids(ids, max_new_tokens=8, sampling=Sampling(1.0, 0.9, 5))[0]
+    b = bm.generate_ids(ids, max_new_tokens=8, sampling=Sampling(1.0, 0.9, 5))[0]
     assert a == b
     # and it is sampling: other seeds give other tokens, and the draws are not the greedy path
-    draws = {tuple(bm.generate_ids(ids, max_new_tokens=8, temperature=1.0, seed=s)[0][0]) for s in range(6)}
+    draws = {tuple(bm.generate_ids(ids, max_new_tokens=8, sampling=Sampling(1.0, seed=s))[0][0]) for s in range(6)}
     greedy = tuple(bm.generate_ids(ids, max_new_tokens=8)[0][0])
     assert len(draws) > 1 and draws != {greedy}
 

@@ -64,16 +64,16 @@ def test_evaluate_writes_scored_rows_and_resumes(tmp_path, embedded):
 
     model, tok = embedded
     exs = kv.generate_examples(2, 4, seed=0)
-    from attnkit.buckets import BucketedModel
-    systems = {name: BucketedModel(model, tok, BucketsConfig(bases)).system()
-               for name, bases in (("single", [10000.0]), ("buckets", [10000.0, 20000.0]))}
+    from attnkit.evals.systems import System
+    systems = [System(name, {"bases": bases}, BucketsConfig(bases))
+               for name, bases in (("single", [10000.0]), ("buckets", [10000.0, 20000.0]))]
     out = tmp_path / "kv.jsonl"
-    first = kv.evaluate(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
+    first = kv.evaluate_kv_retrieval(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
     rows = [json.loads(x) for x in result_lines(out)]
     assert len(rows) == 2 * 2 * 2
     for r in rows:
         assert r["correct"] == (exs[r["example"]].value in r["answer"])
-    again = kv.evaluate(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
+    again = kv.evaluate_kv_retrieval(model, tok, exs, 4, [0, 3], systems, out=out, quiet=True)
     assert again == first and len(result_lines(out)) == 8
     acc = first["accuracy"]["single"]["0"]
     assert acc == 100.0 * sum(r["correct"] for r in rows if r["system"] == "single" and r["position"] == 0) / 2

@@ -59,9 +59,9 @@ def test_bad_inputs(tmp_path, embedded):
     with pytest.raises(AttnkitError, match="max positions"):
         N.check_lengths(model, [4096])
     ghost = N.Needle("A plain sentence.", "What?", "zebra quantum xylophone marmalade")
-    rows = N.evaluate(model, tok, [ghost], "Some text. More text. " * 50, [256], [50], quiet=True)
+    rows = N.evaluate_niah(model, tok, [ghost], "Some text. More text. " * 50, [256], [50], quiet=True)
     assert rows[0]["recall"] is None and "not found" in rows[0]["skipped"]
-    assert N.summarize(rows)["skipped"] == 1
+    assert N.summarize_niah(rows)["skipped"] == 1
 
 
 def test_grid_resumes_from_jsonl(tmp_path, embedded):
@@ -69,20 +69,20 @@ def test_grid_resumes_from_jsonl(tmp_path, embedded):
     out = tmp_path / "r.jsonl"
     needles = N.load_needles()[:2]
     hay = N.load_haystack()
-    first = N.evaluate(model, tok, needles, hay, [256], [0, 100], out=out, quiet=True)
+    first = N.evaluate_niah(model, tok, needles, hay, [256], [0, 100], out=out, quiet=True)
     assert len(result_lines(out)) == 4
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # a run killed mid-write
-    second = N.evaluate(model, tok, needles, hay, [256], [0, 100], out=out, quiet=True)
+    second = N.evaluate_niah(model, tok, needles, hay, [256], [0, 100], out=out, quiet=True)
     assert [r["answer"] for r in first] == [r["answer"] for r in second]
 
 
 def test_greedy_decode_equals_generate(embedded):
-    from attnkit.core.decode import greedy_decode
+    from attnkit.core.generate import greedy_decode
 
     model, tok = embedded
     ids = tok("The old river walked", return_tensors="pt").input_ids
-    ours = greedy_decode(model, tok, ids, 12, stop_at_newline=False)
+    ours = greedy_decode(model, tok, ids, 12, stop_rule="eos")
     ref = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     assert ours == ref[:len(ours)] and (len(ours) == 12 or ours[-1] == tok.eos_token_id)
 
@@ -121,16 +121,21 @@ class _Scripted(torch.nn.Module):
 def test_clean_stop_rule_lets_an_answer_begin_after_leading_newlines(embedded):
     """An instruct model prompted raw often opens with a newline: that must not end the answer (it did,
     leaving it empty); a newline after the answer still ends it, and the authors' rule stops at once."""
-    from attnkit.core.decode import greedy_decode
+    from attnkit.core.generate import Session, greedy_decode
+
+    class NoCache(Session):
+        def new_cache(self):
+            return object()
 
     _, tok = embedded
     nl, space = tok("\n", add_special_tokens=False)["input_ids"], tok(" ", add_special_tokens=False)["input_ids"]
     answer = tok(" 963838", add_special_tokens=False)["input_ids"]
     script = nl + space + nl + answer + nl + answer
-    ids = greedy_decode(_Scripted(script, len(tok)), tok, torch.tensor([[5, 6]]), 20, cache=object())
+    model = _Scripted(script, len(tok))
+    ids = greedy_decode(model, tok, torch.tensor([[5, 6]]), 20, NoCache(model))
     assert tok.decode(ids).strip() == "963838" and ids == nl + space + nl + answer + nl
-    ids = greedy_decode(_Scripted(script, len(tok)), tok, torch.tensor([[5, 6]]), 20, cache=object(),
-                        stop_rule="authors")
+    model = _Scripted(script, len(tok))
+    ids = greedy_decode(model, tok, torch.tensor([[5, 6]]), 20, NoCache(model), stop_rule="authors")
     assert ids == nl
 
 
@@ -141,7 +146,7 @@ def test_decoding_passes_the_cache_under_the_name_transformers_wants(embedded):
     model, tok = embedded
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        rows = N.evaluate(model, tok, N.passkey_needles()[:1], N.load_haystack(None), [256], [50], quiet=True)
+        rows = N.evaluate_niah(model, tok, N.passkey_needles()[:1], N.load_haystack(None), [256], [50], quiet=True)
     assert rows[0]["answer"] is not None
 
 

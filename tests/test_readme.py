@@ -1,4 +1,5 @@
-"""README code blocks that run on the embedded model are executed, so the README cannot rot."""
+"""Code blocks of the README and ARCHITECTURE.md that run on the embedded model are executed, so the
+documents cannot rot."""
 
 import re
 from pathlib import Path
@@ -7,7 +8,8 @@ import pytest
 
 from attnkit.heads import scores as S
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md"]
 
 
 REAL = '"smollm2-135m-instruct"'
@@ -15,7 +17,7 @@ REAL = '"smollm2-135m-instruct"'
 
 def runnable_blocks() -> list[str]:
     """Blocks on the embedded model, and on a real model that the test run has installed."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = [b for doc in DOCS for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)]
     return [b for b in blocks if ('"embedded"' in b or REAL in b) and "/models/" not in b and ".gguf" not in b]
 
 
@@ -31,5 +33,5 @@ def test_readme_block_runs(block, tmp_path, monkeypatch, capsys, request):
     # the blocks read a score file as `attnkit heads detect` writes it: retrieval heads in layers 5-6
     S.save_scores({(l, h): [0.9 if l in (5, 6) and h < 4 else 0.0] for l in range(8) for h in range(8)},
                   tmp_path / "head_scores.json")
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, "docs", "exec"), {})
     assert capsys.readouterr().out.strip()

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from attnkit.core import models as M
-from attnkit.core.decode import greedy_decode
+from attnkit.core.generate import greedy_decode
 from attnkit.core.family import architecture, end_of_turn_ids
-from attnkit.core.kvcache import HeadKV, HeadKVConfig, head_kv, native_kv_bytes
+from attnkit.core.kvcache import HeadKVConfig, head_kv, native_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from conftest import run_cli
@@ -85,7 +85,7 @@ def test_smollm2_through_the_family_layer(smollm2):
 def test_smollm2_retrieves_number_needles_at_1k_tokens(smollm2):
     """The chat template is used by default (an instruct tokenizer has one) and the answers are the numbers."""
     model, tok = smollm2
-    rows = N.evaluate(model, tok, [NUMBER, LUCKY], N.load_haystack(None), [1024], [50], quiet=True)
+    rows = N.evaluate_niah(model, tok, [NUMBER, LUCKY], N.load_haystack(None), [1024], [50], quiet=True)
     assert [r["recall"] for r in rows] == [100.0, 100.0], [r["answer"] for r in rows]
 
 
@@ -124,10 +124,10 @@ def test_serve_answers_with_the_chat_template_and_stops_at_end_of_turn(smollm2):
     from test_serve import Running
 
     from attnkit.serve.app import local_app
-    from attnkit.serve.engine import Engine, PlainDecoder
+    from attnkit.serve.engine import Engine
 
     model, tok = smollm2
-    engine = Engine(PlainDecoder(model), tok, model.config.max_position_embeddings)
+    engine = Engine(model, tok, None, model.config.max_position_embeddings)
     server = Running(local_app(engine, "smollm2"))
     try:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
@@ -149,7 +149,7 @@ def test_gemma3_is_hybrid_and_retrieves_a_number_needle(gemma3):
     assert arch.rope_base == 1e6 and arch.rope_bases[0] == 1e4
     assert tok.convert_tokens_to_ids("<end_of_turn>") in end_of_turn_ids(model, tok)
     assert not N.use_chat_template(tok, None)  # a base model: plain prompts
-    rows = N.evaluate(model, tok, [NUMBER], N.load_haystack(None), [1024], [50], quiet=True)
+    rows = N.evaluate_niah(model, tok, [NUMBER], N.load_haystack(None), [1024], [50], quiet=True)
     assert rows[0]["recall"] == 100.0, rows[0]["answer"]
 
 
@@ -161,7 +161,7 @@ def test_gemma3_kv_cache_keeps_the_sliding_layers_native(gemma3):
     prompt = N.PromptBuilder(tok, N.load_haystack(None)).build(LUCKY, 800, 40).input_ids
     plain = greedy_decode(model, tok, prompt, 10)
     config = HeadKVConfig(full={(5, 0), (11, 0), (17, 0)}, sink=16, window=128, prefill_chunk=300)
-    assert HeadKV(model, config).decoder(tok)(prompt, 10) == plain
+    assert greedy_decode(model, tok, prompt, 10, config) == plain
     arch = architecture(model)
     assert config.kv_bytes(arch, 32768) == native_kv_bytes(arch, 32768)
     assert native_kv_bytes(arch, 32768) < 0.2 * 2 * 2 * 18 * 256 * 32768  # vs counting all 18 layers as full

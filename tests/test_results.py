@@ -16,17 +16,17 @@ def test_settings_head_the_file_and_other_settings_are_refused(tmp_path, embedde
     model, tok = embedded
     out = tmp_path / "r.jsonl"
     needles, hay = N.passkey_needles()[:1], N.load_haystack()
-    N.evaluate(model, tok, needles, hay, [256], [50], out=out, quiet=True)
+    N.evaluate_niah(model, tok, needles, hay, [256], [50], out=out, quiet=True)
     header = json.loads(out.read_text().splitlines()[0])["attnkit_run"]
     assert header["kind"] == "niah" and header["model"].endswith("embedded") and header["lengths"] == [256]
     with pytest.raises(AttnkitError, match="needles"):
-        N.evaluate(model, tok, N.passkey_needles(seed=1)[:1], hay, [256], [50], out=out, quiet=True)
+        N.evaluate_niah(model, tok, N.passkey_needles(seed=1)[:1], hay, [256], [50], out=out, quiet=True)
     with pytest.raises(AttnkitError, match="lengths: \\[256\\] in the file, \\[512\\] now"):
-        N.evaluate(model, tok, needles, hay, [512], [50], out=out, quiet=True)
+        N.evaluate_niah(model, tok, needles, hay, [512], [50], out=out, quiet=True)
     other = tiny_model("llama", 2)
     other.config.max_position_embeddings = 4096
     with pytest.raises(AttnkitError, match="model"):
-        N.evaluate(other, tok, needles, hay, [256], [50], out=out, quiet=True)
+        N.evaluate_niah(other, tok, needles, hay, [256], [50], out=out, quiet=True)
     assert len(result_lines(out)) == 1  # nothing was appended by the refused runs
     r = CliRunner().invoke(app, ["niah", "--needles", "passkey", "--lengths", "256", "--depths", "50", "--out", str(out)])
     assert isinstance(r.exception, AttnkitError) and "other settings" in str(r.exception)

@@ -14,10 +14,10 @@ uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
 from attnkit.errors import AttnkitError  # noqa: E402
-from attnkit.s2a.backends import OpenAIBackend, Sampling, UpstreamError  # noqa: E402
+from attnkit.s2a.backends import OpenAIBackend, ChatSampling, UpstreamError  # noqa: E402
 from attnkit.serve.app import local_app  # noqa: E402
 from attnkit.serve.cli import check_exposure  # noqa: E402
-from attnkit.serve.engine import Engine, PlainDecoder  # noqa: E402
+from attnkit.serve.engine import Engine  # noqa: E402
 from attnkit.serve.proxy import proxy_app  # noqa: E402
 from conftest import result_lines
 
@@ -50,7 +50,7 @@ class Running:
 @pytest.fixture(scope="module")
 def engine(embedded):
     model, tok = embedded
-    return Engine(PlainDecoder(model), tok, model.config.max_position_embeddings, max_queue=64)
+    return Engine(model, tok, None, model.config.max_position_embeddings, max_queue=64)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_disconnecting_clients_cancel_their_generations(local, engine):
 def test_a_full_queue_is_429_and_errors_end_one_request(embedded):
     model, tok = embedded
 
-    class Slow(PlainDecoder):
+    class Slow(Engine):
         def tokens(self, ids, p):
             for t in super().tokens(ids, p):
                 time.sleep(0.05)
@@ -199,7 +199,7 @@ def test_a_full_queue_is_429_and_errors_end_one_request(embedded):
                     raise RuntimeError("boom")
                 yield t
 
-    engine = Engine(Slow(model), tok, 2048, max_queue=1)
+    engine = Slow(model, tok, None, 2048, max_queue=1)
     server = Running(local_app(engine, "embedded"))
     try:
         with ThreadPoolExecutor(4) as pool:
@@ -339,11 +339,11 @@ def test_proxy_never_fakes_a_finished_stream(upstream):
 
 def test_backend_errors_and_unreachable_upstream(local):
     with pytest.raises(UpstreamError) as e:
-        OpenAIBackend(local.url, "gpt-9").chat([[{"role": "user", "content": "x"}]], Sampling(max_tokens=2))
+        OpenAIBackend(local.url, "gpt-9").chat([[{"role": "user", "content": "x"}]], ChatSampling(max_tokens=2))
     assert e.value.status == 404
     dead = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=1, backoff=0.01)
     with pytest.raises(UpstreamError, match="APIConnectionError after 2 tries"):
-        dead.chat([[{"role": "user", "content": "x"}]], Sampling(max_tokens=2))
+        dead.chat([[{"role": "user", "content": "x"}]], ChatSampling(max_tokens=2))
 
 
 def test_s2a_eval_through_the_openai_backend(local, tmp_path, monkeypatch):
@@ -386,22 +386,22 @@ def _run_engine(engine, ids, params):
 def test_served_buckets_and_kv_cache_equal_the_library(embedded):
     from attnkit.buckets import BucketedModel, BucketsConfig
     from attnkit.core.kvcache import HeadKVConfig
-    from attnkit.serve.engine import BucketsDecoder, Params
+    from attnkit.serve.engine import Params
 
     model, tok = embedded
     prompt = "The password of Dunmore is blue cabin. " * 20 + "What is the password of Dunmore?"
     ids = tok(prompt)["input_ids"]
     bucketed = BucketedModel(model, tok, BucketsConfig([10000, 20000]))
-    engine = Engine(BucketsDecoder(bucketed), tok, 2048)
+    engine = Engine(model, tok, bucketed.config, 2048)
     text, done = _run_engine(engine, ids, Params(max_new_tokens=10))
     expected = bucketed.generate_ids(__import__("torch").tensor([ids]), None, 10)[0][0]
     assert text == tok.decode([t for t in expected if t not in engine.eos], skip_special_tokens=True)
     assert done.usage["completion_tokens"] == len([t for t in expected if t not in engine.eos])
-    plain_text, _ = _run_engine(Engine(PlainDecoder(model), tok, 2048), ids, Params(max_new_tokens=10))
+    plain_text, _ = _run_engine(Engine(model, tok, None, 2048), ids, Params(max_new_tokens=10))
     wide = HeadKVConfig(full={(5, 0)}, sink=4, window=4096, prefill_chunk=64)
-    kv_text, _ = _run_engine(Engine(PlainDecoder(model, wide), tok, 2048), ids, Params(max_new_tokens=10))
+    kv_text, _ = _run_engine(Engine(model, tok, wide, 2048), ids, Params(max_new_tokens=10))
     assert kv_text == plain_text
-    narrow = Engine(PlainDecoder(model, HeadKVConfig(full=set(), sink=4, window=8, prefill_chunk=64)), tok, 2048)
-    assert narrow.decoder.describe()["technique"] == "retrieval-head KV cache"
+    narrow = Engine(model, tok, HeadKVConfig(full=set(), sink=4, window=8, prefill_chunk=64), 2048)
+    assert narrow.describe()["technique"] == "retrieval-head KV cache"
     assert _run_engine(narrow, ids, Params(max_new_tokens=10))[1].kind == "done"
     assert model.config._attn_implementation == "sdpa"  # every request restores the model

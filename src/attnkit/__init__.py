@@ -2,12 +2,14 @@
 
 from attnkit.errors import AttnkitError
 
-__all__ = ["AttnkitError", "HeadKVConfig", "HeadMask", "Probe", "head_kv", "intervene", "load_model", "model_info"]
+__all__ = ["AttnkitError", "HeadKVConfig", "HeadMask", "Intervention", "Probe", "Sampling", "generate", "head_kv",
+           "intervene", "load_model", "model_info"]
 __version__ = "0.1.0"
 
 _LAZY = {"HeadMask": "attnkit.core.hook", "Probe": "attnkit.core.hook", "intervene": "attnkit.core.hook",
          "load_model": "attnkit.core.loading", "model_info": "attnkit.core.loading",
-         "HeadKVConfig": "attnkit.core.kvcache", "head_kv": "attnkit.core.kvcache"}
+         "Intervention": "attnkit.core.hook", "generate": "attnkit.core.generate", "Sampling": "attnkit.core.generate",
+         "HeadKVConfig": "attnkit.core.kvconfig", "head_kv": "attnkit.core.kvcache"}
 
 
 def __getattr__(name: str):

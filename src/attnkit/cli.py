@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.buckets.cli import buckets_app, eval_app
-from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
+from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, HAYSTACK, NEEDLES, TRIALS_OUT, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
                                 quiet_transformers, resolve_bases)
 from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
@@ -111,15 +111,15 @@ def _niah_table(summary: dict, title: str) -> Table:
 
 @app.command()
 def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
-         needles: Optional[Path] = typer.Option(None, help="needles JSONL (needle, question, real_needle), or \"passkey\"; default: built-in"),
-         haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
+         needles: Optional[Path] = NEEDLES,
+         haystack: Optional[Path] = HAYSTACK,
          lengths: str = typer.Option("512,1024,2048", help="context lengths in tokens"),
          depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
          chat_template: Optional[bool] = CHAT_TEMPLATE,
          prompt: str = typer.Option("clean", help="clean (attnkit's builder) or authors (the retrieval-head "
                                                   "authors' construction, artefacts included)"),
          device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
-         out: Optional[Path] = typer.Option(None, help="append results here as they finish; reruns resume"),
+         out: Optional[Path] = TRIALS_OUT,
          plot: Optional[Path] = typer.Option(None, help="write a depth x length heatmap PNG"),
          bases: Optional[str] = typer.Option(None, help="also run Attention Buckets with these RoPE bases"),
          search: bool = typer.Option(False, help="also run Attention Buckets with searched bases"),
@@ -148,22 +148,22 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    decoders = [N.Decoder("NIAH")]
+    from attnkit.evals.systems import System
+    systems = [System("NIAH")]
     if kv is not None:
-        from attnkit.core.kvcache import HeadKV
         from attnkit.heads.kvcompare import label
         kv_choose = kv_choose or "retrieval"
         name = label(kv_choose, kv_full, kv)
-        decoders = [N.Decoder(f"NIAH, {name}", {"cache": name}, HeadKV(mdl, kv).decoder(tok))]
+        systems = [System(f"NIAH, {name}", {"cache": name}, kv)]
     if bases or search:
         from attnkit.buckets import BucketsConfig, single_vs_buckets
         base_list = resolve_bases(model, bases, search)
-        decoders = single_vs_buckets(mdl, tok, BucketsConfig(base_list, combine))
-    summaries = N.compare_decoders(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), decoders, out, quiet=as_json,
-                          chat_template=chat_template, prompt=prompt)
-    summary = summaries[decoders[0].name]
+        systems = single_vs_buckets(mdl, BucketsConfig(base_list, combine))
+    summaries = N.compare_systems(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), systems, out,
+                                  quiet=as_json, chat_template=chat_template, prompt=prompt)
+    summary = summaries[systems[0].name]
     if bases or search:
-        summary = {**summary, "buckets": {**summaries[decoders[1].name], "bases": base_list, "combine": combine}}
+        summary = {**summary, "buckets": {**summaries[systems[1].name], "bases": base_list, "combine": combine}}
     if plot:
         from attnkit.evals.plots import niah_heatmaps
         title = lambda name: str(model) if name == "NIAH" else f"{model}, {name}"  # noqa: E731

@@ -19,6 +19,10 @@ DTYPE = typer.Option("auto", help="auto (the checkpoint's on a GPU, float32 on C
 DEVICE_MAP = typer.Option(None, "--device-map", help="'auto': spread the model over every visible GPU (accelerate)")
 CHAT_TEMPLATE = typer.Option(None, "--chat-template/--no-chat-template",
                              help="wrap prompts in the tokenizer's chat template; default: when it has one")
+# shared by the NIAH-style commands (niah, heads ablate, kv compare)
+NEEDLES = typer.Option(None, help="needles JSONL (needle, question, real_needle), or \"passkey\"; default: built-in")
+HAYSTACK = typer.Option(None, help=".txt file or folder of .txt files; default: built-in filler prose")
+TRIALS_OUT = typer.Option(None, help="append results here as they finish; reruns resume")
 
 
 def ints(text: str, what: str) -> list[int]:

@@ -54,8 +54,8 @@ def niah_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None:
         table.add_column(str(L), justify="right")
     table.add_column("mean", justify="right")
     for i, (name, needles) in enumerate(needle_sets.items()):
-        rows = N.evaluate(model, tok, needles, haystack, lengths, depths, out=out_dir / f"niah{i}.jsonl", label=name)
-        summary = N.summarize(rows)
+        rows = N.evaluate_niah(model, tok, needles, haystack, lengths, depths, out=out_dir / f"niah{i}.jsonl", label=name)
+        summary = N.summarize_niah(rows)
         grids[name] = N.grid_map(summary["grid"])
         means[name] = summary["mean_recall"]
         by_length = [[v for (L, _), v in grids[name].items() if L == length] for length in lengths]
@@ -164,9 +164,9 @@ def buckets_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None
     table = Table(title="passkey needles in a 2,000-token prompt: mean ROUGE-1 recall")
     for col in ("RoPE bases", *(f"depth {d}%" for d in depths)):
         table.add_column(col, justify="left" if col.startswith("RoPE") else "right")
-    decoders = single_vs_buckets(model, tok, BucketsConfig(bases))
-    summaries = N.compare_decoders(model, tok, N.Grid(needles, haystack, lengths, depths), decoders,
-                          out_dir / "buckets_niah.jsonl")
+    systems = single_vs_buckets(model, BucketsConfig(bases))
+    summaries = N.compare_systems(model, tok, N.Grid(needles, haystack, lengths, depths), systems,
+                                  out_dir / "buckets_niah.jsonl")
     for name, summary in summaries.items():
         cells = N.grid_map(summary["grid"])
         table.add_row(name, *(f"{cells[(2000, d)]:.0f}" for d in depths))

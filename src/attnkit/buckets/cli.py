@@ -127,6 +127,7 @@ def generate_cmd(model: str = typer.Option("embedded", help=MODEL_HELP),
     import numpy as np
 
     from attnkit.buckets import BucketedModel, BucketsConfig
+    from attnkit.core.generate import Sampling
     from attnkit.core.loading import load_model
 
     quiet_transformers()
@@ -134,7 +135,8 @@ def generate_cmd(model: str = typer.Option("embedded", help=MODEL_HELP),
     cfg = BucketsConfig(base_list, combine)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     stops = (stop.encode().decode("unicode_escape"),) if stop else ()
-    gen = BucketedModel(mdl, tok, cfg).generate(prompt, max_new_tokens, temperature, top_p, seed, stops)[0]
+    sampling = Sampling(temperature, top_p, seed)
+    gen = BucketedModel(mdl, tok, cfg).generate(prompt, max_new_tokens, sampling, stops)[0]
     if plot_weights:
         from attnkit.evals.plots import weights_plot
         weights_plot(gen.weights, base_list, [tok.decode([t]) for t in gen.token_ids], plot_weights)
@@ -161,9 +163,10 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
                  plot: Optional[Path] = typer.Option(None, help="accuracy-by-position PNG"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Accuracy by gold position, the model's own RoPE base vs Attention Buckets."""
-    from attnkit.buckets import BucketedModel, BucketsConfig
+    from attnkit.buckets import BucketsConfig
     from attnkit.core.loading import load_model, rope_base
     from attnkit.evals import kv_retrieval as kv
+    from attnkit.evals.systems import System
 
     quiet_transformers()
     if num_pairs < 2:
@@ -173,9 +176,10 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
     exs = kv.load_examples(data)[:examples] if data else kv.generate_examples(examples, num_pairs, seed)
     base_list = resolve_bases(model, bases, search)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    systems = {"single": BucketedModel(mdl, tok, BucketsConfig([rope_base(mdl.config)], combine)).system(),
-               "buckets": BucketedModel(mdl, tok, BucketsConfig(base_list, combine)).system()}
-    summary = kv.evaluate(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json, chat_template=chat_template)
+    single, buckets = BucketsConfig([rope_base(mdl.config)], combine), BucketsConfig(base_list, combine)
+    systems = [System(name, {"bases": cfg.bases, "combine": cfg.combine}, cfg)
+               for name, cfg in (("single", single), ("buckets", buckets))]
+    summary = kv.evaluate_kv_retrieval(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json, chat_template=chat_template)
     summary["bases"] = base_list
     if plot:
         from attnkit.evals.plots import accuracy_by_position

@@ -1,52 +1,14 @@
-"""Decoding helpers shared by every technique: greedy decoding with a KV cache one token at a time (so
-hooks see every decode step), token sampling, the set of end-of-sequence ids, chat rendering and the
-chat-template choice."""
+"""Decoding helpers under `core.generate`'s loop: how the installed transformers takes a cache, token
+sampling, the set of end-of-sequence ids, chat rendering and the chat-template choice."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Literal
 
 import torch
 
 from attnkit.errors import AttnkitError
-
-
-@torch.no_grad()
-def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 50,
-                  stop_at_newline: bool = True, cache=None, prefill_chunk: int | None = None,
-                  stop_rule: Literal["clean", "authors"] = "clean") -> list[int]:
-    """Token ids generated after `input_ids` ([1, n]). `stop_rule` "clean" stops at EOS, an end-of-turn
-    token, or a token containing a newline once the answer has begun (leading whitespace and newlines,
-    which instruct models often emit first, never end it); "authors" (the retrieval-head authors'
-    loop) only at a token made of newlines alone, never at EOS. `cache` replaces a fresh DynamicCache;
-    `prefill_chunk` runs the prompt that many tokens at a time."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config) if cache is None else cache
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    step = prefill_chunk or input_ids.shape[1]
-    for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids=input_ids[:, start:start + step], use_cache=True, **cache_kwarg(model, cache),
-                    **last_logits_only(model))
-    eos = eos_ids(model, tokenizer)
-    generated = []
-    begun = False  # has the answer produced anything but whitespace yet?
-    for step in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
-        generated.append(token)
-        text = tokenizer.decode([token])
-        if stop_rule == "authors":
-            if stop_at_newline and is_newline(text):
-                break
-        elif token in eos or (stop_at_newline and begun and "\n" in text):
-            break
-        begun = begun or bool(text.strip())
-        if step + 1 < max_new_tokens:
-            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache_kwarg(model, cache))
-    return generated
 
 
 def is_newline(text: str) -> bool:

@@ -11,6 +11,8 @@ reference to the controller that says what to do:
 * decode probes: on single-query steps, the top-k attended key positions of every query head.
 
 With nothing active the wrapper calls the base function with the very same arguments.
+`Intervention(mask, probe)` is the same as a technique of `core.generate`: its session carries the
+`Controller` (`session.controller.positions()` after a probed generation).
 """
 
 from __future__ import annotations
@@ -203,6 +205,27 @@ class Controller:
             self.step_probs.append(torch.zeros(self.num_layers, b, h, k, dtype=torch.float32, device=idx.device))
         self.steps[-1][layer] = idx
         self.step_probs[-1][layer] = probs
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Head masks and/or decode probes as a technique of `core.generate`."""
+
+    mask: HeadMask | None = None
+    probe: Probe | None = None
+
+    @contextmanager
+    def prepare(self, model):
+        from attnkit.core.generate import Session
+
+        with intervene(model, self.mask, self.probe) as ctl:
+            session = Session(model)
+            session.controller = ctl
+            yield session
+
+    def describe(self) -> dict:
+        return {"technique": "head mask", "masked_heads": len(self.mask.heads) if self.mask else 0,
+                "probe": self.probe is not None}
 
 
 @contextmanager

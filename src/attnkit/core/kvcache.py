@@ -12,21 +12,23 @@ streaming heads). Two pieces work together:
   the kept key positions and restricted to sink + window, writes both into the model's head order,
   and then trims the window heads back to sink + window tokens.
 
-`update` is always called right before attention in the same module's forward, so the layer is
-handed over through a thread-local slot. Keys are stored after RoPE, so they keep their positions.
+The hand-off is explicit: transformers' attention modules pass their forward's keyword arguments to
+`cache.update(..., kwargs=kwargs)` and then splat the same dict into the attention function, so
+`update` puts its layer there (`KV_LAYER_KWARG`) and the attention function takes it out. Keys are
+stored after RoPE, so they keep their positions.
 
 Hybrid models (Gemma 3: five sliding-window layers per global layer) keep their native sliding
 layers as transformers' own `DynamicSlidingWindowLayer`: those already hold only their window, so
 full-cache heads are chosen among the full-attention layers alone, and sizes are counted per layer
 type (`kv_bytes`, `native_kv_bytes`).
 
-    with head_kv(model, HeadKVConfig(full={(5, 3), (6, 1)}, sink=16, window=128)) as kv:
+    out = generate(model, tok, ids, technique=HeadKVConfig(full={(5, 3), (6, 1)}, sink=16, window=128))
+    with head_kv(model, config) as kv:                  # or by hand / with transformers' generate
         out = kv.generate(**inputs, max_new_tokens=20)   # chunked prefill, then decoding
 """
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 import torch
@@ -35,18 +37,13 @@ from transformers.cache_utils import CacheLayerMixin
 
 from attnkit.core.decode import cache_kwarg
 from attnkit.core.family import architecture
+from attnkit.core.generate import Session
 from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes  # noqa: F401 (defined there, torch-free)
 from attnkit.core.hook import KV_PREFIX, base_function
 from attnkit.errors import AttnkitError
 
 SUPPORTED_BASES = ("sdpa", "eager")
-_handoff = threading.local()
-
-
-def _take_handoff():
-    layer = getattr(_handoff, "layer", None)
-    _handoff.layer = None
-    return layer
+KV_LAYER_KWARG = "attnkit_kv_layer"  # the keyword under which update() hands its layer to attention
 
 
 class HeadKVLayer(CacheLayerMixin):
@@ -103,7 +100,6 @@ class HeadKVLayer(CacheLayerMixin):
         else:
             self.pending = ()
         self.seen += q
-        _handoff.layer = self
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -220,10 +216,16 @@ class HeadKVCache(Cache):
                   for i, kind in enumerate(arch.layer_types)]
         super().__init__(layers=layers)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(self, key_states, value_states, layer_idx, *args, kwargs: dict | None = None, **_):
         if not self._model_config._attn_implementation.startswith(KV_PREFIX):
             raise AttnkitError("this KV cache works only inside attnkit's head_kv(model, ...) block")
-        return self.layers[layer_idx].update(key_states, value_states)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, HeadKVLayer):
+            if kwargs is None:
+                raise AttnkitError("this model's attention does not pass its keyword arguments to the cache "
+                                   "(cache.update(..., kwargs=kwargs)), which the retrieval-head KV cache needs")
+            kwargs[KV_LAYER_KWARG] = layer
+        return layer.update(key_states, value_states)
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now."""
@@ -236,7 +238,7 @@ def _make_attention(base: str):
     functions: dict[type, object] = {}  # the base attention, resolved once per module class
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        layer = _take_handoff()
+        layer = kwargs.pop(KV_LAYER_KWARG, None)
         fn = functions.get(type(module))
         if fn is None:
             fn = functions[type(module)] = base_function(base, module)
@@ -264,11 +266,13 @@ def register(base: str) -> str:
     return name
 
 
-class HeadKV:
-    """What `head_kv` yields: makes caches and runs prefill/generation with them."""
+class HeadKV(Session):
+    """What `head_kv` yields: the session of `core.generate` for this cache (a fresh `HeadKVCache` per
+    generation, prefill in chunks), plus prefill and `model.generate` by hand."""
 
     def __init__(self, model, config: HeadKVConfig):
-        self.model, self.config = model, config
+        super().__init__(model)
+        self.config, self.prefill_chunk = config, config.prefill_chunk
 
     def new_cache(self):
         return HeadKVCache(self.model, self.config)
@@ -287,19 +291,6 @@ class HeadKV:
             out = self.model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwarg(self.model, cache),
                              **kwargs, **forward)
         return out, cache
-
-    def decoder(self, tokenizer):
-        """`decode(input_ids [1, n], max_new_tokens) -> new ids`, greedy with this cache (what a NIAH
-        `Decoder` holds); each call switches the attention in and out."""
-        from attnkit.core.decode import greedy_decode
-
-        model, config = self.model, self.config
-
-        def decode(input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
-            with head_kv(model, config) as active:
-                return greedy_decode(model, tokenizer, input_ids, max_new_tokens, cache=active.new_cache(),
-                                     prefill_chunk=config.prefill_chunk)
-        return decode
 
     def generate(self, **kwargs):
         """`model.generate` with a fresh cache of this kind and chunked prefill."""

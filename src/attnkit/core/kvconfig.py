@@ -36,6 +36,15 @@ class HeadKVConfig:
                                    f"{arch.windows[l]}): its cache is the model's own window; choose heads of "
                                    f"the full-attention layers {arch.full_layers}")
 
+    def prepare(self, model):
+        """This cache as a technique of `core.generate`: `head_kv(model, self)`."""
+        from attnkit.core.kvcache import head_kv
+        return head_kv(model, self)
+
+    def describe(self) -> dict:
+        return {"technique": "retrieval-head KV cache", "full_kv_heads": len(self.full), "sink": self.sink,
+                "window": self.window}
+
     def kv_bytes(self, arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
         """What the cache holds after `tokens` tokens: keys and values of every KV head. A window head
         keeps sink + window - 1 tokens (all that a later query can see besides its own key); a native

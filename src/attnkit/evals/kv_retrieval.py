@@ -13,23 +13,13 @@ import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..core.family import architecture
 from ..errors import AttnkitError
+from .systems import System
 
 PROMPT = ('Extract the value corresponding to the specified key in the JSON object below.\n\n'
           'JSON data:\n{records}\n\nKey: "{key}"\nCorresponding value:')
-
-
-@dataclass(frozen=True)
-class System:
-    """One way of answering: `generate(prompt, max_new_tokens, chat_template) -> text`. A raw prompt's
-    answer is cut at the first newline (after it has begun); with `chat_template` the prompt is one
-    user turn of the tokenizer's chat template and the answer runs to the end of the turn. `settings`
-    identify the system in a results file. Techniques provide these (`BucketedModel.system()`)."""
-    generate: Callable[[str, int], str]
-    settings: dict
 
 
 @dataclass
@@ -96,13 +86,26 @@ def is_correct(answer: str, value: str) -> bool:
     return value in answer
 
 
-def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positions: list[int],
-             systems: dict[str, System], out: Path | None = None, quiet: bool = False, template: str = PROMPT,
+def answer(model, tokenizer, prompt: str, max_new_tokens: int, technique=None, chat_template: bool = False) -> str:
+    """Greedy answer to one prompt. A raw prompt's answer is cut at the first newline once it has
+    begun; with `chat_template` the prompt is one user turn and the answer runs to the end of the turn."""
+    from ..core.generate import answer_text, encode_prompts, generate
+
+    stop = () if chat_template else ("\n",)
+    ids, mask = encode_prompts(tokenizer, [prompt], chat_template)
+    out = generate(model, tokenizer, ids, mask, technique, max_new_tokens, stop_rule="eos", stop_strings=stop)
+    return answer_text(tokenizer, out.ids[0], stop)
+
+
+def evaluate_kv_retrieval(model, tokenizer, examples: list[KVExample], num_pairs: int, positions: list[int],
+             systems: list[System], out: Path | None = None, quiet: bool = False, template: str = PROMPT,
              chat_template: bool | None = None) -> dict:
-    """Accuracy per gold position for each system; rows go to `out` as they finish. `chat_template`
-    None: the tokenizer's chat template when it has one."""
+    """Accuracy per gold position for each system (its `fields` are its settings in the results file);
+    rows go to `out` as they finish. `chat_template` None: the tokenizer's chat template when it has one."""
     from ..core.decode import use_chat_template
     from .runner import run_grid
+
+    by_name = {s.name: s for s in systems}
 
     chat = use_chat_template(tokenizer, chat_template)
     limit = architecture(model.config).max_positions
@@ -112,28 +115,28 @@ def evaluate(model, tokenizer, examples: list[KVExample], num_pairs: int, positi
         raise AttnkitError(f"{num_pairs} pairs need about {need} tokens, more than the model's {limit}; "
                            "lower --num-pairs")
     cells = [{"example": i, "position": p, "system": s, "num_pairs": num_pairs}
-             for i in range(len(examples)) for p in positions for s in systems]
+             for i in range(len(examples)) for p in positions for s in by_name]
 
     def work(cell):
         ex = examples[cell["example"]]
         prompt = format_prompt(place_gold(ex, num_pairs, cell["position"]), ex.key, template)
         # a chat model often introduces the value on a line of its own: more room, and it ends its turn
         room = len(tokenizer(ex.value, add_special_tokens=False)["input_ids"]) + (32 if chat else 8)
-        answer = systems[cell["system"]].generate(prompt, room, chat)
-        return {"answer": answer, "correct": is_correct(answer, ex.value)}
+        text = answer(model, tokenizer, prompt, room, by_name[cell["system"]].technique, chat)
+        return {"answer": text, "correct": is_correct(text, ex.value)}
 
     from ..core.loading import model_identity
     from .runner import digest
     settings = {"kind": "kv-retrieval", **model_identity(model), "template": digest(template),
                 "examples": digest([[ex.records, ex.key, ex.value] for ex in examples]),
-                "systems": {name: system.settings for name, system in systems.items()},
+                "systems": {s.name: s.fields for s in systems},
                 "positions": list(positions), "num_pairs": num_pairs, "chat_template": chat} if out is not None else None
     rows = run_grid(cells, ("example", "position", "system", "num_pairs"), work, out,
                     "kv-retrieval", quiet, settings=settings)
-    return summarize(rows, list(systems), positions)
+    return summarize_kv_retrieval(rows, list(by_name), positions)
 
 
-def summarize(rows: list[dict], systems: list[str], positions: list[int]) -> dict:
+def summarize_kv_retrieval(rows: list[dict], systems: list[str], positions: list[int]) -> dict:
     acc = {}
     for s in systems:
         acc[s] = {}

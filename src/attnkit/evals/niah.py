@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -25,6 +25,7 @@ from attnkit.core.decode import require_chat_template, use_chat_template  # noqa
 from attnkit.errors import AttnkitError
 from attnkit.evals.authors_prompt import AuthorsPromptBuilder
 from attnkit.evals.needles import Needle, NiahPrompt, find_span, locate_answer  # noqa: F401 (likewise)
+from attnkit.evals.systems import System
 
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
 ANSWER_ROOM = 50
@@ -40,16 +41,6 @@ class Grid:
     haystack: str
     lengths: list[int]
     depths: list[float]
-
-
-@dataclass(frozen=True)
-class Decoder:
-    """A named way of answering NIAH prompts: `decode(input_ids [1, n], max_new_tokens) -> ids` (None:
-    plain greedy decoding) and the row fields that tell its rows apart in a shared results file.
-    Techniques provide these (`attnkit.buckets.single_vs_buckets`, `HeadKV.decoder`)."""
-    name: str
-    fields: dict = field(default_factory=dict)
-    decode: Callable | None = None
 
 
 PASSKEY = "passkey"
@@ -210,20 +201,16 @@ def prompt_builder(kind: str, tokenizer, haystack: str, chat_template: bool = Fa
 
 
 def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM,
-              decode=None, stop_rule: PromptKind = "clean") -> dict:
-    """Answer one prompt; `decode(input_ids, max_new_tokens) -> ids` replaces plain greedy decoding
-    (Attention Buckets passes its own, see `BucketedModel.as_decoder`)."""
-    from attnkit.core.decode import greedy_decode
+              technique=None, stop_rule: PromptKind = "clean") -> dict:
+    """Answer one prompt greedily with `technique` (None: the model as it is; see `core.generate`)."""
+    from attnkit.core.generate import greedy_decode
 
-    if decode is None:
-        ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens, stop_rule=stop_rule)
-    else:
-        ids = decode(prompt.input_ids, max_new_tokens)
+    ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens, technique, stop_rule=stop_rule)
     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return {"answer": answer, "recall": recall(answer, needle.real_needle)}
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize_niah(rows: list[dict]) -> dict:
     """Mean recall overall and per (length, depth) cell over needles; skipped trials are counted."""
     scored = [r for r in rows if r.get("recall") is not None]
     grid: dict[tuple, list[float]] = {}
@@ -249,12 +236,12 @@ def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], *
             for L in lengths for d in depths for i in range(len(needles))]
 
 
-def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
+def evaluate_niah(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
              out: Path | None = None, chat_template: bool | None = None, quiet: bool = False, label: str = "niah",
-             extra: dict | None = None, decode=None, prompt: PromptKind = "clean") -> list[dict]:
+             extra: dict | None = None, technique=None, prompt: PromptKind = "clean") -> list[dict]:
     """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`).
-    With `decode`, trials use it instead of greedy decoding; `extra` must then name the system, since
-    rows are resumed by their extra fields, needle, length and depth."""
+    Trials generate with `technique` (None: the model as it is); `extra` must name it when rows of
+    several share a file, since rows are resumed by their extra fields, needle, length and depth."""
     from attnkit.evals.runner import run_grid
 
     check_lengths(model, lengths)
@@ -268,7 +255,7 @@ def evaluate(model, tokenizer, needles: list[Needle], haystack: str, lengths: li
             built = builder.build(needle, cell["length"], cell["depth"])
         except AttnkitError as e:
             return {"answer": None, "recall": None, "skipped": str(e)}
-        return run_trial(model, tokenizer, built, needle, decode=decode, stop_rule=prompt)
+        return run_trial(model, tokenizer, built, needle, technique=technique, stop_rule=prompt)
 
     cells = grid_cells(needles, lengths, depths, **(extra or {}))
     fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")
@@ -289,12 +276,12 @@ def run_settings(kind: str, model, needles: list[Needle], haystacks: list[str], 
             "depths": [float(d) for d in depths], **options}
 
 
-def compare_decoders(model, tokenizer, grid: Grid, decoders: list[Decoder], out: Path | None = None,
-                     quiet: bool = False, **options) -> dict[str, dict]:
-    """The same grid under each decoder (rows of all of them may share `out`); summaries by name."""
+def compare_systems(model, tokenizer, grid: Grid, systems: list[System], out: Path | None = None,
+                    quiet: bool = False, **options) -> dict[str, dict]:
+    """The same grid under each system (rows of all of them may share `out`); summaries by name."""
     summaries = {}
-    for d in decoders:
-        rows = evaluate(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
-                        label=d.name, extra=d.fields, decode=d.decode, **options)
-        summaries[d.name] = summarize(rows)
+    for d in systems:
+        rows = evaluate_niah(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
+                        label=d.name, extra=d.fields, technique=d.technique, **options)
+        summaries[d.name] = summarize_niah(rows)
     return summaries

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from attnkit.core.family import architecture
-from attnkit.core.hook import HeadMask, intervene
+from attnkit.core.hook import HeadMask, Intervention
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.heads.scores import ranked
@@ -53,13 +53,12 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mo
         raise AttnkitError(f"score file head {outside[0]} does not exist in this model ({layers} x {heads})")
 
     def run(name: str, seed: int, k: int, chosen: list) -> dict:
-        mask = HeadMask(chosen, mode=mode, phase=phase) if chosen else None
-        with intervene(model, mask=mask):
-            rows = N.evaluate(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
-                              label=f"K={k} {name}" + (f" (seed {seed})" if name == "random" else "") if k else name,
-                              extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase},
-                              chat_template=chat_template)
-        return N.summarize(rows)
+        mask = Intervention(HeadMask(chosen, mode=mode, phase=phase)) if chosen else None
+        rows = N.evaluate_niah(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
+                          label=f"K={k} {name}" + (f" (seed {seed})" if name == "random" else "") if k else name,
+                          extra={"condition": name, "seed": seed, "k": k, "mode": mode, "phase": phase},
+                          chat_template=chat_template, technique=mask)
+        return N.summarize_niah(rows)
 
     exclude = excluded_heads(scores)
     if max(ks) > layers * heads:

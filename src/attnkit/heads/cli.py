@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints, quiet_transformers
+from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, HAYSTACK, MODEL_HELP, NEEDLES, TRIALS_OUT,
+                                 console, emit, floats, ints, quiet_transformers)
 from attnkit.core.family import architecture
 from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
@@ -22,7 +23,7 @@ kv_app = typer.Typer(no_args_is_help=True,
 
 @heads_app.command("detect")
 def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
-                 needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
+                 needles: Optional[Path] = NEEDLES,
                  haystack: Optional[Path] = typer.Option(None, help="haystack file/folder, or a detection folder with part{i}/p1.txt"),
                  lengths: Optional[str] = typer.Option(None, help="context lengths; default 20 evenly spaced up to --max-length"),
                  max_length: Optional[int] = typer.Option(None, help="default: the model's max positions"),
@@ -90,12 +91,12 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
                  mode: str = typer.Option("uniform", help="uniform (zero the query, as the authors) or zero (zero the output)"),
                  phase: str = typer.Option("decode", help="decode (the authors), prefill or both"),
                  seeds: int = typer.Option(3, help="random-head draws"),
-                 needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
-                 haystack: Optional[Path] = typer.Option(None),
+                 needles: Optional[Path] = NEEDLES,
+                 haystack: Optional[Path] = HAYSTACK,
                  lengths: str = typer.Option("512,1024,2048"), depths: str = typer.Option("0,25,50,75,100"),
                  chat_template: Optional[bool] = CHAT_TEMPLATE,
                  device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
-                 out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
+                 out: Optional[Path] = TRIALS_OUT,
                  plot: Optional[Path] = typer.Option(None, help="one K: three heatmaps side by side; several: recall against K"),
                  as_json: bool = typer.Option(False, "--json")):
     """NIAH with no mask vs the top-K retrieval heads masked vs K random non-retrieval heads."""
@@ -243,12 +244,12 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                sink: int = typer.Option(KV_DEFAULTS.sink), window: int = typer.Option(KV_DEFAULTS.window),
                chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="prefill chunk (tokens)"),
                seeds: int = typer.Option(1, help="random-head draws per budget"),
-               needles: Optional[Path] = typer.Option(None, help="needles JSONL or \"passkey\"; default: built-in"),
-               haystack: Optional[Path] = typer.Option(None, help=".txt file or folder of .txt files"),
+               needles: Optional[Path] = NEEDLES,
+               haystack: Optional[Path] = HAYSTACK,
                lengths: str = typer.Option("2048"), depths: str = typer.Option("0,25,50,75,100"),
                chat_template: Optional[bool] = CHAT_TEMPLATE,
                device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
-               out: Optional[Path] = typer.Option(None, help="trials JSONL; reruns resume"),
+               out: Optional[Path] = TRIALS_OUT,
                plot: Optional[Path] = typer.Option(None, help="recall against KV memory, one line per head choice"),
                as_json: bool = typer.Option(False, "--json")):
     """NIAH recall and KV memory: full cache vs retrieval-chosen vs random-chosen vs all-window heads."""
@@ -305,7 +306,7 @@ def heads_compare(a: Path = typer.Argument(..., help="first score file"),
     sa, sb = load_scores(a), load_scores(b)
     result = C.compare_scores(sa, sb, top)
     if plot:
-        C.plot(sa, sb, (a.stem, b.stem), result, plot)
+        C.plot_overlap(sa, sb, (a.stem, b.stem), result, plot)
 
     def render():
         console.print(f"{a.name} vs {b.name}: {result['heads']} heads; top-{result['top']} overlap "

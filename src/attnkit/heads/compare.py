@@ -53,7 +53,7 @@ def compare_scores(a: dict, b: dict, top: int = 20) -> dict:
             "top_a": [list(k) for k in ta], "top_b": [list(k) for k in tb]}
 
 
-def plot(a: dict, b: dict, names: tuple[str, str], result: dict, path) -> None:
+def plot_overlap(a: dict, b: dict, names: tuple[str, str], result: dict, path) -> None:
     """The two layer x head heatmaps side by side on one colour scale; each top-K head is ringed,
     white when it is in both top-K sets, red when only in this one."""
     from attnkit.evals.plots import pyplot

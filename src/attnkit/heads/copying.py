@@ -22,9 +22,9 @@ from typing import Literal
 
 import torch
 
-from attnkit.core.decode import greedy_decode
+from attnkit.core.generate import greedy_decode
+from attnkit.core.hook import Intervention, Probe
 from attnkit.errors import AttnkitError
-from attnkit.core.hook import Probe, intervene
 
 
 Count = Literal["unique", "repeats"]
@@ -52,9 +52,9 @@ def copy_scores(positions: torch.Tensor, generated: torch.Tensor, sequence: torc
 def trial(model, tokenizer, input_ids: torch.Tensor, span: tuple[int, int], max_new_tokens: int = 50,
           count: Count = "unique", first_token: bool = True, stop_rule: Literal["clean", "authors"] = "clean") -> tuple[torch.Tensor, list[int]]:
     """Greedy-decode one prompt with decode probes on; return (scores [layers, heads], generated ids)."""
-    with intervene(model, probe=Probe(top_k=1, prefill_last=first_token)) as ctl:
-        generated = greedy_decode(model, tokenizer, input_ids, max_new_tokens, stop_rule=stop_rule)
-    positions = ctl.positions()[:, :, 0, :, 0]  # [steps, layers, heads]
+    with Intervention(probe=Probe(top_k=1, prefill_last=first_token)).prepare(model) as session:
+        generated = greedy_decode(model, tokenizer, input_ids, max_new_tokens, session, stop_rule=stop_rule)
+    positions = session.controller.positions()[:, :, 0, :, 0]  # [steps, layers, heads]
     gen = torch.tensor(generated, device=positions.device)
     # step s of the probes produced generated[s] (with the prefill row) or generated[s + 1]
     gen = gen[: positions.shape[0]] if first_token else gen[1: positions.shape[0] + 1]

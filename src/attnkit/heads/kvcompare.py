@@ -11,9 +11,9 @@ import statistics
 from pathlib import Path
 
 from attnkit.core.family import architecture
-from attnkit.core.kvcache import HeadKV
 from attnkit.core.kvconfig import KV_DEFAULTS, HeadKVConfig, native_kv_bytes
 from attnkit.evals import niah as N
+from attnkit.evals.systems import System
 from attnkit.heads.kvplan import plan
 
 
@@ -43,8 +43,8 @@ def compare_caches(model, tokenizer, scores: dict, budgets: list[float], grid: N
         cfg = plan(scores, model.config, how, full, count, sink=settings.sink, window=settings.window,
                    prefill_chunk=settings.prefill_chunk, seed=seed)
         name = label(how, full, settings, seed)
-        decoder = N.Decoder(name, {"cache": name}, None if how == "all" else HeadKV(model, cfg).decoder(tokenizer))
-        summary = N.compare_decoders(model, tokenizer, grid, [decoder], out, quiet, chat_template=chat_template)[name]
+        system = System(name, {"cache": name}, None if how == "all" else cfg)
+        summary = N.compare_systems(model, tokenizer, grid, [system], out, quiet, chat_template=chat_template)[name]
         return {"system": how, "full": full, "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4),
                 "recall": summary["mean_recall"], "grid": summary["grid"]}
 

@@ -1,9 +1,9 @@
 """System 2 Attention (Weston & Sukhbaatar 2023, arXiv 2311.11829): rewrite the context, then answer."""
 
-__all__ = ["Completion", "HFBackend", "OpenAIBackend", "Parsed", "S2A", "S2AResult", "Sampling", "VARIANTS",
+__all__ = ["Completion", "HFBackend", "OpenAIBackend", "Parsed", "S2A", "S2AResult", "ChatSampling", "VARIANTS",
            "make_backend", "parse"]
 
-_LAZY = {"Completion": ".backends", "HFBackend": ".backends", "OpenAIBackend": ".backends", "Sampling": ".backends",
+_LAZY = {"Completion": ".backends", "HFBackend": ".backends", "OpenAIBackend": ".backends", "ChatSampling": ".backends",
          "make_backend": ".backends", "Parsed": ".parse", "parse": ".parse", "S2A": ".pipeline",
          "S2AResult": ".pipeline", "VARIANTS": ".prompts"}
 

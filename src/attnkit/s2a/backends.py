@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 
 from ..core.family import architecture
-from ..core.decode import eos_ids, left_padded, render_chat
+from ..core.decode import left_padded, render_chat
 from ..errors import AttnkitError
 
 
@@ -29,7 +28,7 @@ class UpstreamError(AttnkitError):
 
 
 @dataclass
-class Sampling:
+class ChatSampling:
     temperature: float = 0.6  # the paper's setting for every method
     top_p: float = 0.9
     max_tokens: int = 256
@@ -43,16 +42,17 @@ class Completion:
 
 
 class Backend(Protocol):
-    def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]: ...
+    def chat(self, conversations: list[list[dict]], sampling: ChatSampling) -> list[Completion]: ...
 
     def identity(self) -> dict: ...
 
 
 class HFBackend:
-    """Batched generation with a local model (chat template applied when the tokenizer has one)."""
+    """Batched generation with a local model (chat template applied when the tokenizer has one),
+    through `core.generate` with any of its techniques (None: the model as it is)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 8, technique=None):
+        self.model, self.tokenizer, self.batch_size, self.technique = model, tokenizer, batch_size, technique
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -64,10 +64,10 @@ class HFBackend:
     def render(self, messages: list[dict]) -> str:
         return render_chat(self.tokenizer, messages)[0]
 
-    @torch.no_grad()
-    def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]:
+    def chat(self, conversations: list[list[dict]], sampling: ChatSampling) -> list[Completion]:
+        from ..core.generate import Sampling, generate
+
         tok, model = self.tokenizer, self.model
-        device = next(model.parameters()).device
         limit = architecture(model.config).max_positions
         out = []
         for i in range(0, len(conversations), self.batch_size):
@@ -79,19 +79,12 @@ class HFBackend:
                 if max_new < 1:
                     raise AttnkitError(f"a prompt of {batch['input_ids'].shape[1]} tokens leaves no room to answer "
                                        f"within the model's {limit} positions")
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + i)
-            sample = sampling.temperature > 0
-            gen = model.generate(**batch.to(device), max_new_tokens=max_new, do_sample=sample,
-                                 temperature=sampling.temperature if sample else None,
-                                 top_p=sampling.top_p if sample else None, top_k=None,
-                                 pad_token_id=tok.pad_token_id)
-            new = gen[:, batch["input_ids"].shape[1]:]
-            eos = eos_ids(model, tok) | {tok.pad_token_id}
-            for row, mask in zip(new.tolist(), batch["attention_mask"]):
-                n = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
-                text = tok.decode(row[:n], skip_special_tokens=True).strip()
-                out.append(Completion(text, {"prompt": int(mask.sum()), "completion": n}))
+            draw = Sampling(sampling.temperature, sampling.top_p, None if sampling.seed is None else sampling.seed + i)
+            gen = generate(model, tok, batch["input_ids"], batch["attention_mask"], self.technique, max_new,
+                           stop_rule="eos", sampling=draw)
+            for row, mask in zip(gen.ids, batch["attention_mask"]):
+                text = tok.decode(row, skip_special_tokens=True).strip()
+                out.append(Completion(text, {"prompt": int(mask.sum()), "completion": len(row)}))
         return out
 
 
@@ -115,7 +108,7 @@ class OpenAIBackend:
     def identity(self) -> dict:
         return {"backend": "openai", "url": self.base_url, "model": self.name}
 
-    def _one(self, messages: list[dict], sampling: Sampling) -> Completion:
+    def _one(self, messages: list[dict], sampling: ChatSampling) -> Completion:
         import openai
 
         retryable = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
@@ -139,7 +132,7 @@ class OpenAIBackend:
                                "completion": getattr(usage, "completion_tokens", 0) or 0})
         raise AssertionError("unreachable")
 
-    def chat(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]:
+    def chat(self, conversations: list[list[dict]], sampling: ChatSampling) -> list[Completion]:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda m: self._one(m, sampling), conversations))
 

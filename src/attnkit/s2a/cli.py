@@ -48,10 +48,10 @@ def ask(text: str = typer.Argument(..., help="the user's text (question with con
         device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
         as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Rewrite, then answer from the rewrite alone."""
-    from attnkit.s2a import S2A, Sampling
+    from attnkit.s2a import S2A, ChatSampling
 
     b = _backend(backend, model, base_url, api_key_env, 1, device, dtype, device_map)
-    res = S2A(b, variant, Sampling(temperature, top_p, max_tokens, seed)).run([text])[0]
+    res = S2A(b, variant, ChatSampling(temperature, top_p, max_tokens, seed)).run([text])[0]
 
     def render():
         if res.rewrite is not None:
@@ -86,8 +86,8 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Score S2A variants on a task; one JSONL row per (example, variant)."""
     from attnkit.s2a import tasks as T
-    from attnkit.s2a.backends import Sampling
-    from attnkit.s2a.evaluate import evaluate, plot as plot_summary, summarize
+    from attnkit.s2a.backends import ChatSampling
+    from attnkit.s2a.evaluate import evaluate_s2a, plot_s2a, summarize_s2a
     from attnkit.s2a.prompts import VARIANTS
 
     if task not in T.TASKS:
@@ -103,11 +103,11 @@ def eval_cmd(task: str = typer.Argument(..., help="sycophancy, gsm-ic or longfor
     judge = (_backend(judge_backend or backend, judge_model, judge_base_url or base_url, api_key_env, concurrency,
                       device, dtype, device_map)
              if judge_model else None)
-    sampling = Sampling(temperature, top_p, max_tokens, seed)
-    rows = evaluate(b, T.TASKS[task], examples, names, out, sampling, judge, fallback, batch, quiet=as_json)
-    summary = summarize(rows, task)
+    sampling = ChatSampling(temperature, top_p, max_tokens, seed)
+    rows = evaluate_s2a(b, T.TASKS[task], examples, names, out, sampling, judge, fallback, batch, quiet=as_json)
+    summary = summarize_s2a(rows, task)
     if plot:
-        plot_summary(summary, plot)
+        plot_s2a(summary, plot)
 
     emit(summary, as_json, lambda: _show_eval(summary, task, len(examples), model))
 

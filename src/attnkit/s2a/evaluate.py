@@ -8,19 +8,19 @@ from pathlib import Path
 from dataclasses import asdict
 
 from ..evals.runner import ResultFile, cell_key, digest, progress_bar
-from .backends import Backend, Sampling
+from .backends import Backend, ChatSampling
 from .pipeline import S2A
 from .tasks import PAPER, Example, Task
 
 KEY = ("task", "example", "variant")
 
 
-def evaluate(backend: Backend, task: Task, examples: list[Example], variants: list[str], out: Path | None = None,
-             sampling: Sampling | None = None, judge: Backend | None = None, fallback: bool = True,
+def evaluate_s2a(backend: Backend, task: Task, examples: list[Example], variants: list[str], out: Path | None = None,
+             sampling: ChatSampling | None = None, judge: Backend | None = None, fallback: bool = True,
              batch: int = 8, quiet: bool = False) -> list[dict]:
     """All rows (old ones read back from `out`, new ones appended to it in batches as they finish)."""
-    sampling = sampling or Sampling()
-    judging = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, seed=sampling.seed)  # verdicts: greedy, short
+    sampling = sampling or ChatSampling()
+    judging = ChatSampling(temperature=0.0, top_p=1.0, max_tokens=16, seed=sampling.seed)  # verdicts: greedy, short
     if out is None:
         return _evaluate(backend, task, examples, variants, None, {}, sampling, judge, judging, fallback, batch, quiet)
     settings = {"kind": "s2a", "task": task.name, "examples": digest([[e.id, e.text] for e in examples]),
@@ -82,7 +82,7 @@ def _interval(values: list[float], binary: bool) -> tuple[float, float]:
     return mean, 1.96 * sd / math.sqrt(n)
 
 
-def summarize(rows: list[dict], task: str, metric: str = "score") -> dict:
+def summarize_s2a(rows: list[dict], task: str, metric: str = "score") -> dict:
     """Per variant and per variant x group: n, mean (x100 for accuracies) and 95% interval; parse failures."""
     from .tasks import TASKS
 
@@ -107,7 +107,7 @@ def summarize(rows: list[dict], task: str, metric: str = "score") -> dict:
     return out
 
 
-def plot(summary: dict, path: str | Path) -> None:
+def plot_s2a(summary: dict, path: str | Path) -> None:
     """Bar chart of each variant's score with its 95% interval, paper figures as markers."""
     from ..evals.plots import pyplot
     plt = pyplot()

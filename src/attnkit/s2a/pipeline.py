@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import AttnkitError
-from .backends import Backend, Sampling
+from .backends import Backend, ChatSampling
 from .parse import parse
 from .prompts import VARIANTS, Variant, rewrite_prompt, strip_parenthetical
 
@@ -50,12 +50,12 @@ def step2_prompt(variant: Variant, original: str, context: str, question: str) -
 class S2A:
     """`S2A(backend, "s2a").run(["..."])` rewrites then answers each text."""
 
-    def __init__(self, backend: Backend, variant: str = "s2a", sampling: Sampling | None = None,
+    def __init__(self, backend: Backend, variant: str = "s2a", sampling: ChatSampling | None = None,
                  fallback: bool = True, answer_suffix: str = ""):
         if variant not in VARIANTS:
             raise AttnkitError(f"unknown S2A variant {variant!r}: choose from {', '.join(VARIANTS)}")
         self.backend, self.variant = backend, VARIANTS[variant]
-        self.sampling = sampling or Sampling()
+        self.sampling = sampling or ChatSampling()
         self.fallback = fallback  # answer from the original prompt when the rewrite cannot be parsed
         self.answer_suffix = answer_suffix  # e.g. an answer format a task needs in the final call
 

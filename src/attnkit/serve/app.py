@@ -26,7 +26,7 @@ def local_app(engine: Engine, name: str, api_key: str | None = None, max_body: i
     install_error_handlers(app)
     install_auth(app, api_key)
     meta = {"id": name, "object": "model", "created": 0, "owned_by": "attnkit",
-            "attnkit": {**engine.decoder.describe(), "max_positions": engine.max_positions}}
+            "attnkit": {**engine.describe(), "max_positions": engine.max_positions}}
 
     @app.get("/v1/models")
     async def models():

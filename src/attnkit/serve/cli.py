@@ -86,7 +86,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
                               device, dtype, max_queue, device_map)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
-        what = f"{model} ({engine.decoder.describe()['technique']})"
+        what = f"{model} ({engine.describe()['technique']})"
     console.print(f"attnkit serve: {what} at http://{host}:{port}/v1 "
                   f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
@@ -96,15 +96,14 @@ def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full,
                  device: str, dtype: str, max_queue: int, device_map=None):
     from attnkit.core.loading import load_config, load_model
     from attnkit.heads.kvplan import cache_from_options
-    from attnkit.serve.engine import BucketsDecoder, Engine, PlainDecoder
+    from attnkit.serve.engine import Engine
 
     kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                             bool(bases or search))
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    technique = kv
     if bases or search:
-        from attnkit.buckets import BucketedModel, BucketsConfig
-        decoder = BucketsDecoder(BucketedModel(mdl, tok, BucketsConfig(resolve_bases(model, bases, search))))
-    else:
-        decoder = PlainDecoder(mdl, kv)
-    return Engine(decoder, tok, architecture(mdl.config).max_positions, max_queue)
+        from attnkit.buckets import BucketsConfig
+        technique = BucketsConfig(resolve_bases(model, bases, search))
+    return Engine(mdl, tok, technique, architecture(mdl.config).max_positions, max_queue)

@@ -6,10 +6,9 @@ event loop as it is produced, checks the request's cancel flag before every deco
 that disconnects frees the model within one step), and turns any error of one generation into an
 error event for that request alone. No lock is ever held while the app yields to a client.
 
-Decoders produce token ids one at a time and never stop by themselves; the worker stops them on EOS,
-a stop string, the token budget or cancellation:
-* `PlainDecoder`: the model as it is, or with the retrieval-head KV cache (`kv`);
-* `BucketsDecoder`: Attention Buckets, several RoPE bases combined at every step.
+Tokens come from `core.generate.decode_steps` with the engine's technique (None: the model as it
+is; a `HeadKVConfig`, a `BucketsConfig`, ... : any technique of `core.generate`), one at a time and
+without end; the worker stops them on EOS, a stop string, the token budget or cancellation.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from attnkit.core.decode import cache_kwarg, eos_ids, last_logits_only, sample_token
+from attnkit.core.decode import eos_ids
+from attnkit.core.generate import PLAIN, Sampling, decode_steps
 
 
 @dataclass
@@ -49,68 +49,31 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-class PlainDecoder:
-    def __init__(self, model, kv=None):
-        self.model, self.kv = model, kv  # kv: a HeadKVConfig, or None for the ordinary cache
-
-    def describe(self) -> dict:
-        if self.kv is None:
-            return {"technique": "plain"}
-        return {"technique": "retrieval-head KV cache", "full_kv_heads": len(self.kv.full), "sink": self.kv.sink,
-                "window": self.kv.window}
-
-    @torch.no_grad()
-    def tokens(self, ids: list[int], p: Params) -> Iterator[int]:
-        from contextlib import nullcontext
-
-        from transformers import DynamicCache
-
-        from attnkit.core.kvcache import head_kv
-
-        model = self.model
-        device = next(model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
-        with (head_kv(model, self.kv) if self.kv is not None else nullcontext()) as active:
-            cache = active.new_cache() if active is not None else DynamicCache(config=model.config)
-            prompt = torch.tensor([ids], device=device)
-            chunk = self.kv.prefill_chunk if self.kv is not None else prompt.shape[1]
-            for start in range(0, prompt.shape[1], chunk):
-                out = model(input_ids=prompt[:, start:start + chunk], use_cache=True, **cache_kwarg(model, cache),
-                            **last_logits_only(model))
-            while True:
-                token = sample_token(out.logits[:, -1], p.temperature, p.top_p, gen)
-                yield int(token[0])
-                out = model(input_ids=token.view(1, 1), use_cache=True, **cache_kwarg(model, cache))
-
-
-class BucketsDecoder:
-    def __init__(self, bucketed):
-        self.bucketed, self.model = bucketed, bucketed.model
-
-    def describe(self) -> dict:
-        cfg = self.bucketed.config
-        return {"technique": "attention buckets", "bases": cfg.bases, "combine": cfg.combine}
-
-    def tokens(self, ids: list[int], p: Params) -> Iterator[int]:
-        steps = self.bucketed.steps(torch.tensor([ids]), None, p.temperature, p.top_p, p.seed)
-        try:
-            for chosen, _ in steps:
-                yield int(chosen[0])
-        finally:
-            steps.close()
-
-
 class Engine:
     """Owns the model: one worker thread, a bounded queue of jobs."""
 
-    def __init__(self, decoder, tokenizer, max_positions: int | None, max_queue: int = 16):
-        self.decoder, self.tokenizer, self.max_positions = decoder, tokenizer, max_positions
-        self.eos = eos_ids(decoder.model, tokenizer)
+    def __init__(self, model, tokenizer, technique=None, max_positions: int | None = None, max_queue: int = 16):
+        self.model, self.tokenizer, self.max_positions = model, tokenizer, max_positions
+        self.technique = technique if technique is not None else PLAIN
+        self.eos = eos_ids(model, tokenizer)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
         self.busy = False
         self._worker = threading.Thread(target=self._run, name="attnkit-generate", daemon=True)
         self._worker.start()
+
+    def describe(self) -> dict:
+        return self.technique.describe()
+
+    def tokens(self, ids: list[int], p: Params) -> Iterator[int]:
+        """The generated token ids of one prompt, without end (closing the iterator ends the generation)."""
+        with self.technique.prepare(self.model) as session:
+            steps = decode_steps(self.model, session, torch.tensor([ids]), None, Sampling(p.temperature, p.top_p, p.seed))
+            try:
+                for step in steps:
+                    yield int(step.tokens[0])
+            finally:
+                steps.close()
 
     def submit(self, job: Job) -> None:
         """Raises queue.Full when every place is taken."""
@@ -145,7 +108,7 @@ class Engine:
         sent = 0  # characters of text already handed to the client
         hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may still be forming
         finish, cut_at_stop = "length", False
-        tokens = self.decoder.tokens(job.ids, p)
+        tokens = self.tokens(job.ids, p)
         try:
             for token in tokens:
                 if job.cancelled.is_set():

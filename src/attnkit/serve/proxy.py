@@ -59,11 +59,11 @@ class Upstream:
         """S2A step 1 through the upstream, with the request's sampling settings."""
         from starlette.concurrency import run_in_threadpool
 
-        from attnkit.s2a.backends import OpenAIBackend, Sampling, UpstreamError
+        from attnkit.s2a.backends import OpenAIBackend, ChatSampling, UpstreamError
         from attnkit.s2a.pipeline import S2A
 
         backend = OpenAIBackend(self.base, model, api_key=key, max_retries=0, timeout=self.timeout)
-        sampling = Sampling(temperature=_number(fields, "temperature", 0.6), top_p=_number(fields, "top_p", 0.9),
+        sampling = ChatSampling(temperature=_number(fields, "temperature", 0.6), top_p=_number(fields, "top_p", 0.9),
                             max_tokens=int(_number(fields, "max_tokens", 1024)),
                             seed=fields["seed"] if isinstance(fields.get("seed"), int) else None)
         try:

@@ -1,0 +1,18 @@
+"""What an evaluation compares: named systems, each a technique of `core.generate` (None: the model as
+it is) with the fields that tell its rows apart in a shared results file. Every task (NIAH,
+key-value retrieval) answers through `core.generate` with the system's technique, so any technique
+runs on any task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    fields: dict = field(default_factory=dict)  # row fields (and result-file settings) naming this system
+    technique: object = None  # a technique record (HeadKVConfig, BucketsConfig, Intervention, ...) or None
+
+    def describe(self) -> dict:
+        return self.technique.describe() if self.technique is not None else {"technique": "plain"}
