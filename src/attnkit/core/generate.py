@@ -115,12 +115,7 @@ def decode_steps(model, session: Session, input_ids: torch.Tensor, attention_mas
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     cache = session.new_cache()
     passes_cache = cache_kwarg(model, cache)
-    chunk = prefill_chunk or session.prefill_chunk or ids.shape[1]
-    out = None
-    for start in range(0, ids.shape[1], chunk):  # prefill
-        end = min(start + chunk, ids.shape[1])
-        extra = {} if mask is None else {"attention_mask": mask[:, :end], "position_ids": positions[:, start:end]}
-        out = model(input_ids=ids[:, start:end], use_cache=True, **passes_cache, **extra, **last_logits_only(model))
+    out = prefill(model, ids, mask, cache, prefill_chunk or session.prefill_chunk)
     while True:
         scores, info = session.scores(out.logits[:, -1])
         chosen = sample_token(scores, sampling.temperature, sampling.top_p, gen)  # [prompts]
@@ -131,6 +126,21 @@ def decode_steps(model, session: Session, input_ids: torch.Tensor, attention_mas
             positions = positions[:, -1:] + 1
             extra = {"attention_mask": mask, "position_ids": positions}
         out = model(input_ids=session.expand(chosen.to(device)).view(-1, 1), use_cache=True, **passes_cache, **extra)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, chunk: int | None = None, **forward):
+    """Run the prompt rows [rows, n] into `cache`, `chunk` tokens per forward (None: all at once);
+    returns the last forward's output (its logits: the last position only where the model allows)."""
+    chunk = chunk or ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0) if mask is not None else None
+    out = None
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        extra = {} if mask is None else {"attention_mask": mask[:, :end], "position_ids": positions[:, start:end]}
+        out = model(input_ids=ids[:, start:end], use_cache=True, **cache_kwarg(model, cache), **extra,
+                    **{**last_logits_only(model), **forward})
+    return out
 
 
 @dataclass

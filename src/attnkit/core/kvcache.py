@@ -277,20 +277,12 @@ class HeadKV(Session):
     def new_cache(self):
         return HeadKVCache(self.model, self.config)
 
-    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None, **forward):
         """Run the prompt through the model in chunks of `prefill_chunk` tokens; returns (last output, cache)."""
+        from attnkit.core.generate import prefill
+
         cache = cache if cache is not None else self.new_cache()
-        step = self.config.prefill_chunk
-        out = None
-        for start in range(0, input_ids.shape[1], step):
-            end = min(start + step, input_ids.shape[1])
-            kwargs = {"attention_mask": attention_mask[:, :end]} if attention_mask is not None else {}
-            if attention_mask is not None:
-                kwargs["position_ids"] = (attention_mask[:, :end].cumsum(-1) - 1).clamp_min(0)[:, start:end]
-            out = self.model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwarg(self.model, cache),
-                             **kwargs, **forward)
-        return out, cache
+        return prefill(self.model, input_ids, attention_mask, cache, self.prefill_chunk, **forward), cache
 
     def generate(self, **kwargs):
         """`model.generate` with a fresh cache of this kind and chunked prefill."""
