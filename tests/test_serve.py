@@ -192,21 +192,21 @@ def test_a_full_queue_is_429_and_errors_end_one_request(embedded):
     model, tok = embedded
 
     class Slow(Engine):
-        def tokens(self, ids, p):
-            for t in super().tokens(ids, p):
-                time.sleep(0.05)
-                if p.seed == 666:
-                    raise RuntimeError("boom")
-                yield t
+        def choose(self, row, scores):
+            time.sleep(0.05)
+            if row.p.seed == 666:
+                raise RuntimeError("boom")
+            return super().choose(row, scores)
 
-    engine = Slow(model, tok, None, 2048, max_queue=1)
+    engine = Slow(model, tok, None, 2048, max_queue=1, max_batch=1)
     server = Running(local_app(engine, "embedded"))
     try:
         with ThreadPoolExecutor(4) as pool:
             rs = list(pool.map(lambda i: post(server.url, {"messages": HI, "max_tokens": 20}), range(4)))
         codes = sorted(r.status_code for r in rs)
         assert codes.count(200) >= 2 and 429 in codes
-        assert openai_error(next(r for r in rs if r.status_code == 429), 429)["type"] == "rate_limit_error"
+        refused = next(r for r in rs if r.status_code == 429)
+        assert openai_error(refused, 429)["type"] == "rate_limit_error" and refused.headers["retry-after"] == "1"
         boom = post(server.url, {"messages": HI, "max_tokens": 5, "seed": 666})
         assert openai_error(boom, 500)["type"] == "server_error"
         streamed = post(server.url, {"messages": HI, "max_tokens": 5, "seed": 666, "stream": True})
@@ -371,6 +371,7 @@ def test_s2a_eval_through_the_openai_backend(local, tmp_path, monkeypatch):
 
 
 def _run_engine(engine, ids, params):
+    """One request through an engine of its own, closed (and its technique undone) before returning."""
     import queue as q
     events = q.Queue()
     from attnkit.serve.engine import Job
@@ -379,6 +380,7 @@ def _run_engine(engine, ids, params):
     while True:
         ev = events.get(timeout=60)
         if ev.kind != "text":
+            engine.close(wait=30)
             return "".join(parts), ev
         parts.append(ev.text)
 
@@ -405,3 +407,32 @@ def test_served_buckets_and_kv_cache_equal_the_library(embedded):
     assert narrow.describe()["technique"] == "retrieval-head KV cache"
     assert _run_engine(narrow, ids, Params(max_new_tokens=10))[1].kind == "done"
     assert model.config._attn_implementation == "sdpa"  # every request restores the model
+
+
+def test_one_stream_and_40_concurrent_clients_are_all_served_with_the_defaults(embedded):
+    """Default settings (queue 256, batch 32): nobody is refused, requests share forwards, the server
+    stays healthy; the official openai client over loopback HTTP."""
+    model, tok = embedded
+    engine = Engine(model, tok, None, model.config.max_position_embeddings)
+    server = Running(local_app(engine, "embedded"))
+    try:
+        def one(i):
+            messages = [{"role": "user", "content": f"The lucky number of place {i} is"}]
+            if i == 0:
+                stream = client(server.url).chat.completions.create(model="embedded", messages=messages,
+                                                                    max_tokens=40, stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            r = client(server.url).chat.completions.create(model="embedded", messages=messages, max_tokens=8)
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(41) as pool:
+            answers = list(pool.map(one, range(41)))
+        assert len(answers) == 41 and all(isinstance(a, str) for a in answers)
+        health = httpx.get(server.url.removesuffix("/v1") + "/health").json()
+        assert health["status"] == "ok" and health["completed"] == 41 and health["failed"] == 0
+        assert health["peak_batch"] > 1  # they shared forward passes
+        meta = client(server.url).models.list().data[0].model_extra["attnkit"]
+        assert meta["batching"] == "continuous" and meta["max_batch"] == 32
+    finally:
+        server.stop()
+        engine.close(wait=30)

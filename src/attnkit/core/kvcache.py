@@ -124,7 +124,49 @@ class HeadKVLayer(CacheLayerMixin):
         raise AttnkitError("the retrieval-head KV cache does not support num_return_sequences > 1 or beams")
 
     def batch_select_indices(self, indices) -> None:
-        raise AttnkitError("the retrieval-head KV cache does not support selecting batch rows")
+        self.select_rows(indices)
+
+    # --- rows (continuous batching, see core/batching.py); a window slot at position -1 is empty --
+    def pad_left(self, n: int) -> None:
+        """n more positions of padding before every row's tokens."""
+        pad = lambda t: torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], dim=2)  # noqa: E731
+        if self.full:  # a layer without full heads keeps an empty [batch, 0, 0, dim] store
+            self.keys, self.values = pad(self.keys), pad(self.values)
+        self.win_pos = torch.where(self.win_pos >= 0, self.win_pos + n, -1)
+        self.seen += n
+
+    def concat(self, other: "HeadKVLayer") -> None:
+        """Append the rows of `other` (same length); the shorter window store is padded with empty slots."""
+        if other.seen != self.seen:
+            raise AttnkitError("only caches of the same length can be joined (pad_left first)")
+        width = max(self.win_pos.shape[1], other.win_pos.shape[1])
+
+        def widen(layer):
+            n = width - layer.win_pos.shape[1]
+            if n == 0:
+                return layer.win_keys, layer.win_values, layer.win_pos, layer.win_sink
+            k = layer.win_keys
+            empty = k.new_zeros(k.shape[0], k.shape[1], n, k.shape[3])
+            return (torch.cat([empty, k], 2), torch.cat([empty, layer.win_values], 2),
+                    torch.cat([layer.win_pos.new_full((k.shape[0], n), -1), layer.win_pos], 1),
+                    torch.cat([layer.win_sink.new_zeros(k.shape[0], n), layer.win_sink], 1))
+
+        mine, theirs = widen(self), widen(other)
+        self.win_keys, self.win_values, self.win_pos, self.win_sink = (torch.cat([a, b]) for a, b in zip(mine, theirs))
+        self.keys, self.values = torch.cat([self.keys, other.keys]), torch.cat([self.values, other.values])
+        self.valid_count = torch.cat([self.valid_count, other.valid_count])
+
+    def select_rows(self, rows) -> None:
+        self.keys, self.values = self.keys[rows], self.values[rows]
+        self.win_keys, self.win_values = self.win_keys[rows], self.win_values[rows]
+        self.win_pos, self.win_sink, self.valid_count = self.win_pos[rows], self.win_sink[rows], self.valid_count[rows]
+
+    def trim_left(self, k: int) -> None:
+        """Drop the first k positions, padding in every row."""
+        if self.full:
+            self.keys, self.values = self.keys[:, :, k:], self.values[:, :, k:]
+        self.win_pos = torch.where(self.win_pos >= k, self.win_pos - k, -1)
+        self.seen -= k
 
     def offload(self):
         pass
@@ -191,15 +233,17 @@ def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
 
 
 def _allowed(attention_mask, positions: torch.Tensor, first_query: int, q: int) -> torch.Tensor:
-    """What the model's own mask allows, [batch, 1, q, keys] (bool), at the given key positions."""
+    """What the model's own mask allows, [batch, 1, q, keys] (bool), at the given key positions (an
+    empty slot, position -1, never)."""
+    filled = (positions >= 0)[:, None, None, :]
     if attention_mask is None:  # no padding: plain causal
         q_pos = torch.arange(first_query, first_query + q, device=positions.device)
-        return positions[:, None, None, :] <= q_pos[None, None, :, None]
+        return (positions[:, None, None, :] <= q_pos[None, None, :, None]) & filled
     m = attention_mask[:, :1]
     if m.dtype != torch.bool:
         m = m > torch.finfo(m.dtype).min / 2
-    index = positions[:, None, None, :].expand(m.shape[0], 1, m.shape[2], -1)
-    return m.gather(3, index)
+    index = positions.clamp_min(0)[:, None, None, :].expand(m.shape[0], 1, m.shape[2], -1)
+    return m.gather(3, index) & filled
 
 
 class HeadKVCache(Cache):

@@ -34,7 +34,8 @@ def local_app(engine: Engine, name: str, api_key: str | None = None, max_body: i
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "busy": engine.busy, "queued": engine.jobs.qsize(), **engine.stats}
+        return {"status": "ok", "busy": engine.busy, "running": len(engine.rows),
+                "queued": engine.queued, **engine.stats}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -85,7 +86,7 @@ async def _submit(engine: Engine, ids: list[int], params: Params):
         engine.submit(job)
     except queue.Full:
         raise ApiError(429, "the server is busy: every queue place is taken; retry later",
-                       code="queue_full") from None
+                       code="queue_full", headers={"Retry-After": "1"}) from None
     try:
         while True:
             event = await inbox.get()

@@ -53,7 +53,10 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
           upstream_key_env: Optional[str] = typer.Option(None, help="proxy: env variable with the upstream's key "
                                                                     "(default: each client's own bearer key)"),
           upstream_timeout: float = typer.Option(120.0, help="proxy: seconds to wait for the upstream"),
-          max_queue: int = typer.Option(16, help="requests that may wait for the model; more get 429"),
+          max_queue: int = typer.Option(256, help="requests that may wait to join the batch; more get 429 with Retry-After"),
+          max_batch: int = typer.Option(32, help="requests decoded together in one batch (1: one at a time)"),
+          max_kv_bytes: Optional[int] = typer.Option(None, help="KV-cache budget for the running batch in bytes; "
+                                                                "default: half the free memory at start"),
           max_body: int = typer.Option(4 << 20, help="largest request body in bytes; larger get 413"),
           max_tokens: int = typer.Option(512, help="new tokens when a request names none"),
           bases: Optional[str] = typer.Option(None, help="answer with Attention Buckets over these RoPE bases"),
@@ -70,8 +73,9 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 
     if (model is None) == (upstream is None):
         raise AttnkitError("give exactly one of --model (serve a local model) or --upstream (S2A proxy)")
-    if max_queue < 1 or max_body < 1 or max_tokens < 1 or upstream_timeout <= 0:
-        raise AttnkitError("--max-queue, --max-body, --max-tokens and --upstream-timeout must be positive")
+    if min(max_queue, max_batch, max_body, max_tokens) < 1 or upstream_timeout <= 0 or (max_kv_bytes or 1) < 1:
+        raise AttnkitError("--max-queue, --max-batch, --max-kv-bytes, --max-body, --max-tokens and "
+                           "--upstream-timeout must be positive")
     api_key = _key(api_key_env, "--api-key-env")
     check_exposure(host, api_key, insecure)
     if upstream:
@@ -83,7 +87,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
         what = f"S2A proxy ({s2a}) for {upstream}"
     else:
         engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                              device, dtype, max_queue, device_map)
+                              device, dtype, max_queue, device_map, max_batch, max_kv_bytes)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
         what = f"{model} ({engine.describe()['technique']})"
@@ -93,7 +97,8 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 
 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                 device: str, dtype: str, max_queue: int, device_map=None):
+                 device: str, dtype: str, max_queue: int, device_map=None, max_batch: int = 32,
+                 max_kv_bytes: int | None = None):
     from attnkit.core.loading import load_config, load_model
     from attnkit.heads.kvplan import cache_from_options
     from attnkit.serve.engine import Engine
@@ -106,4 +111,4 @@ def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full,
     if bases or search:
         from attnkit.buckets import BucketsConfig
         technique = BucketsConfig(resolve_bases(model, bases, search))
-    return Engine(mdl, tok, technique, architecture(mdl.config).max_positions, max_queue)
+    return Engine(mdl, tok, technique, architecture(mdl.config).max_positions, max_queue, max_batch, max_kv_bytes)

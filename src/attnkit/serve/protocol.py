@@ -76,9 +76,10 @@ class ApiError(Exception):
              502: "upstream_error", 504: "upstream_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str | None = None):
+                 kind: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
         self.kind = kind or self.TYPES.get(status, "server_error")
 
     def body(self) -> dict:
@@ -86,7 +87,7 @@ class ApiError(Exception):
 
     def response(self):
         from fastapi.responses import JSONResponse
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def event(self) -> str:
         """The error as the last event of a stream."""
