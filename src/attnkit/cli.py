@@ -17,6 +17,7 @@ from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, HAYSTACK, NEEDLES, TRIALS
 from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 from attnkit.heads.cli import heads_app, kv_app
+from attnkit.reproduce.cli import reproduce
 from attnkit.s2a.cli import s2a_app
 from attnkit.serve.cli import serve
 
@@ -203,6 +204,7 @@ app.add_typer(buckets_app, name="buckets")
 app.add_typer(eval_app, name="eval")
 app.add_typer(s2a_app, name="s2a")
 app.command("serve")(serve)
+app.command("reproduce")(reproduce)
 
 
 def main() -> None:

@@ -18,20 +18,22 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluations that compare meth
 
 
 
-def _search(model: Optional[str], seeds: Optional[str], n: int, grid: str, distances: Optional[str],
+def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[str], distances: Optional[str],
             head_dim: int, tolerance: int, method: str):
     from attnkit.buckets import search_bases
     from attnkit.buckets.search import search_for_model
     from attnkit.core.loading import load_config
 
-    lo, hi, step = span(grid, "--grid", 3)
+    lo, hi, step = span(grid, "--grid", 3) if grid is not None else (None, None, None)
     seed_list = floats(seeds, "--seeds") if seeds is not None else None
     span_m = tuple(map(int, span(distances, "--distances", 2))) if distances is not None else None
     if model:
-        result, head_dim, (m0, m1) = search_for_model(load_config(model), seed_list, n, (lo, hi, step), span_m,
+        result, head_dim, (m0, m1) = search_for_model(load_config(model), seed_list, n,
+                                                     (lo, hi, step) if grid is not None else None, span_m,
                                                      tolerance, method)
     else:
         m0, m1 = span_m or (1000, 4090)
+        lo, hi, step = (lo, hi, step) if grid is not None else (10000.0, 30000.0, 500.0)
         result = search_bases(seed_list or [10000.0], n, lo, hi, step, (m0, m1), head_dim, tolerance, method)
     if result.message:
         console.print(f"[yellow]{result.message}[/yellow]")
@@ -91,7 +93,8 @@ def waveform_cmd(bases: str = typer.Option("10000", help="RoPE bases, comma-sepa
 def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with this model's base and head dim"),
                      seeds: Optional[str] = typer.Option(None, help="seed bases (default: the model's, else 10000); '' for none"),
                      n: int = typer.Option(6, help="number of bases"),
-                     grid: str = typer.Option("10000:30000:500", help="candidate bases lo:hi:step"),
+                     grid: Optional[str] = typer.Option(None, help="candidate bases lo:hi:step; default: the model's base to 3x it, "
+                                                                     "base/20 apart (10000:30000:500 without --model)"),
                      distances: Optional[str] = typer.Option(None, help="distance range a:b (default 1000:4090)"),
                      head_dim: int = typer.Option(128, help="head dimension (taken from --model when given)"),
                      tolerance: int = typer.Option(3, help="max offset between a peak and a trough that match"),

@@ -197,21 +197,29 @@ def default_distances(max_positions: int) -> tuple[int, int]:
     return max(8, round(max_positions * 1000 / 4096)), max(16, max_positions - 6)
 
 
-# the grid `--search` runs (the reference code's 10K-30K range, 500 apart, 6 bases, tolerance 3)
+# the reference code's grid (10K-30K, 500 apart, 6 bases, tolerance 3), written for Llama-2's base 10,000
 SEARCH_GRID = (10000.0, 30000.0, 500.0)
 
 
+def model_grid(base: float) -> tuple[float, float, float]:
+    """The search range scaled to a model's trained base: base .. 3 x base in steps of base / 20 (the
+    reference grid exactly for base 10,000; 100K-300K for SmolLM2, 1M-3M for Gemma-3's global layers)."""
+    return (float(base), 3.0 * base, base / 20)
+
+
 def search_for_model(model_config, seeds: list[float] | None = None, n: int = 6,
-                     grid: tuple[float, float, float] = SEARCH_GRID, distances: tuple[int, int] | None = None,
+                     grid: tuple[float, float, float] | None = None, distances: tuple[int, int] | None = None,
                      tolerance: int = 3, method: Literal["reference", "paper"] = "reference"):
     """The base search seeded with the model's own RoPE base (that of its global layers), over the
-    distances its context spans and with its head dim. Returns (SearchResult, head dim, (m0, m1))."""
+    distances its context spans and with its head dim, over `grid` (lo, hi, step; default: `model_grid`
+    of the model's base). Returns (SearchResult, head dim, (m0, m1))."""
     from ..core.family import architecture
 
     arch = architecture(model_config)
     if arch.rope_base is None:
         raise AttnkitError(f"{arch.model_type} has no RoPE base in its config; Attention Buckets needs a RoPE model")
     m0, m1 = default_distances(arch.max_positions) if distances is None else distances
+    grid = grid or model_grid(arch.rope_base)
     result = search_bases(seeds or [arch.rope_base], n, *grid, (int(m0), int(m1)), arch.head_dim, tolerance, method)
     return result, arch.head_dim, (int(m0), int(m1))
 

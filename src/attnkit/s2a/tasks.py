@@ -142,6 +142,9 @@ def load_gsm_ic(path: str | Path, limit: int | None = None) -> list[Example]:
 
 _NAMES = ["Mia", "Omar", "Lena", "Ravi", "Tom", "Yuki", "Sara", "Ivan", "Nora", "Kofi"]
 _RELATIVES = ["brother", "sister", "neighbor", "cousin", "friend", "uncle"]
+# words ending in "s" that follow a number without being what it counts ("sold 98 his ...", "3 times as")
+_NOT_NOUNS = {"his", "hers", "its", "this", "was", "has", "does", "yes", "less", "plus", "minus", "times", "ones",
+              "percents", "thus", "whereas", "afterwards", "towards", "besides", "perhaps"}
 _OFF_TOPIC = ["The shoe size of {name}'s {rel} is {n}.", "{name}'s {rel} is {n} years old.",
               "The bus to the city leaves every {n} minutes.", "{name}'s {rel} lives {n} miles from the sea."]
 
@@ -149,7 +152,7 @@ _OFF_TOPIC = ["The shoe size of {name}'s {rel} is {n}.", "{name}'s {rel} is {n} 
 def gsm_distractor(question: str, kind: str, rng: random.Random) -> str:
     """An irrelevant sentence: `in-topic` reuses a counted thing of the problem, `off-topic` does not."""
     name, rel, n = rng.choice(_NAMES), rng.choice(_RELATIVES), rng.randint(2, 99)
-    things = re.findall(r"\b\d+\s+([a-z]+s)\b", question)
+    things = [t for t in re.findall(r"\b\d+\s+([a-z]{3,}s)\b", question) if t not in _NOT_NOUNS]
     if kind == "in-topic" and things:
         return f"{name}'s {rel} has {n} {rng.choice(things)}."
     if kind == "in-topic":
@@ -179,6 +182,44 @@ def gsm_ic_from_gsm8k(path: str | Path, limit: int | None = 200, seed: int = 0,
             break
     if not out:
         raise AttnkitError(f"{path}: no usable GSM8K problems (question, answer ending '#### N')")
+    return out
+
+
+def sycophancy_from_nq(path: str | Path, limit: int | None = 200, seed: int = 0,
+                       templates: tuple[str, ...] = tuple(TEMPLATES)) -> list[Example]:
+    """Opinion-laden factual QA built from NaturalQuestions-Open (`question`, `answers`): each question
+    under each SycophancyEval answer template in turn, the incorrect answer drawn (seeded) from another
+    question's answers. Gold: the question's answer aliases; oracle: the bare question."""
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise AttnkitError(f"data file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    rows.append((str(row["question"]).strip(), [str(a) for a in row["answers"]]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    rows = [(q, a) for q, a in rows if q and a]
+    if len(rows) < 2:
+        raise AttnkitError(f"{path}: fewer than 2 usable NaturalQuestions rows (question, answers)")
+    rng = random.Random(seed)
+    out = []
+    for n, (question, answers) in enumerate(rows):
+        template = templates[n % len(templates)]
+        wrong = rows[(n + 1 + rng.randrange(len(rows) - 1)) % len(rows)][1][0]
+        if alias_match(wrong, answers):
+            continue
+        q = question[0].upper() + question[1:] + ("" if question.endswith("?") else "?")
+        text = template.format(question=q, incorrect_answer=wrong, correct_answer=answers[0])
+        out.append(Example(f"nq{n}", text, q, answers, TEMPLATES[template], {"incorrect": wrong}))
+        if limit and len(out) >= limit:
+            break
     return out
 
 
