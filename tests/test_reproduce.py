@@ -151,3 +151,18 @@ def test_the_quick_study_on_smollm2(tmp_path, smollm2, shared_data):
     for section in ("## Retrieval heads", "### Masking them", "## Retrieval-head KV cache", "## Attention Buckets",
                     "## System 2 Attention"):
         assert section in text
+
+
+def test_a_random_draw_that_cannot_be_made_is_shown_as_skipped(tmp_path):
+    """Gemma-3-270M has 3 full-attention KV heads: with 2 of them scoring, 2 random ones cannot be drawn."""
+    results = [{"system": "all", "full": 1.0, "kv_ratio": 1.0, "recall": 100.0},
+               {"system": "none", "full": 0.0, "kv_ratio": 0.8, "recall": 0.0},
+               {"system": "retrieval", "full": 0.5, "kv_ratio": 0.9, "recall": 75.0},
+               {"system": "random", "full": 0.5, "kv_ratio": 0.9, "recall": None, "grid": [],
+                "skipped": "cannot draw 2 random KV heads: only 1 of 3 are not retrieval heads"}]
+    _write(tmp_path, "kv", {"results": results, "tokens": 1024})
+    text = build_report(tmp_path).read_text()
+    assert "skipped: cannot draw 2 random KV heads" in text and "lose: not measurable" in text
+    from attnkit.evals.plots import kv_tradeoff
+    kv_tradeoff(results, tmp_path / "kv.png")  # the plot leaves the skipped row out
+    assert (tmp_path / "kv.png").stat().st_size > 0

@@ -7,7 +7,6 @@ a seeded generator of fresh UUID pairs, so the task runs without any file.
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import uuid
@@ -31,12 +30,11 @@ class KVExample:
 
 def load_examples(path: str | Path) -> list[KVExample]:
     """Examples from a Lost-in-the-Middle kv-retrieval file; a malformed line is an error naming it."""
+    from .files import open_text
+
     path = Path(path)
-    if not path.is_file():
-        raise AttnkitError(f"KV data file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
     out = []
-    with opener(path, "rt") as fh:
+    with open_text(path, "KV data file") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue

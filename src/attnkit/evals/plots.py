@@ -164,6 +164,7 @@ def kv_tradeoff(results: list[dict], path: str | Path, title: str = "") -> None:
     """NIAH recall (y) against KV-cache memory as a fraction of the full cache (x), one line per way
     of choosing the full-cache heads; the full cache and all-window caches are single points."""
     plt = pyplot()
+    results = [r for r in results if r.get("recall") is not None]  # skipped systems have no point
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     styles = {"retrieval": ("tab:green", "o", "retrieval heads full"),
               "random": ("tab:orange", "s", "random heads full (same budget)")}

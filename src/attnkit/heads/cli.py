@@ -287,7 +287,8 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
             table.add_column(col, justify="left" if col == "cache" else "right")
         for r in results:
             spread = f" +- {r['recall_std']}" if r.get("recall_std") else ""
-            table.add_row(names[r["system"]], f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", f"{r['recall']}{spread}")
+            recall = f"skipped ({r['skipped']})" if r.get("skipped") else f"{r['recall']}{spread}"
+            table.add_row(names[r["system"]], f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", recall)
         Console().print(table)
     emit({"results": results}, as_json, render)
 

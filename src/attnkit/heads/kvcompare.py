@@ -12,6 +12,7 @@ from pathlib import Path
 
 from attnkit.core.family import architecture
 from attnkit.core.kvconfig import KV_DEFAULTS, HeadKVConfig, native_kv_bytes
+from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.systems import System
 from attnkit.heads.kvplan import plan
@@ -55,7 +56,12 @@ def compare_caches(model, tokenizer, scores: dict, budgets: list[float], grid: N
         chosen = run("retrieval", full)
         results.append(chosen)
         same = len(plan(scores, model.config, "retrieval", full).full)  # random at the retrieval row's memory
-        draws = [run("random", full, s, same) for s in range(seeds)]
+        try:
+            draws = [run("random", full, s, same) for s in range(seeds)]
+        except AttnkitError as e:  # too few non-retrieval heads to draw from (Gemma-3: 3 full-layer KV heads)
+            results.append({"system": "random", "full": full, "kv_ratio": chosen["kv_ratio"], "recall": None,
+                            "grid": [], "skipped": str(e)})
+            continue
         recalls = [d["recall"] for d in draws if d["recall"] is not None]
         results.append({**draws[0], "recall": round(statistics.fmean(recalls), 2) if recalls else None,
                         "recall_std": round(statistics.pstdev(recalls), 2) if len(recalls) > 1 else 0.0,

@@ -53,10 +53,10 @@ class StudySettings:
     buckets_length: int = 1024
     buckets_depths: tuple[float, ...] = (0.0, 50.0)
     buckets_n: int = 3
-    kvr_examples: int = 3
+    kvr_examples: int = 2
     kvr_pairs: int = 6
     s2a_examples: int = 6
-    s2a_max_tokens: int = 80
+    s2a_max_tokens: int = 64
     chat_template: bool | None = None
 
 

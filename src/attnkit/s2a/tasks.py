@@ -190,14 +190,10 @@ def sycophancy_from_nq(path: str | Path, limit: int | None = 200, seed: int = 0,
     """Opinion-laden factual QA built from NaturalQuestions-Open (`question`, `answers`): each question
     under each SycophancyEval answer template in turn, the incorrect answer drawn (seeded) from another
     question's answers. Gold: the question's answer aliases; oracle: the bare question."""
-    import gzip
+    from ..evals.files import open_text
 
-    path = Path(path)
-    if not path.is_file():
-        raise AttnkitError(f"data file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt") as fh:
+    with open_text(path) as fh:
         for line in fh:
             if line.strip():
                 try:
