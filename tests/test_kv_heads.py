@@ -110,3 +110,56 @@ def test_kv_user_errors(args, message):
     r = cli(*args)
     assert isinstance(r.exception, AttnkitError), r.output
     assert __import__("re").search(message, str(r.exception)), str(r.exception)
+
+
+def test_several_score_files_combine_by_their_scaled_max():
+    config = tiny_config("llama", kv_heads=2)  # 3 layers x 4 query heads, 2 KV heads
+    copy = _scores(3, 4, {(2, 3): 0.9, (0, 0): 0.3})
+    echo = _scores(3, 4, {(1, 0): 0.02, (0, 2): 0.01})  # small on its own scale, top on its own
+    got = P.combine([copy, echo], 3, 4, 2)
+    assert got[(2, 1)] == pytest.approx(1.0) and got[(1, 0)] == pytest.approx(1.0)
+    assert got[(0, 0)] == pytest.approx(1 / 3) and got[(0, 1)] == pytest.approx(0.5)
+    assert P.choose_full_heads([copy, echo], config, count=2) == {(2, 1), (1, 0)}
+    assert P.choose_full_heads(copy, config, count=2) == {(2, 1), (0, 0)}  # one file: its own order
+    # random heads avoid a retrieval head of any file
+    assert not P.choose_full_heads([copy, _scores(3, 4, {(1, 1): 0.5})], config, "random", count=3) & {(2, 1), (1, 0)}
+
+
+def test_spread_layer_gives_every_layer_its_best_heads():
+    config = tiny_config("llama", kv_heads=2)
+    scores = _scores(3, 4, {(2, 3): 0.9, (2, 0): 0.8, (0, 0): 0.3, (1, 2): 0.1})
+    assert P.choose_full_heads(scores, config, count=3) == {(2, 1), (2, 0), (0, 0)}
+    assert P.choose_full_heads(scores, config, count=3, spread="layer") == {(2, 1), (0, 0), (1, 1)}
+    with pytest.raises(AttnkitError, match="spread"):
+        P.choose_full_heads(scores, config, count=3, spread="pyramid")
+
+
+def test_kv_compare_names_rows_by_importance_and_combination(tmp_path):
+    from attnkit.heads.cli import named_score_files
+
+    a, b = tmp_path / "copy.json", tmp_path / "echo.json"
+    S.save_scores(_scores(3, 4, {(0, 0): 0.5}), a)
+    S.save_scores(_scores(3, 4, {(1, 0): 0.5}), b)
+    sources = named_score_files([str(a), f"mine={b}"], ["copy+mine"])
+    assert list(sources) == ["copy", "mine", "copy+mine"] and len(sources["copy+mine"]) == 2
+    with pytest.raises(AttnkitError, match="two or more"):
+        named_score_files([str(a)], ["copy+echo"])
+    with pytest.raises(AttnkitError, match="named 'copy'"):
+        named_score_files([str(a), str(a)], [])
+
+
+def test_kv_compare_rows_per_importance_with_the_cache_options(tmp_path):
+    S.save_scores(_scores(8, 8, {(5, 0): 0.9, (6, 3): 0.7}), tmp_path / "copy.json")
+    S.save_scores(_scores(8, 8, {(1, 2): 0.5, (2, 5): 0.4, (5, 1): 0.3}), tmp_path / "echo.json")
+    r = cli("kv", "compare", "--scores", str(tmp_path / "copy.json"), "--scores", f"echo={tmp_path / 'echo.json'}",
+            "--combine", "copy+echo", "--budgets", "0.25", "--needles", "passkey", "--lengths", "256", "--depths", "50",
+            "--sink", "4", "--window", "32", "--chunk", "256", "--prefill", "full", "--compensate",
+            "--out", str(tmp_path / "kv.jsonl"), "--json")
+    assert r.exit_code == 0, r.output
+    results = json.loads(r.stdout)["results"]
+    assert [(x["system"], x["importance"]) for x in results] == [
+        ("all", None), ("none", None), ("retrieval", "copy"), ("retrieval", "echo"), ("retrieval", "copy+echo"),
+        ("random", None)]
+    assert [x["full_heads"] for x in results[2:5]] == [2, 3, 5]  # copy+echo: every head either file scored
+    names = {json.loads(line).get("cache") for line in result_lines(tmp_path / "kv.jsonl")}
+    assert "copy+echo 0.25 sink 4 window 32 compensated full prefill" in names

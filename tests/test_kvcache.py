@@ -18,32 +18,67 @@ REF = {}  # what the reference attention needs: window KV heads per layer, sink,
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Eager attention over the whole sequence; query heads of window KV heads see only sink + window."""
+    """Eager attention over the whole sequence; query heads of window KV heads see only sink + window.
+
+    With REF["starts"] (the start of the chunk each query was computed in, cache coordinates):
+    `full_prefill` lets a query of a chunk longer than one token see every key of the chunk and what
+    was kept before it; `compensate` adds one key per query, the mean of the real non-sink keys that
+    left before its chunk (j <= start - window), its logit raised by log(how many)."""
     group = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    scores = query @ k.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+    scale = scaling or query.shape[-1] ** -0.5
+    scores = query @ k.transpose(-1, -2) * scale
     scores = scores + attention_mask
     n = key.shape[2]
     real = REF["padding"].bool()  # [batch, tokens]
     sink = real & (real.long().cumsum(-1) <= REF["sink"])  # the first `sink` real tokens of each row
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     seen = (j > i - REF["window"])[None] | sink[:, None, :]  # [batch, q, k]
+    starts = REF.get("starts")
+    comp_n = None
+    if starts is not None:
+        start = torch.as_tensor(starts[:n])[:, None]  # [q, 1]
+        if REF.get("full_prefill"):
+            long_chunk = torch.as_tensor(REF["long_chunk"][:n])[:, None]
+            seen = seen | (long_chunk & (j > start - REF["window"]))[None]
+        if REF.get("compensate"):
+            gone = (real & ~sink)[:, None, :] & (j <= start - REF["window"])[None]  # [batch, q, k]
+            comp_n = gone.sum(-1)  # [batch, q]
+            w = gone.to(k.dtype) / comp_n.clamp_min(1)[..., None]
+    low = torch.finfo(scores.dtype).min
+    out = torch.empty_like(query)
     for h in range(query.shape[1]):
-        if h // group in REF["windowed"][module.layer_idx]:
-            scores[:, h] = scores[:, h].masked_fill(~seen, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(-1)
-    return (probs @ v).transpose(1, 2).contiguous(), probs
+        if h // group not in REF["windowed"][module.layer_idx]:
+            out[:, h] = scores[:, h].softmax(-1) @ v[:, h]
+            continue
+        s_h = scores[:, h].masked_fill(~seen, low)
+        if comp_n is None:
+            out[:, h] = s_h.softmax(-1) @ v[:, h]
+            continue
+        k_c, v_c = w @ k[:, h], w @ v[:, h]  # [batch, q, dim]: the compensation key and value per query
+        logit_c = (query[:, h] * k_c).sum(-1) * scale + comp_n.clamp_min(1).log()
+        logit_c = logit_c.masked_fill(comp_n == 0, low)
+        probs = torch.cat([s_h, logit_c[..., None]], -1).softmax(-1)
+        out[:, h] = probs[..., :-1] @ v[:, h] + probs[..., -1:] * v_c
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("test_window_reference", _reference_attention)
 AttentionMaskInterface.register("test_window_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
-def _reference_logits(model, ids, mask, config: HeadKVConfig):
+def _reference_logits(model, ids, mask, config: HeadKVConfig, prompt: int | None = None):
+    """Logits of the reference; `prompt` (tokens prefilled in chunks of config.prefill_chunk, the rest
+    decoded one by one) is needed for the compensation token and full prefill."""
     arch = architecture(model.config)  # a native sliding layer is left to the model's own sliding mask
     REF.update(windowed={l: {h for h in range(arch.kv_heads) if (l, h) not in config.full} if kind == "full" else set()
                          for l, kind in enumerate(arch.layer_types)},
-               sink=config.sink, window=config.window, padding=mask)
+               sink=config.sink, window=config.window, padding=mask, starts=None,
+               compensate=config.compensate, full_prefill=config.prefill == "full")
+    if prompt is not None:
+        c = config.prefill_chunk
+        starts = [(t // c) * c if t < prompt else t for t in range(ids.shape[1])]
+        REF.update(starts=starts, long_chunk=[t < prompt and min(s + c, prompt) - s > 1 for t, s in enumerate(starts)])
     base = model.config._attn_implementation
     model.set_attn_implementation("test_window_reference")
     try:
@@ -95,6 +130,32 @@ def test_prefill_in_chunks_and_decode_equal_the_reference(family, kv, attn):
                             **cache_kwarg(model, cache), use_cache=True)
                 ref = _reference_logits(model, seq, seq_mask, config)[:, -1]
                 torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,kv", [("llama", 2), ("qwen2", 1), ("gemma3", 2)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("compensate,prefill", [(True, "window"), (False, "full"), (True, "full")])
+def test_compensation_token_and_full_prefill_equal_the_reference(family, kv, attn, compensate, prefill):
+    model = tiny_model(family, kv, attn=attn)
+    ids, mask = _batch(seed=4)
+    full = {(0, 0)} if family != "gemma3" else {(2, 0)}
+    for chunk in (7, 40):
+        config = HeadKVConfig(full=full, sink=3, window=6, prefill_chunk=chunk, compensate=compensate, prefill=prefill)
+        reference = _reference_logits(model, ids, mask, config, prompt=ids.shape[1])
+        with head_kv(model, config) as hkv, torch.no_grad():
+            out, cache = hkv.prefill(ids, mask)
+            torch.testing.assert_close(out.logits[:, -1], reference[:, -1], atol=2e-4, rtol=1e-4)
+            seq, seq_mask = ids, mask
+            for _ in range(5):
+                nxt = out.logits[:, -1:].argmax(-1)
+                seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
+                out = model(input_ids=nxt, attention_mask=seq_mask, position_ids=_positions(seq_mask)[:, -1:],
+                            **cache_kwarg(model, cache), use_cache=True)
+                ref = _reference_logits(model, seq, seq_mask, config, prompt=ids.shape[1])[:, -1]
+                torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
+        plain = _reference_logits(model, seq, seq_mask, HeadKVConfig(full=full, sink=3, window=6))[:, -1]
+        assert (plain - ref).abs().max() > 1e-3  # each option changes the outputs: the test can fail
+    assert config.kv_bytes(architecture(model.config), seq.shape[1], 2, 4) == cache.kv_bytes()
 
 
 def test_the_window_matters_so_the_reference_test_can_fail():

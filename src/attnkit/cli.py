@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, List
 
 import typer
 from rich.console import Console
@@ -125,12 +125,16 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          bases: Optional[str] = typer.Option(None, help="also run Attention Buckets with these RoPE bases"),
          search: bool = typer.Option(False, help="also run Attention Buckets with searched bases"),
          combine: str = typer.Option("paper", help="buckets' combine mode: paper or reference"),
-         kv_scores: Optional[Path] = typer.Option(None, help="run with the retrieval-head KV cache, heads from this score file"),
+         kv_scores: Optional[List[Path]] = typer.Option(None, help="run with the retrieval-head KV cache, heads from this "
+                                                                   "score file (repeat to combine several)"),
          kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default with --kv-scores), random or none"),
          kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
          kv_sink: int = typer.Option(KV_DEFAULTS.sink, help="KV cache: first tokens every window head keeps"),
          kv_window: int = typer.Option(KV_DEFAULTS.window, help="KV cache: recent tokens every window head sees"),
          kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="KV cache: prefill chunk (tokens)"),
+         kv_compensate: bool = typer.Option(False, help="KV cache: window heads keep a compensation token"),
+         kv_prefill: str = typer.Option(KV_DEFAULTS.prefill, help="KV cache: window (window heads see their window "
+                                                                  "in prefill too) or full (trimmed after prefill)"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
     or the retrieval-head KV cache)."""
@@ -145,7 +149,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     from attnkit.core.loading import load_config
     from attnkit.heads.kvplan import cache_from_options
     kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                            bool(bases or search))
+                            bool(bases or search), kv_compensate, kv_prefill)
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -154,7 +158,9 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     if kv is not None:
         from attnkit.heads.kvcompare import label
         kv_choose = kv_choose or "retrieval"
-        name = label(kv_choose, kv_full, kv)
+        several = kv_scores and len(kv_scores) > 1  # rows name the files combined, so reruns never mix them
+        name = label(kv_choose, kv_full, kv, importance="+".join(Path(p).stem for p in kv_scores) if several
+                     else "retrieval")
         systems = [System(f"NIAH, {name}", {"cache": name}, kv)]
     if bases or search:
         from attnkit.buckets import BucketsConfig, single_vs_buckets

@@ -8,7 +8,9 @@ reference to the controller that says what to do:
 
 * head masks: `uniform` zeroes a head's query (its attention becomes uniform over visible keys),
   `zero` zeroes the head's output; in prefill, decode or both;
-* decode probes: on single-query steps, the top-k attended key positions of every query head.
+* decode probes: on single-query steps, the top-k attended key positions of every query head;
+* an observer: a function given every layer's attention probabilities [batch, heads, queries, keys]
+  (echo and induction scores, `heads/patterns.py`).
 
 With nothing active the wrapper calls the base function with the very same arguments.
 `Intervention(mask, probe)` is the same as a technique of `core.generate`: its session carries the
@@ -114,7 +116,8 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
 class Controller:
     """What the wrapped attention does for one model; see `intervene`."""
 
-    def __init__(self, model, mask: HeadMask | None = None, probe: Probe | None = None):
+    def __init__(self, model, mask: HeadMask | None = None, probe: Probe | None = None, observer=None):
+        self.observer = observer  # called as observer(layer, probabilities [batch, heads, q, keys])
         self.modules = attention_modules(model)
         self.first_layer = min(self.modules)
         base = model.config._attn_implementation.removeprefix(PREFIX)
@@ -170,6 +173,8 @@ class Controller:
             query = query * keep.view(1, -1, 1, 1)
         if self.probe is not None and (q_len == 1 or self.probe.prefill_last):
             self._probe(module, query[:, :, -1:], key, attention_mask, kwargs)
+        if self.observer is not None:
+            self.observer(layer, attention_logits(query, key, attention_mask, kwargs).softmax(-1))
         out, weights = fn(module, query, key, value, attention_mask, **kwargs)
         if keep is not None and self.mask.mode == "zero":
             out = out * keep.view(1, 1, -1, 1)  # out is [batch, q_len, heads, head_dim]
@@ -177,25 +182,8 @@ class Controller:
 
     def _probe(self, module, query, key, attention_mask, kwargs) -> None:
         """Top-k over one [heads x keys] score row per layer; GQA heads read their own KV head."""
-        b, h, _, d = query.shape
-        kv = key.shape[1]
-        scaling = kwargs.get("scaling") or d ** -0.5
-        grouped = query.reshape(b, kv, h // kv, d)
-        scores = torch.matmul(grouped, key.transpose(-1, -2)).reshape(b, h, -1).float() * scaling
-        if kwargs.get("softcap"):
-            scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-        if attention_mask is not None:
-            mask = attention_mask
-            if mask.dim() == 4:
-                mask = mask[:, :, -1, : scores.shape[-1]]  # [b, 1, keys]
-            elif mask.dim() == 2:
-                mask = mask[:, None, -scores.shape[-1]:]
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            elif mask.dim() == 3 and attention_mask.dim() == 2:
-                scores = scores.masked_fill(mask == 0, float("-inf"))
-            else:
-                scores = scores + mask.float()
+        b, h = query.shape[:2]
+        scores = attention_logits(query, key, attention_mask, kwargs)[:, :, -1]  # [b, h, keys]
         k = min(self.probe.top_k, scores.shape[-1])
         top, idx = scores.topk(k, dim=-1)
         probs = torch.exp(top - torch.logsumexp(scores, dim=-1, keepdim=True))
@@ -205,6 +193,29 @@ class Controller:
             self.step_probs.append(torch.zeros(self.num_layers, b, h, k, dtype=torch.float32, device=idx.device))
         self.steps[-1][layer] = idx
         self.step_probs[-1][layer] = probs
+
+
+def attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> torch.Tensor:
+    """Masked attention logits [batch, heads, q, keys] (float32) as the model's attention computes
+    them: its scaling and softcap, GQA heads reading their own KV head, masked keys at -inf."""
+    b, h, q, d = query.shape
+    kv = key.shape[1]
+    scaling = kwargs.get("scaling") or d ** -0.5
+    grouped = query.reshape(b, kv, (h // kv) * q, d)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).reshape(b, h, q, -1).float() * scaling
+    if kwargs.get("softcap"):
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    keys = scores.shape[-1]
+    if attention_mask is None:  # no mask given: causal (the queries are the last q positions)
+        causal = torch.ones(q, keys, dtype=torch.bool, device=scores.device).tril(keys - q)
+        return scores.masked_fill(~causal, float("-inf"))
+    mask = attention_mask
+    if mask.dim() == 2:  # [b, keys] padding mask
+        return scores.masked_fill(mask[:, None, None, -keys:] == 0, float("-inf"))
+    mask = mask[:, :, -q:, :keys]  # [b, 1, q, keys]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.float()
 
 
 @dataclass(frozen=True)
@@ -229,7 +240,7 @@ class Intervention:
 
 
 @contextmanager
-def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None):
+def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None, observer=None):
     """Wrap the model's attention for the duration of the block; yields the Controller.
 
         with intervene(model, mask=HeadMask({(3, 1)}, mode="uniform"), probe=Probe()) as ctl:
@@ -243,7 +254,7 @@ def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None):
     if base.startswith(PREFIX):
         raise AttnkitError("intervene() is already active on this model")
     check_wrappable(base)
-    ctl = Controller(model, probe=probe)
+    ctl = Controller(model, probe=probe, observer=observer)
     ctl.set_mask(mask)
     name = _register(base)
     model.set_attn_implementation(name)

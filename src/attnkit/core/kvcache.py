@@ -53,8 +53,10 @@ class HeadKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, kv_heads: int, full: list[int], sink: int, window: int):
+    def __init__(self, layer_idx: int, kv_heads: int, full: list[int], sink: int, window: int,
+                 compensate: bool = False, full_prefill: bool = False):
         self.layer_idx, self.sink, self.window = layer_idx, sink, window
+        self.compensate, self.full_prefill = compensate, full_prefill
         self.full = sorted(full)
         self.windowed = [h for h in range(kv_heads) if h not in set(full)]
         self.kv_heads = kv_heads
@@ -63,6 +65,8 @@ class HeadKVLayer(CacheLayerMixin):
         self.win_keys = self.win_values = None
         self.win_pos = self.win_sink = None  # [batch, kept]: position and sink flag of each kept window key
         self.valid_count = None  # [batch] real tokens seen so far (to find the sink)
+        self.comp_keys = self.comp_values = None  # [batch, window heads, 1, dim]: sums of dropped keys, values
+        self.comp_count = None  # [batch] keys dropped so far
         self.pending = None
         self._query_index = None  # (full, window) query-head indices, built at the first attention
         self.is_initialized = False
@@ -77,6 +81,11 @@ class HeadKVLayer(CacheLayerMixin):
         self.win_pos = torch.zeros(b, 0, dtype=torch.long, device=self.device)
         self.win_sink = torch.zeros(b, 0, dtype=torch.bool, device=self.device)
         self.valid_count = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.comp_keys, self.comp_values = new(len(self.windowed)), new(len(self.windowed))
+        if self.compensate:
+            self.comp_keys = key_states.new_zeros(b, len(self.windowed), 1, d)
+            self.comp_values = key_states.new_zeros(b, len(self.windowed), 1, d)
+        self.comp_count = torch.zeros(b, dtype=torch.long, device=self.device)
         self._full_idx = torch.tensor(self.full, dtype=torch.long, device=self.device)
         self._win_idx = torch.tensor(self.windowed, dtype=torch.long, device=self.device)
         self.is_initialized = True
@@ -112,7 +121,8 @@ class HeadKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.kv_heads, self.full, self.sink, self.window)
+        self.__init__(self.layer_idx, self.kv_heads, self.full, self.sink, self.window, self.compensate,
+                      self.full_prefill)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise AttnkitError("the retrieval-head KV cache cannot be cropped (assisted decoding is not supported)")
@@ -155,11 +165,14 @@ class HeadKVLayer(CacheLayerMixin):
         self.win_keys, self.win_values, self.win_pos, self.win_sink = (torch.cat([a, b]) for a, b in zip(mine, theirs))
         self.keys, self.values = torch.cat([self.keys, other.keys]), torch.cat([self.values, other.values])
         self.valid_count = torch.cat([self.valid_count, other.valid_count])
+        self.comp_keys, self.comp_values = torch.cat([self.comp_keys, other.comp_keys]), torch.cat([self.comp_values, other.comp_values])
+        self.comp_count = torch.cat([self.comp_count, other.comp_count])
 
     def select_rows(self, rows) -> None:
         self.keys, self.values = self.keys[rows], self.values[rows]
         self.win_keys, self.win_values = self.win_keys[rows], self.win_values[rows]
         self.win_pos, self.win_sink, self.valid_count = self.win_pos[rows], self.win_sink[rows], self.valid_count[rows]
+        self.comp_keys, self.comp_values, self.comp_count = self.comp_keys[rows], self.comp_values[rows], self.comp_count[rows]
 
     def trim_left(self, k: int) -> None:
         """Drop the first k positions, padding in every row."""
@@ -176,7 +189,7 @@ class HeadKVLayer(CacheLayerMixin):
 
     # --- attention ------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
-        tensors = (self.keys, self.values, self.win_keys, self.win_values)
+        tensors = (self.keys, self.values, self.win_keys, self.win_values, self.comp_keys, self.comp_values)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def attend(self, module, base_fn, query, keys, values, attention_mask, kwargs, additive: bool = False):
@@ -195,26 +208,55 @@ class HeadKVLayer(CacheLayerMixin):
             full_out, _ = base_fn(module, query.index_select(1, full_heads), keys, values, attention_mask, **kwargs)
             out[:, :, full_heads] = full_out
         cand_k, cand_v, cand_pos, new = pending
-        allowed_model = _allowed(attention_mask, cand_pos, self.seen - q, q)  # [b, 1, q, cand]
-        new_valid = allowed_model[:, 0, -1, -new:]  # the last query sees every real key before it
+        # the first chunk of a full prefill: the window heads read the model's own keys under its own
+        # mask, so its attention runs as it is (its fast causal path); the compensation token is empty
+        fast = self.full_prefill and q > 1 and cand_pos.shape[1] == self.seen
+        if fast:
+            last_row = attention_mask[:, :, -1:] if attention_mask is not None else None
+            allowed_model = None
+            real = _allowed(last_row, cand_pos, self.seen - 1, 1)[:, 0, -1]  # [b, cand]: not padding
+        else:
+            allowed_model = _allowed(attention_mask, cand_pos, self.seen - q, q)  # [b, 1, q, cand]
+            real = allowed_model[:, 0, -1]  # the last query sees every real key before it
+        new_valid = real[:, -new:]
         rank = self.valid_count[:, None] + new_valid.long().cumsum(-1) - 1
         cand_sink = torch.cat([self.win_sink, new_valid & (rank < self.sink)], dim=1)
         self.valid_count = self.valid_count + new_valid.sum(-1)
+        if fast:
+            win_out, _ = base_fn(module, query.index_select(1, window_heads), cand_k, cand_v, attention_mask, **kwargs)
+            out[:, :, window_heads] = win_out
+            self._keep(cand_k, cand_v, cand_pos, cand_sink, real)
+            return out, None
         q_pos = torch.arange(self.seen - q, self.seen, device=query.device)
         recent = cand_pos[:, None, None, :] > (q_pos[None, None, :, None] - self.window)
-        allowed = allowed_model & (recent | cand_sink[:, None, None, :])
-        mask = allowed if not additive else torch.zeros(allowed.shape, dtype=query.dtype, device=query.device) \
-            .masked_fill(~allowed, torch.finfo(query.dtype).min)
-        win_out, _ = base_fn(module, query.index_select(1, window_heads), cand_k, cand_v, mask,
+        if self.full_prefill and q > 1:  # a later prefill chunk reads every key still kept; trimmed after
+            allowed = allowed_model
+        else:
+            allowed = allowed_model & (recent | cand_sink[:, None, None, :])
+        keys_in, values_in = cand_k, cand_v
+        if self.compensate:  # one more key: the mean of the dropped ones, weighted by how many they were
+            n = self.comp_count.clamp_min(1)[:, None, None, None].to(cand_k.dtype)
+            keys_in = torch.cat([cand_k, self.comp_keys / n], dim=2)
+            values_in = torch.cat([cand_v, self.comp_values / n], dim=2)
+            low = torch.finfo(query.dtype).min
+            mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, low)
+            bias = torch.where(self.comp_count > 0, self.comp_count.clamp_min(1).to(query.dtype).log(),
+                               torch.full_like(self.comp_count, low, dtype=query.dtype))
+            mask = torch.cat([mask, bias[:, None, None, None].expand(-1, 1, q, 1)], dim=-1)
+        else:
+            mask = allowed if not additive else torch.zeros(allowed.shape, dtype=query.dtype, device=query.device) \
+                .masked_fill(~allowed, torch.finfo(query.dtype).min)
+        win_out, _ = base_fn(module, query.index_select(1, window_heads), keys_in, values_in, mask,
                              **{**kwargs, "is_causal": False})
         out[:, :, window_heads] = win_out
-        self._keep(cand_k, cand_v, cand_pos, cand_sink)
+        self._keep(cand_k, cand_v, cand_pos, cand_sink, real)
         return out, None
 
-    def _keep(self, keys, values, pos, sink) -> None:
+    def _keep(self, keys, values, pos, sink, real) -> None:
         """Trim the window heads to what later queries can see: the sink and the last window - 1 keys
         (the next query itself completes its window). Rows whose sink lies inside the window fill the
-        spare slots with older keys, which the window rule masks."""
+        spare slots with older keys, which the window rule masks. With `compensate`, the real keys
+        (`real`, [batch, keys]: not padding) that leave join the compensation sums."""
         kept = self.sink + self.window - 1
         if pos.shape[1] <= kept:
             self.win_keys, self.win_values, self.win_pos, self.win_sink = keys, values, pos, sink
@@ -222,6 +264,13 @@ class HeadKVLayer(CacheLayerMixin):
         keep = sink | (pos > self.seen - self.window)
         order = torch.arange(pos.shape[1], device=pos.device)
         idx = (keep.long() * pos.shape[1] + order).topk(kept, dim=-1).indices.sort(-1).values  # [b, kept]
+        if self.compensate:
+            dropped = real.clone()
+            dropped.scatter_(1, idx, False)  # [b, keys]
+            weight = dropped[:, None, :, None].to(keys.dtype)
+            self.comp_keys = self.comp_keys + (keys * weight).sum(2, keepdim=True)
+            self.comp_values = self.comp_values + (values * weight).sum(2, keepdim=True)
+            self.comp_count = self.comp_count + dropped.sum(-1)
         gather = idx[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         self.win_keys, self.win_values = keys.gather(2, gather), values.gather(2, gather)
         self.win_pos = pos.gather(1, idx)
@@ -256,7 +305,8 @@ class HeadKVCache(Cache):
         config.check(arch)
         self._model_config = model.config
         layers = [DynamicSlidingWindowLayer(sliding_window=arch.windows[i]) if kind == "sliding" else
-                  HeadKVLayer(i, arch.kv_heads, [h for l, h in config.full if l == i], config.sink, config.window)
+                  HeadKVLayer(i, arch.kv_heads, [h for l, h in config.full if l == i], config.sink, config.window,
+                              config.compensate, config.prefill == "full")
                   for i, kind in enumerate(arch.layer_types)]
         super().__init__(layers=layers)
 

@@ -18,6 +18,9 @@ class HeadKVConfig:
     sink: int = 16  # first real tokens every window head keeps
     window: int = 128  # most recent tokens every window head keeps (the query's own included)
     prefill_chunk: int = 2048  # prompt tokens per forward; window heads are trimmed after each
+    compensate: bool = False  # window heads also keep one compensation token (RazorAttention), see kvcache
+    prefill: str = "window"  # window: window heads see sink + window in prefill too (DuoAttention);
+    # full: every head reads the whole prompt chunk, the cache is trimmed after it (RazorAttention, kvpress)
 
     def __post_init__(self):
         object.__setattr__(self, "full", frozenset((int(l), int(h)) for l, h in self.full))
@@ -27,6 +30,8 @@ class HeadKVConfig:
             raise AttnkitError(f"window must be >= 1, got {self.window}")
         if self.prefill_chunk < 1:
             raise AttnkitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.prefill not in ("window", "full"):
+            raise AttnkitError(f"prefill must be 'window' or 'full', not {self.prefill!r}")
 
     def check(self, arch: Architecture) -> None:
         for l, h in sorted(self.full):
@@ -43,19 +48,21 @@ class HeadKVConfig:
 
     def describe(self) -> dict:
         return {"technique": "retrieval-head KV cache", "full_kv_heads": len(self.full), "sink": self.sink,
-                "window": self.window}
+                "window": self.window, "compensate": self.compensate, "prefill": self.prefill}
 
     def kv_bytes(self, arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
         """What the cache holds after `tokens` tokens: keys and values of every KV head. A window head
-        keeps sink + window - 1 tokens (all that a later query can see besides its own key); a native
-        sliding layer keeps its window - 1, as transformers' sliding layers do."""
+        keeps sink + window - 1 tokens (all that a later query can see besides its own key), plus its
+        compensation token when `compensate`; a native sliding layer keeps its window - 1, as
+        transformers' sliding layers do."""
         kept = 0
         for layer, kind in enumerate(arch.layer_types):
             if kind == "sliding":
                 kept += arch.kv_heads * min(tokens, arch.windows[layer] - 1)
                 continue
             n_full = sum(1 for l, _ in self.full if l == layer)
-            kept += n_full * tokens + (arch.kv_heads - n_full) * min(tokens, self.sink + self.window - 1)
+            window_kept = min(tokens, self.sink + self.window - 1) + int(self.compensate)
+            kept += n_full * tokens + (arch.kv_heads - n_full) * window_kept
         return 2 * batch * arch.head_dim * bytes_per_value * kept
 
 

@@ -166,18 +166,24 @@ def kv_tradeoff(results: list[dict], path: str | Path, title: str = "") -> None:
     plt = pyplot()
     results = [r for r in results if r.get("recall") is not None]  # skipped systems have no point
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"retrieval": ("tab:green", "o", "retrieval heads full"),
-              "random": ("tab:orange", "s", "random heads full (same budget)")}
     ends = {r["system"]: r for r in results if r["system"] in ("all", "none")}
-    for system, (color, marker, name) in styles.items():
-        points = sorted([(r["kv_ratio"], r["recall"]) for r in results if r["system"] == system]
-                        + [(ends[e]["kv_ratio"], ends[e]["recall"]) for e in ("none",) if e in ends])
+    lines = {}  # one line per head choice: each importance, then random
+    for r in results:
+        if r["system"] in ("retrieval", "random"):
+            key = r.get("importance") or r["system"]
+            lines.setdefault(key, []).append(r)
+    palette = ["tab:green", "tab:blue", "tab:purple", "tab:olive", "tab:cyan", "tab:brown", "tab:pink"]
+    for i, (key, rows) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] == "random")):
+        color, marker = ("tab:orange", "s") if key == "random" else (palette[i % len(palette)], "o")
+        name = "random heads full (same budget)" if key == "random" else \
+            ("retrieval heads full" if key == "retrieval" else f"heads by {key} full")
+        points = sorted([(r["kv_ratio"], r["recall"]) for r in rows] +
+                        [(ends["none"]["kv_ratio"], ends["none"]["recall"])] * ("none" in ends))
         if len(points) > 1:
             ax.plot(*zip(*points), color=color, marker=marker, label=name)
-            for r in results:
-                if r["system"] == system:
-                    ax.annotate(f"{r['full']:g}", (r["kv_ratio"], r["recall"]), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7, color=color)
+            for r in rows:
+                ax.annotate(f"{r['full']:g}", (r["kv_ratio"], r["recall"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=color)
     for e, (color, name) in {"all": ("black", "full cache"), "none": ("tab:red", "all heads sink + window")}.items():
         if e in ends:
             ax.scatter([ends[e]["kv_ratio"]], [ends[e]["recall"]], color=color, zorder=3, s=60, label=name)

@@ -142,8 +142,8 @@ class _LineProgress:
     def __exit__(self, *exc):
         return False
 
-    def add_task(self, description: str, total: int) -> int:
-        self.tasks.append(_Line(description, total))
+    def add_task(self, description: str, total: int, completed: int = 0) -> int:
+        self.tasks.append(_Line(description, total, completed))
         return len(self.tasks) - 1
 
     def advance(self, task: int, n: int = 1) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -82,6 +82,75 @@ def heads_detect(model: str = typer.Option("embedded", help=MODEL_HELP),
     emit(result, as_json, lambda: Console().print(
         f"{result['counted_trials']} of {result['trials']} trials counted; "
         f"{result['above_threshold']} of {result['heads']} heads above {threshold}{where}; scores: {scores}"))
+
+
+@heads_app.command("patterns")
+def heads_patterns(model: str = typer.Option("embedded", help=MODEL_HELP),
+                   length: int = typer.Option(64, help="tokens in the random block that is read twice"),
+                   batch: int = typer.Option(4, help="random blocks (each one a row of the score lists)"),
+                   seed: int = typer.Option(0),
+                   out: Path = typer.Option(Path("."), help="folder for echo.json and induction.json"),
+                   threshold: float = typer.Option(0.1, help="count heads whose mean score is above this"),
+                   top: int = typer.Option(10),
+                   device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
+                   as_json: bool = typer.Option(False, "--json")):
+    """Echo and induction scores (RazorAttention) on a random block read twice; score files for `kv plan`."""
+    from attnkit.core.loading import load_model
+    from attnkit.heads import scores as S
+    from attnkit.heads.patterns import pattern_scores
+
+    quiet_transformers()
+    if batch < 1:
+        raise AttnkitError("--batch must be at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    echo, induction = pattern_scores(mdl, tok, length, batch, seed)
+    S.save_scores(echo, out / "echo.json")
+    S.save_scores(induction, out / "induction.json")
+    result = {"echo": S.summary(echo, top, threshold), "induction": S.summary(induction, top, threshold),
+              "files": [str(out / "echo.json"), str(out / "induction.json")]}
+
+    def render():
+        for name in ("echo", "induction"):
+            r = result[name]
+            best = ", ".join(f"{l}-{h} {m:.2f}" for l, h, m in r["top"])
+            console.print(f"{name}: {r['above_threshold']} of {r['heads']} heads above {threshold}; top: {best}",
+                          highlight=False)
+        console.print(f"scores: {', '.join(result['files'])}", highlight=False)
+    emit(result, as_json, render)
+
+
+@heads_app.command("gates")
+def heads_gates(model: str = typer.Option("embedded", help=MODEL_HELP),
+                steps: int = typer.Option(80), length: int = typer.Option(768, help="tokens per passkey context"),
+                passkeys: int = typer.Option(3, help="passkeys hidden in each context"),
+                sink: int = typer.Option(KV_DEFAULTS.sink), window: int = typer.Option(KV_DEFAULTS.window),
+                lr: float = typer.Option(0.05), l1: float = typer.Option(0.05, help="sparsity weight: higher, fewer full heads"),
+                seed: int = typer.Option(0),
+                haystack: Optional[Path] = HAYSTACK,
+                out: Path = typer.Option(Path("gates.json"), help="score file to write (one gate per head)"),
+                state: Optional[Path] = typer.Option(None, help="checkpoint after every step; a rerun resumes "
+                                                               "(default: OUT.state.pt)"),
+                device: str = DEVICE, dtype: str = DTYPE,
+                as_json: bool = typer.Option(False, "--json")):
+    """Learn a gate per KV head (DuoAttention): full attention vs sink + window, on passkey contexts."""
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads import scores as S
+    from attnkit.heads.gates import GateTraining, train_gates
+
+    quiet_transformers()
+    settings = GateTraining(steps, length, passkeys, sink, window, lr, l1, seed)
+    text = N.load_haystack(haystack)
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    gates, log = train_gates(mdl, tok, settings, text, quiet=as_json,
+                             state=state or out.with_name(out.name + ".state.pt"))
+    S.save_scores(gates, out)
+    result = {"file": str(out), "steps": len(log), "last": log[-1] if log else None,
+              "top": S.summary(gates, 10)["top"]}
+    emit(result, as_json, lambda: console.print(
+        f"{len(log)} steps; last deviation {log[-1]['deviation']:.5f}, mean gate {log[-1]['mean_gate']:.3f}; "
+        f"gates: {out}", highlight=False))
 
 
 @heads_app.command("ablate")
@@ -184,8 +253,11 @@ KV_CHOICE_HELP = "which KV heads keep the full cache: retrieval (top scores), ra
 
 @kv_app.command("plan")
 def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
-            scores: Optional[Path] = typer.Option(None, help="retrieval-score file (attnkit's or the published ones)"),
+            scores: Optional[List[Path]] = typer.Option(None, help="score file (attnkit's or the published ones); "
+                                                                  "repeat to combine several (copy, echo, induction, gates)"),
             choose: str = typer.Option("retrieval", help=KV_CHOICE_HELP),
+            spread: str = typer.Option("global", help="global: the best heads anywhere; layer: as many in every layer"),
+            compensate: bool = typer.Option(False, help="window heads keep a compensation token (one more key each)"),
             full: float = typer.Option(0.25, help="fraction of KV heads that keep the full cache"),
             count: Optional[int] = typer.Option(None, help="number of full-cache KV heads (instead of --full)"),
             reduce: str = typer.Option("max", help="a KV head's score from its query heads: max or mean"),
@@ -201,7 +273,7 @@ def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
 
     token_list = ints(tokens, "--tokens")
     cfg = load_config(model)
-    kv = plan_from_options(cfg, scores, choose, full, count, sink, window, 1, reduce, seed)
+    kv = plan_from_options(cfg, scores or None, choose, full, count, sink, window, 1, reduce, seed, spread, compensate)
     arch = architecture(cfg)
     pool = len(choosable(cfg))
     wanted = budget_count(full, count, pool) if choose in ("retrieval", "random") else len(kv.full)
@@ -237,12 +309,41 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def named_score_files(specs: list[str], combos: list[str]) -> dict[str, list[dict]]:
+    """`--scores [NAME=]PATH` (NAME defaults to the file's stem) and `--combine NAME+NAME` as
+    {importance name: score dicts}."""
+    from attnkit.heads.scores import load_scores
+
+    files: dict[str, dict] = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or Path(path).stem
+        if name in files:
+            raise AttnkitError(f"two score files are named {name!r}: name them with --scores NAME=PATH")
+        files[name] = load_scores(path)
+    sources = {name: [data] for name, data in files.items()}
+    for combo in combos:
+        parts = combo.split("+")
+        missing = [p for p in parts if p not in files]
+        if missing or len(parts) < 2:
+            raise AttnkitError(f"--combine {combo!r}: give two or more of the --scores names ({', '.join(files)}) "
+                               "joined by '+'")
+        sources[combo] = [files[p] for p in parts]
+    return sources
+
+
 @kv_app.command("compare")
 def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
-               scores: Path = typer.Option(..., help="retrieval-score file for this model"),
+               scores: List[str] = typer.Option(..., help="score file for this model, as PATH or NAME=PATH; repeat for "
+                                                          "one row per importance (copy, echo, induction, gates ...)"),
+               combine: Optional[List[str]] = typer.Option(None, help="also a row choosing by several files, e.g. "
+                                                                      "copy+echo+induction (their --scores names)"),
                budgets: str = typer.Option("0,0.125,0.25,0.5", help="fractions of KV heads with the full cache"),
                sink: int = typer.Option(KV_DEFAULTS.sink), window: int = typer.Option(KV_DEFAULTS.window),
                chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="prefill chunk (tokens)"),
+               compensate: bool = typer.Option(False, help="window heads keep a compensation token (RazorAttention)"),
+               prefill: str = typer.Option(KV_DEFAULTS.prefill, help="window: window heads see only their window in "
+                                                                     "prefill too; full: trimmed after each prefill chunk"),
                seeds: int = typer.Option(1, help="random-head draws per budget"),
                needles: Optional[Path] = NEEDLES,
                haystack: Optional[Path] = HAYSTACK,
@@ -252,33 +353,34 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                out: Optional[Path] = TRIALS_OUT,
                plot: Optional[Path] = typer.Option(None, help="recall against KV memory, one line per head choice"),
                as_json: bool = typer.Option(False, "--json")):
-    """NIAH recall and KV memory: full cache vs retrieval-chosen vs random-chosen vs all-window heads."""
+    """NIAH recall and KV memory: full cache vs heads chosen by each score vs random vs all-window heads."""
     from attnkit.core.loading import load_model
     from attnkit.core.kvconfig import HeadKVConfig
     from attnkit.evals import niah as N
     from attnkit.heads.kvcompare import compare_caches
     from attnkit.heads.kvplan import check_shape, model_shape
-    from attnkit.heads.scores import load_scores
 
     quiet_transformers()
     budget_list = floats(budgets, "--budgets")
     if any(not 0 <= b <= 1 for b in budget_list):
         raise AttnkitError(f"--budgets must be fractions in [0, 1], got {budgets}")
-    HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk)  # validates them before any work
+    settings = HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk, compensate=compensate, prefill=prefill)
     if seeds < 1:
         raise AttnkitError("--seeds must be at least 1")
     length_list, depth_list = ints(lengths, "--lengths"), floats(depths, "--depths")
-    data = load_scores(scores)
+    sources = named_score_files(scores, combine or [])
     needle_list, hay = N.load_needles(needles), N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    check_shape(data, *model_shape(mdl.config)[:2])
-    results = compare_caches(mdl, tok, data, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
-                      HeadKVConfig(sink=sink, window=window, prefill_chunk=chunk), seeds, out, quiet=as_json, chat_template=chat_template)
+    for sets in sources.values():
+        for data in sets:
+            check_shape(data, *model_shape(mdl.config)[:2])
+    results = compare_caches(mdl, tok, sources, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
+                             settings, seeds, out, quiet=as_json, chat_template=chat_template)
     if plot:
         from attnkit.evals.plots import kv_tradeoff
         kv_tradeoff(results, plot, title=f"{Path(model).name}: NIAH at {max(length_list)} tokens, "
                                          f"sink {sink}, window {window}")
-    names = {"all": "full cache", "none": "all heads sink + window", "retrieval": "retrieval heads full",
+    names = {"all": "full cache", "none": "all heads sink + window",
              "random": f"random heads full ({seeds} seed{'s' if seeds > 1 else ''})"}
 
     def render():
@@ -288,7 +390,8 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
         for r in results:
             spread = f" +- {r['recall_std']}" if r.get("recall_std") else ""
             recall = f"skipped ({r['skipped']})" if r.get("skipped") else f"{r['recall']}{spread}"
-            table.add_row(names[r["system"]], f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", recall)
+            name = names.get(r["system"]) or f"heads by {r['importance']} full"
+            table.add_row(name, f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", recall)
         Console().print(table)
     emit({"results": results}, as_json, render)
 

@@ -18,14 +18,24 @@ from attnkit.evals.systems import System
 from attnkit.heads.kvplan import plan
 
 
-def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0) -> str:
+def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importance: str = "retrieval") -> str:
     """Names a cache system in result rows, so that a resumed run matches on every setting."""
     if how == "all":
         return "full cache"
     tail = f"sink {settings.sink} window {settings.window}"
+    tail += " compensated" if settings.compensate else ""
+    tail += " full prefill" if settings.prefill == "full" else ""
     if how == "none":
         return f"all-window {tail}"
-    return f"{how} {full:g} {tail}" + (f" seed {seed}" if how == "random" else "")
+    name = importance if how == "retrieval" else how
+    return f"{name} {full:g} {tail}" + (f" seed {seed}" if how == "random" else "")
+
+
+def score_sources(scores) -> dict[str, list[dict]]:
+    """{importance name: score dicts combined for it}; one score dict is {"retrieval": [it]}."""
+    if isinstance(scores, dict) and scores and all(isinstance(k, str) for k in scores):
+        return {name: (v if isinstance(v, list) else [v]) for name, v in scores.items()}
+    return {"retrieval": scores if isinstance(scores, list) else [scores]}
 
 
 def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
@@ -34,33 +44,42 @@ def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
     return config.kv_bytes(arch, tokens) / native_kv_bytes(arch, tokens)
 
 
-def compare_caches(model, tokenizer, scores: dict, budgets: list[float], grid: N.Grid,
-            settings: HeadKVConfig = KV_DEFAULTS, seeds: int = 1, out: Path | None = None,
-            quiet: bool = False, chat_template: bool | None = None) -> list[dict]:
-    """One result per system: {system, full, kv_ratio (at the longest length), recall, grid}."""
-    tokens = max(grid.lengths)
+def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
+                   settings: HeadKVConfig = KV_DEFAULTS, seeds: int = 1, out: Path | None = None,
+                   quiet: bool = False, chat_template: bool | None = None) -> list[dict]:
+    """One result per system: {system, importance, full, kv_ratio (at the longest length), recall, grid}.
 
-    def run(how: str, full: float, seed: int = 0, count: int | None = None) -> dict:
-        cfg = plan(scores, model.config, how, full, count, sink=settings.sink, window=settings.window,
-                   prefill_chunk=settings.prefill_chunk, seed=seed)
-        name = label(how, full, settings, seed)
+    `scores` is one score dict, or {importance name: score dict or list of them (combined)}: each
+    name gets its own row per budget; random heads are drawn at the first name's memory, from heads
+    that no file calls a retrieval head."""
+    tokens = max(grid.lengths)
+    sources = score_sources(scores)
+    every_file = [s for sets in sources.values() for s in sets]
+    options = dict(sink=settings.sink, window=settings.window, prefill_chunk=settings.prefill_chunk,
+                   compensate=settings.compensate, prefill_mode=settings.prefill)
+
+    def run(how: str, full: float, seed: int = 0, count: int | None = None, importance: str = "retrieval",
+            sets=None) -> dict:
+        cfg = plan(sets if sets is not None else every_file, model.config, how, full, count, seed=seed, **options)
+        name = label(how, full, settings, seed, importance)
         system = System(name, {"cache": name}, None if how == "all" else cfg)
         summary = N.compare_systems(model, tokenizer, grid, [system], out, quiet, chat_template=chat_template)[name]
-        return {"system": how, "full": full, "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4),
+        return {"system": how, "importance": importance if how == "retrieval" else None, "full": full,
+                "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4), "full_heads": len(cfg.full),
                 "recall": summary["mean_recall"], "grid": summary["grid"]}
 
     results = [run("all", 1.0), run("none", 0.0)]
     for full in budgets:
         if full <= 0 or full >= 1:
             continue  # the all-window and full-cache rows already cover these budgets
-        chosen = run("retrieval", full)
-        results.append(chosen)
-        same = len(plan(scores, model.config, "retrieval", full).full)  # random at the retrieval row's memory
+        chosen = [run("retrieval", full, importance=name, sets=sets) for name, sets in sources.items()]
+        results += chosen
+        same = chosen[0]["full_heads"]  # random at the first row's memory
         try:
             draws = [run("random", full, s, same) for s in range(seeds)]
         except AttnkitError as e:  # too few non-retrieval heads to draw from (Gemma-3: 3 full-layer KV heads)
-            results.append({"system": "random", "full": full, "kv_ratio": chosen["kv_ratio"], "recall": None,
-                            "grid": [], "skipped": str(e)})
+            results.append({"system": "random", "importance": None, "full": full, "kv_ratio": chosen[0]["kv_ratio"],
+                            "recall": None, "grid": [], "skipped": str(e)})
             continue
         recalls = [d["recall"] for d in draws if d["recall"] is not None]
         results.append({**draws[0], "recall": round(statistics.fmean(recalls), 2) if recalls else None,

@@ -23,6 +23,8 @@ from attnkit.heads.scores import THRESHOLD, mean_scores
 
 Choice = Literal["retrieval", "random", "none", "all"]
 CHOICES = ("retrieval", "random", "none", "all")
+Spread = Literal["global", "layer"]
+SPREADS = ("global", "layer")
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -61,6 +63,27 @@ def kv_head_scores(scores: dict, layers: int, heads: int, kv_heads: int,
     return out
 
 
+def combine(score_sets: list[dict], layers: int, heads: int, kv_heads: int,
+            reduce: Literal["max", "mean"] = "max") -> dict[tuple[int, int], float]:
+    """{(layer, kv head): importance}: one source's KV-head scores, or the max over several sources
+    of each one's scores divided by its best KV head (so every source counts on the same 0..1 scale)."""
+    per_source = [kv_head_scores(s, layers, heads, kv_heads, reduce) for s in score_sets]
+    if len(per_source) == 1:
+        return per_source[0]
+    scaled = []
+    for kv in per_source:
+        top = max(kv.values())
+        scaled.append({k: (v / top if top > 0 else 0.0) for k, v in kv.items()})
+    return {k: max(s[k] for s in scaled) for k in scaled[0]}
+
+
+def _score_sets(scores) -> list[dict]:
+    """One score dict, or a list of them, as a list (None stays None)."""
+    if scores is None or isinstance(scores, list):
+        return scores
+    return [scores]
+
+
 def budget_count(full: float | None, count: int | None, total: int) -> int:
     """How many KV heads keep the full cache: a fraction of all of them, or a count."""
     if count is not None:
@@ -72,15 +95,17 @@ def budget_count(full: float | None, count: int | None, total: int) -> int:
     return round(full * total)
 
 
-def choose_full_heads(scores: dict | None, model_config, how: Choice = "retrieval", full: float | None = 0.25,
-                      count: int | None = None, reduce: Literal["max", "mean"] = "max",
-                      seed: int = 0) -> frozenset[tuple[int, int]]:
+def choose_full_heads(scores: dict | list[dict] | None, model_config, how: Choice = "retrieval",
+                      full: float | None = 0.25, count: int | None = None, reduce: Literal["max", "mean"] = "max",
+                      seed: int = 0, spread: Spread = "global") -> frozenset[tuple[int, int]]:
     """The (layer, KV head) pairs that keep the full cache.
 
     Heads come from the full-attention layers (`choosable`); `full` is a fraction of those.
-    retrieval: the top KV heads by score, among those scoring above 0; random: as many as the budget,
-    drawn (seeded) from the KV heads that are not retrieval heads (score <= 0.1); none: no head
-    (StreamingLLM); all: every choosable head (the model's own cache).
+    `scores` is one score dict or a list of them (combined by `combine`).
+    retrieval: the top KV heads by score, among those scoring above 0 (spread "layer": the top
+    round(full x KV heads) of every layer); random: as many as the budget, drawn (seeded) from the KV
+    heads that are retrieval heads by no source (score <= 0.1 in each); none: no head (StreamingLLM);
+    all: every choosable head (the model's own cache).
     """
     layers, heads, kv_heads = model_shape(model_config)
     pool_all = choosable(model_config)
@@ -91,44 +116,70 @@ def choose_full_heads(scores: dict | None, model_config, how: Choice = "retrieva
         return frozenset()
     if how == "all":
         return frozenset(pool_all)
+    if spread not in SPREADS:
+        raise AttnkitError(f"unknown spread {spread!r}: use global or layer")
     n = budget_count(full, count, total)
-    if scores is None:
+    sets = _score_sets(scores)
+    if not sets:
         raise AttnkitError(f"choosing heads by '{how}' needs a retrieval-score file")
-    kv_scores = kv_head_scores(scores, layers, heads, kv_heads, reduce)
+    kv_scores = combine(sets, layers, heads, kv_heads, reduce)
     if how == "retrieval":
         ranked = sorted((k for k in pool_all if kv_scores[k] > 0), key=lambda k: (-kv_scores[k], k))
-        return frozenset(ranked[:n])
-    pool = [k for k in pool_all if kv_scores[k] <= THRESHOLD]
+        if spread == "global":
+            return frozenset(ranked[:n])
+        per_layer = round(n / len(architecture(model_config).full_layers))
+        kept: dict[int, int] = {}
+        chosen = []
+        for k in ranked:
+            if kept.get(k[0], 0) < per_layer:
+                kept[k[0]] = kept.get(k[0], 0) + 1
+                chosen.append(k)
+        return frozenset(chosen)
+    each = [kv_head_scores(s, layers, heads, kv_heads, reduce) for s in sets]
+    pool = [k for k in pool_all if all(kv[k] <= THRESHOLD for kv in each)]
     if n > len(pool):
         raise AttnkitError(f"cannot draw {n} random KV heads: only {len(pool)} of {total} are not retrieval heads")
     return frozenset(random.Random(seed).sample(pool, n))
 
 
-def plan(scores: dict | None, model_config, how: Choice = "retrieval", full: float | None = 0.25,
+def plan(scores: dict | list[dict] | None, model_config, how: Choice = "retrieval", full: float | None = 0.25,
          count: int | None = None, sink: int = KV_DEFAULTS.sink, window: int = KV_DEFAULTS.window,
          prefill_chunk: int = KV_DEFAULTS.prefill_chunk,
-         reduce: Literal["max", "mean"] = "max", seed: int = 0) -> HeadKVConfig:
+         reduce: Literal["max", "mean"] = "max", seed: int = 0, spread: Spread = "global",
+         compensate: bool = KV_DEFAULTS.compensate, prefill_mode: str = KV_DEFAULTS.prefill) -> HeadKVConfig:
     """A `HeadKVConfig` with heads chosen by `choose_full_heads`."""
-    HeadKVConfig(sink=sink, window=window, prefill_chunk=prefill_chunk)  # validate before any work
-    chosen = choose_full_heads(scores, model_config, how, full, count, reduce, seed)
-    return HeadKVConfig(chosen, sink, window, prefill_chunk)
+    HeadKVConfig(sink=sink, window=window, prefill_chunk=prefill_chunk, prefill=prefill_mode)  # validate first
+    chosen = choose_full_heads(scores, model_config, how, full, count, reduce, seed, spread)
+    return HeadKVConfig(chosen, sink, window, prefill_chunk, compensate, prefill_mode)
+
+
+def load_score_sets(paths) -> list[dict] | None:
+    """Score files (a path, a list of paths, or None) read; several are combined when heads are chosen."""
+    from attnkit.heads.scores import load_scores
+
+    if paths is None:
+        return None
+    paths = [paths] if not isinstance(paths, (list, tuple)) else list(paths)
+    return [load_scores(p) for p in paths] or None
 
 
 def plan_from_options(model_config, scores_path, choose: str, full: float, count: int | None, sink: int,
-                      window: int, chunk: int, reduce: str = "max", seed: int = 0) -> HeadKVConfig:
-    """A HeadKVConfig from the `kv plan` / `--kv-*` options: the score file (a path, or None) read here."""
-    from attnkit.heads.scores import load_scores
-
-    data = load_scores(scores_path) if scores_path is not None else None
-    return plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed)
+                      window: int, chunk: int, reduce: str = "max", seed: int = 0, spread: str = "global",
+                      compensate: bool = False, prefill_mode: str = "window") -> HeadKVConfig:
+    """A HeadKVConfig from the `kv plan` / `--kv-*` options: the score file(s) (a path, a list, or None) read here."""
+    data = load_score_sets(scores_path)
+    return plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed, spread, compensate,
+                prefill_mode)
 
 
 def cache_from_options(model_config, scores_path, choose: str | None, full: float, sink: int, window: int,
-                       chunk: int, with_buckets: bool) -> HeadKVConfig | None:
+                       chunk: int, with_buckets: bool, compensate: bool = False,
+                       prefill_mode: str = "window") -> HeadKVConfig | None:
     """The `--kv-*` options of `niah` and `serve` as a HeadKVConfig, or None when none is given; read
     from the model's config alone, so bad options fail before any weights load."""
-    if scores_path is None and choose is None:
+    if not scores_path and choose is None:
         return None
     if with_buckets:
         raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
-    return plan_from_options(model_config, scores_path, choose or "retrieval", full, None, sink, window, chunk)
+    return plan_from_options(model_config, scores_path or None, choose or "retrieval", full, None, sink, window, chunk,
+                             compensate=compensate, prefill_mode=prefill_mode)

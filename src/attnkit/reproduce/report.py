@@ -93,19 +93,28 @@ def ablate_section(r: dict) -> list[str]:
 
 def kv_section(r: dict) -> list[str]:
     res = r["result"]
-    rows = [[x["system"], x["full"], x["kv_ratio"], f"skipped: {x['skipped']}" if x.get("skipped") else
+
+    def name(x):
+        return f"heads by {x['importance']}" if x["system"] == "retrieval" and x.get("importance") else x["system"]
+
+    rows = [[name(x), x["full"], x["kv_ratio"], f"skipped: {x['skipped']}" if x.get("skipped") else
              x["recall"] if "recall_std" not in x else f"{x['recall']} ± {x['recall_std']}"] for x in res["results"]]
-    by = {(x["system"], x["full"]): x["recall"] for x in res["results"]}
+    first = next((x.get("importance") for x in res["results"] if x["system"] == "retrieval"), None)
+    by = {(x["system"], x["full"]): x["recall"] for x in res["results"]
+          if x["system"] != "retrieval" or x.get("importance") == first}
     checks = [by[("retrieval", f)] > by[("random", f)] for s, f in by
               if s == "retrieval" and by.get(("random", f)) is not None]
     ok = None if not checks else all(checks)
+    prefill = {"full": "window heads trimmed after the whole prompt (RazorAttention, kvpress)",
+               "window": "window heads see only their window in prefill too (DuoAttention)"}.get(res.get("prefill", "window"))
     lines = ["## Retrieval-head KV cache (attnkit, after DuoAttention / RazorAttention)", "",
              f"Full cache only for some KV heads, sink + window for the rest; the same prompts for every system, "
-             f"{res['tokens']} tokens; KV memory measured against the model's own cache (hybrid models: sliding "
-             f"layers counted as they are). Claim: at the same memory, heads chosen by retrieval score keep "
-             f"recall that random heads lose: {_verdict(ok)}.", ""]
+             f"{res['tokens']} tokens; {prefill}"
+             f"{'; with a compensation token' if res.get('compensate') else ''}. KV memory measured against the "
+             f"model's own cache (hybrid models: sliding layers counted as they are). Claim: at the same memory, "
+             f"heads chosen by retrieval ({first or 'copy'}) score keep recall that random heads lose: {_verdict(ok)}.", ""]
     lines += _table(["system", "full fraction", "KV memory / full", "recall"], rows)
-    ratios = {x["full"]: x["kv_ratio"] for x in res["results"] if x["system"] == "retrieval"}
+    ratios = {x["full"]: x["kv_ratio"] for x in res["results"] if x["system"] == "retrieval" and x.get("importance", first) == first}
     if len(set(ratios.values())) < len(ratios):
         lines += ["", "Budgets with the same KV memory are not filled: only KV heads with a retrieval score above 0 "
                   "are chosen, and this model has fewer of them than the larger budgets ask for (random heads "

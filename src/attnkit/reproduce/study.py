@@ -50,6 +50,9 @@ class StudySettings:
     kv_seeds: int = 1  # random-head draws per KV budget
     kv_sink: int = 16
     kv_window: int = 128
+    kv_importance: tuple[str, ...] = ("copy", "copy+echo+induction")  # a row per choice; see heads/kvplan.py
+    kv_prefill: str = "full"  # window heads trimmed after the prompt (RazorAttention / kvpress); or "window"
+    kv_compensate: bool = False
     buckets_length: int = 1024
     buckets_depths: tuple[float, ...] = (0.0, 50.0)
     buckets_n: int = 3
@@ -226,14 +229,29 @@ def step_kv(study: Study) -> dict:
     from attnkit.evals.plots import kv_tradeoff
     from attnkit.heads.kvcompare import compare_caches
 
+    from attnkit.heads import scores as S
+    from attnkit.heads.patterns import pattern_scores
+
     st = study.settings
-    results = compare_caches(study.model, study.tokenizer, _scores(study), list(st.kv_budgets),
-                             study.grid(st.kv_length, st.depths), HeadKVConfig(sink=st.kv_sink, window=st.kv_window),
+    files = {"copy": _scores(study)}
+    if any(k != "copy" for name in st.kv_importance for k in name.split("+")):
+        files["echo"], files["induction"] = pattern_scores(study.model, study.tokenizer)
+        S.save_scores(files["echo"], study.out / "echo.json")
+        S.save_scores(files["induction"], study.out / "induction.json")
+    unknown = [k for name in st.kv_importance for k in name.split("+") if k not in files]
+    if unknown:
+        raise AttnkitError(f"unknown KV importance {unknown[0]!r}: use copy, echo, induction or a '+' combination")
+    sources = {name: [files[k] for k in name.split("+")] for name in st.kv_importance}
+    chunk = st.kv_length if st.kv_prefill == "full" else HeadKVConfig().prefill_chunk  # full: the whole prompt at once
+    settings = HeadKVConfig(sink=st.kv_sink, window=st.kv_window, prefill_chunk=chunk, compensate=st.kv_compensate,
+                            prefill=st.kv_prefill)
+    results = compare_caches(study.model, study.tokenizer, sources, list(st.kv_budgets),
+                             study.grid(st.kv_length, st.depths), settings,
                              seeds=st.kv_seeds, out=study.out / "kv_trials.jsonl", quiet=study.quiet,
                              chat_template=st.chat_template)
     kv_tradeoff(results, study.out / "kv_cache.png", f"{study.model_name}: recall against KV memory "
                                                      f"({st.kv_length} tokens)")
-    return {"results": results, "tokens": st.kv_length}
+    return {"results": results, "tokens": st.kv_length, "prefill": st.kv_prefill, "compensate": st.kv_compensate}
 
 
 # ---------------------------------------------------------------- Attention Buckets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, List
 
 import typer
 
@@ -61,11 +61,14 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
           max_tokens: int = typer.Option(512, help="new tokens when a request names none"),
           bases: Optional[str] = typer.Option(None, help="answer with Attention Buckets over these RoPE bases"),
           search: bool = typer.Option(False, help="answer with Attention Buckets over searched bases"),
-          kv_scores: Optional[Path] = typer.Option(None, help="answer with the retrieval-head KV cache (score file)"),
+          kv_scores: Optional[List[Path]] = typer.Option(None, help="answer with the retrieval-head KV cache (score "
+                                                                    "file; repeat to combine several)"),
           kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default), random or none"),
           kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
           kv_sink: int = typer.Option(KV_DEFAULTS.sink), kv_window: int = typer.Option(KV_DEFAULTS.window),
           kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk),
+          kv_compensate: bool = typer.Option(False, help="KV cache: window heads keep a compensation token"),
+          kv_prefill: str = typer.Option(KV_DEFAULTS.prefill, help="KV cache: window or full (trimmed after prefill)"),
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
@@ -87,7 +90,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
         what = f"S2A proxy ({s2a}) for {upstream}"
     else:
         engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                              device, dtype, max_queue, device_map, max_batch, max_kv_bytes)
+                              device, dtype, max_queue, device_map, max_batch, max_kv_bytes, kv_compensate, kv_prefill)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
         what = f"{model} ({engine.describe()['technique']})"
@@ -98,13 +101,13 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                  device: str, dtype: str, max_queue: int, device_map=None, max_batch: int = 32,
-                 max_kv_bytes: int | None = None):
+                 max_kv_bytes: int | None = None, kv_compensate: bool = False, kv_prefill: str = "window"):
     from attnkit.core.loading import load_config, load_model
     from attnkit.heads.kvplan import cache_from_options
     from attnkit.serve.engine import Engine
 
     kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                            bool(bases or search))
+                            bool(bases or search), kv_compensate, kv_prefill)
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     technique = kv
