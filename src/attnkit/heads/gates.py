@@ -103,8 +103,12 @@ def _streaming_mask(q: int, k: int, sink: int, window: int, device) -> torch.Ten
 
 
 def _make_attention(base: str):
+    functions: dict[type, object] = {}  # the base attention, resolved once per module class
+
     def attention(module, query, key, value, attention_mask, **kwargs):
-        fn = base_function(base, module)
+        fn = functions.get(type(module))
+        if fn is None:
+            fn = functions[type(module)] = base_function(base, module)
         gates: Gates | None = getattr(module, "_attnkit_gates", None)
         full, weights = fn(module, query, key, value, attention_mask, **kwargs)
         if gates is None or not gates.on or gates.arch.layer_types[module.layer_idx] != "full":
@@ -179,6 +183,7 @@ def train_gates(model, tokenizer, settings: GateTraining = GateTraining(), hayst
     optimizer = torch.optim.Adam([gates.values], lr=settings.lr)
     state = Path(state) if state is not None else None
     log = _load_state(state, settings, gates, optimizer)
+    full_layers = torch.tensor(arch.full_layers)  # the gates that exist (sliding layers keep their window)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -195,7 +200,6 @@ def train_gates(model, tokenizer, settings: GateTraining = GateTraining(), hayst
                 gates.on = True
                 hidden = model.model(input_ids=ids).last_hidden_state[0, first - 1:-1].float()
                 deviation = (hidden - target).pow(2).sum(-1).mean() / hidden.shape[-1]
-                full_layers = torch.tensor(arch.full_layers)
                 mean_gate = gates.values[full_layers].clamp(0, 1).mean()
                 loss = deviation + settings.l1 * mean_gate
                 optimizer.zero_grad()
