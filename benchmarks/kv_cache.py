@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from attnkit.core.family import architecture
 from attnkit.core.generate import prefill
-from attnkit.core.kvcache import HeadKVConfig, head_kv
+from attnkit.core.kvcache import HeadKVCache, HeadKVConfig, head_kv
 
 
 def choose(model, fraction: float, seed: int, scores_path: str | None) -> frozenset:
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk for both caches")
+    ap.add_argument("--prefill", default="window", help="window, full or both (window,full): how window heads prefill")
     ap.add_argument("--scores", default=None, help="choose heads from this score file (default: seeded random)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,11 +136,14 @@ def main():
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build(args.model, args.device, getattr(torch, args.dtype))
-    config = HeadKVConfig(choose(model, args.full, 0, args.scores), args.sink, args.window, args.chunk)
+    full = choose(model, args.full, 0, args.scores)
+    configs = {p: HeadKVConfig(full, args.sink, args.window, args.chunk, prefill=p) for p in args.prefill.split(",")}
     print(json.dumps({**header(args), "full_fraction": args.full, "sink": args.sink, "window": args.window,
                       "chunk": args.chunk, "steps": args.steps}), flush=True)
-    with head_kv(model, config) as hkv:
-        caches = {"full cache": lambda: DynamicCache(config=model.config), "retrieval-head cache": hkv.new_cache}
+    with head_kv(model, next(iter(configs.values()))):
+        caches = {"full cache": lambda: DynamicCache(config=model.config)}
+        for p, config in configs.items():
+            caches[f"retrieval-head cache, {p} prefill"] = lambda config=config: HeadKVCache(model, config)
         for length in [int(x) for x in args.lengths.split(",")]:
             if length > architecture(model.config).max_positions:
                 print(json.dumps({"length": length, "skipped": "above the model's max positions"}))

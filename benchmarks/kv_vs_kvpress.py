@@ -22,8 +22,9 @@ measured KV bytes over the full cache's, prefill seconds and decode ms/token sid
     python benchmarks/kv_vs_kvpress.py --model smollm2 --lengths 8192 --depths 50 --targets 0.15,0.3 --out ...
 
 Score files: --scores DIR with head_scores.json (copy scores, `attnkit heads detect` or `attnkit
-reproduce --only heads`); echo.json / induction.json are computed when missing; gates.json
-(`attnkit heads gates`) is used when present.
+reproduce --only heads`); echo.json / induction.json are computed when missing. Every other score
+file there (gates.json from `attnkit heads gates`, copy scores measured at another length ...) is a
+source named by its stem, and a variant joins sources with "+": `--variants copy+copy8k:full`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from attnkit.core.family import architecture
 from attnkit.core.generate import PLAIN, Stopper, prefill
 from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
 from attnkit.core.loading import load_model
+from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.runner import run_grid
 from attnkit.heads.kvplan import plan
@@ -150,17 +152,24 @@ def attnkit_systems(sources: dict, model_config, target: float, length: int, sin
     variants = []
     for item in (spec or VARIANTS).split(","):
         importance, mode, *rest = item.split(":")
-        if importance == "gates" and "gates" not in sources:
-            continue  # no gate file: no gate row
+        missing = [name for name in importance.split("+") if name not in sources and importance != "random"]
+        if missing:
+            print(f"skipped: {item}: no {', '.join(m + '.json' for m in missing)} in --scores", file=sys.stderr)
+            continue
         variants.append((importance, mode, rest == ["compensated"]))
     for importance, mode, comp in variants:
         n = count_for(model_config, target, length, sink, window, comp)
         how = "random" if importance == "random" else "retrieval"
-        sets = sources["copy"] + sources["echo"] + sources["induction"] if importance == "random" else sources[importance]
+        names = ["copy", "echo", "induction"] if importance == "random" else importance.split("+")
+        sets = [scores for name in names for scores in sources[name]]
         chunk = length if mode == "full" else 2048
-        cfg = plan(sets, model_config, how, count=n, sink=sink, window=window, prefill_chunk=chunk,
-                   compensate=comp, prefill_mode=mode)
         name = f"attnkit {importance}, {mode} prefill" + (", compensated" if comp else "")
+        try:
+            cfg = plan(sets, model_config, how, count=n, sink=sink, window=window, prefill_chunk=chunk,
+                       compensate=comp, prefill_mode=mode)
+        except AttnkitError as e:  # e.g. no head left to draw at random (Gemma-3 has 3 global KV heads)
+            print(f"skipped: {name} at {target:g}x: {e}", file=sys.stderr)
+            continue
         systems.append({"system": name, "target": target, "technique": cfg, "chunk": chunk, "full_heads": len(cfg.full)})
     return systems
 
@@ -181,6 +190,9 @@ def main():
     p.add_argument("--presses", default=",".join(PRESSES) + ",DuoAttentionPress")
     p.add_argument("--variants", default=None, help="attnkit rows, e.g. copy:window,copy+echo+induction:full "
                                                   "(importance:prefill[:compensated]); default: all")
+    p.add_argument("--full-chunk", type=int, default=None,
+                   help="prefill chunk of the full-cache row (default: the whole prompt at once); on a hybrid "
+                        "model at 32K, chunks spare the sliding layers a full-length mask")
     p.add_argument("--skip-kvpress", action="store_true")
     p.add_argument("--kvpress-venv", type=Path, default=HERE / ".kvpress-venv")
     p.add_argument("--out", type=Path, required=True)
@@ -205,11 +217,15 @@ def main():
         echo, induction = pattern_scores(model, tok)
         save_scores(echo, args.scores / "echo.json")
         save_scores(induction, args.scores / "induction.json")
-    sources = {name: [load_scores(args.scores / f"{name}.json")] for name in ("echo", "induction")}
-    sources["copy"] = [load_scores(copy_path)]
+    # every score file of the folder is a source named by its stem (head_scores.json: "copy");
+    # a variant's importance joins sources with "+" (their combination, kvplan.combine)
+    sources = {}
+    for f in sorted(args.scores.glob("*.json")):
+        try:
+            sources["copy" if f.stem == "head_scores" else f.stem] = [load_scores(f)]
+        except (AttnkitError, ValueError, KeyError, TypeError) as e:
+            print(f"not a score file, left out: {f} ({e})", file=sys.stderr)
     sources["copy+echo+induction"] = sources["copy"] + sources["echo"] + sources["induction"]
-    if (args.scores / "gates.json").is_file():
-        sources["gates"] = [load_scores(args.scores / "gates.json")]
 
     # --- prompts (exported once: kvpress answers the same token ids) ------------------------------
     prompts = [q for length in lengths for kind in args.kinds.split(",")
@@ -218,9 +234,12 @@ def main():
     stopper = Stopper(tok, eos_ids(model, tok), "clean")
     settings = {"model": args.model, "sink": args.sink, "window": args.window, "chat_template": chat,
                 "max_new_tokens": args.max_new_tokens, "haystack": str(args.haystack)}
+    if args.full_chunk:  # only when set, so folders from before the option still resume
+        settings["full_chunk"] = args.full_chunk
 
     # --- attnkit rows -----------------------------------------------------------------------------
-    systems = {"full cache": {"system": "full cache", "target": 1.0, "technique": None, "chunk": None, "full_heads": None}}
+    systems = {"full cache": {"system": "full cache", "target": 1.0, "technique": None, "chunk": args.full_chunk,
+                              "full_heads": None}}
     tokens = {L: round(statistics.fmean(q["tokens"] for q in prompts if q["length"] == L)) for L in lengths}
     for length in lengths:  # heads are counted to fit the target at the prompts' mean token count
         for t in targets:

@@ -92,6 +92,20 @@ def _positions(mask):
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def _decode_against_reference(model, cache, out, ids, mask, config, steps):
+    """Greedy decoding from a prefilled cache; every step's logits equal the reference recomputed over
+    the whole sequence (the prompt, `ids`, prefilled in chunks). Returns (sequence, mask, last reference)."""
+    seq, seq_mask = ids, mask
+    for _ in range(steps):
+        nxt = out.logits[:, -1:].argmax(-1)
+        seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
+        out = model(input_ids=nxt, attention_mask=seq_mask, position_ids=_positions(seq_mask)[:, -1:],
+                    **cache_kwarg(model, cache), use_cache=True)
+        ref = _reference_logits(model, seq, seq_mask, config, prompt=ids.shape[1])[:, -1]
+        torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
+    return seq, seq_mask, ref
+
+
 def _batch(seed=0, tokens=40, pad=5):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 97, (2, tokens), generator=g)
@@ -133,6 +147,28 @@ def test_prefill_in_chunks_and_decode_equal_the_reference(family, kv, attn):
 
 
 @pytest.mark.parametrize("family,kv", [("llama", 2), ("qwen2", 1), ("gemma3", 2)])
+@pytest.mark.parametrize("prefill", ["window", "full"])
+def test_steady_decoding_without_padding_equals_the_reference(family, kv, prefill, monkeypatch):
+    """Unpadded sdpa decoding takes the ring path (the new key overwrites the oldest recent slot, no
+    mask, no trim) once the window store is steady; 14 steps wrap the 5 recent slots twice. The full
+    heads' buffers, 2 tokens ahead here, grow every other step."""
+    import attnkit.core.kvcache as kvcache
+
+    monkeypatch.setattr(kvcache, "FULL_SLACK", 2)
+    model = tiny_model(family, kv, attn="sdpa")
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    full = {(0, 0)} if family != "gemma3" else {(2, 0)}
+    config = HeadKVConfig(full=full, sink=3, window=6, prefill_chunk=7, prefill=prefill)
+    with head_kv(model, config) as hkv, torch.no_grad():
+        out, cache = hkv.prefill(ids, mask)
+        seq, seq_mask, _ = _decode_against_reference(model, cache, out, ids, mask, config, 14)
+    window_layers = [layer for layer in cache.layers if getattr(layer, "windowed", None)]
+    assert window_layers and all(layer._ring is not None for layer in window_layers)  # the ring path ran
+    assert config.kv_bytes(architecture(model.config), seq.shape[1], 2, 4) == cache.kv_bytes()
+
+
+@pytest.mark.parametrize("family,kv", [("llama", 2), ("qwen2", 1), ("gemma3", 2)])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("compensate,prefill", [(True, "window"), (False, "full"), (True, "full")])
 def test_compensation_token_and_full_prefill_equal_the_reference(family, kv, attn, compensate, prefill):
@@ -145,14 +181,7 @@ def test_compensation_token_and_full_prefill_equal_the_reference(family, kv, att
         with head_kv(model, config) as hkv, torch.no_grad():
             out, cache = hkv.prefill(ids, mask)
             torch.testing.assert_close(out.logits[:, -1], reference[:, -1], atol=2e-4, rtol=1e-4)
-            seq, seq_mask = ids, mask
-            for _ in range(5):
-                nxt = out.logits[:, -1:].argmax(-1)
-                seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
-                out = model(input_ids=nxt, attention_mask=seq_mask, position_ids=_positions(seq_mask)[:, -1:],
-                            **cache_kwarg(model, cache), use_cache=True)
-                ref = _reference_logits(model, seq, seq_mask, config, prompt=ids.shape[1])[:, -1]
-                torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
+            seq, seq_mask, ref = _decode_against_reference(model, cache, out, ids, mask, config, 5)
         plain = _reference_logits(model, seq, seq_mask, HeadKVConfig(full=full, sink=3, window=6))[:, -1]
         assert (plain - ref).abs().max() > 1e-3  # each option changes the outputs: the test can fail
     assert config.kv_bytes(architecture(model.config), seq.shape[1], 2, 4) == cache.kv_bytes()

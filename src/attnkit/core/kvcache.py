@@ -44,6 +44,7 @@ from attnkit.errors import AttnkitError
 
 SUPPORTED_BASES = ("sdpa", "eager")
 KV_LAYER_KWARG = "attnkit_kv_layer"  # the keyword under which update() hands its layer to attention
+FULL_SLACK = 256  # tokens allocated ahead for the full heads (one buffer copy per 256 decode steps)
 
 
 class HeadKVLayer(CacheLayerMixin):
@@ -68,7 +69,10 @@ class HeadKVLayer(CacheLayerMixin):
         self.comp_keys = self.comp_values = None  # [batch, window heads, 1, dim]: sums of dropped keys, values
         self.comp_count = None  # [batch] keys dropped so far
         self.pending = None
+        self._full_buf = None  # (key buffer, value buffer, the views handed out) for in-place appends
         self._query_index = None  # (full, window) query-head indices, built at the first attention
+        self._ring = None  # steady decoding: next window slot to overwrite (see _decode_steady), else None
+        self._steady_refused = False  # the store did not have the steady layout once: never try again
         self.is_initialized = False
 
     # --- the Cache layer protocol -----------------------------------------------------------------
@@ -98,8 +102,7 @@ class HeadKVLayer(CacheLayerMixin):
                                "run the model inside attnkit's head_kv(...)")
         q = key_states.shape[2]
         if self.full:
-            self.keys = torch.cat([self.keys, key_states.index_select(1, self._full_idx)], dim=2)
-            self.values = torch.cat([self.values, value_states.index_select(1, self._full_idx)], dim=2)
+            self._append_full(key_states.index_select(1, self._full_idx), value_states.index_select(1, self._full_idx))
         if self.windowed:
             b = key_states.shape[0]
             new_pos = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, q)
@@ -110,6 +113,24 @@ class HeadKVLayer(CacheLayerMixin):
             self.pending = ()
         self.seen += q
         return self.keys, self.values
+
+    def _append_full(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append to the full heads in place: `keys`/`values` are views of buffers allocated with
+        FULL_SLACK tokens to spare, so a decode step writes one token instead of copying the whole
+        cache (transformers' DynamicCache concatenates, copying every key each step). A store that
+        was replaced (padding, row selection, trimming) is copied into a fresh buffer first."""
+        n, q = self.keys.shape[2], keys.shape[2]
+        buf = self._full_buf
+        if buf is None or buf[2] is not self.keys or buf[3] is not self.values or n + q > buf[0].shape[2]:
+            b, h, _, d = self.keys.shape
+            kb = self.keys.new_empty(b, h, n + q + FULL_SLACK, d)
+            vb = self.values.new_empty(b, h, n + q + FULL_SLACK, self.values.shape[3])
+            kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+        else:
+            kb, vb = buf[0], buf[1]
+        kb[:, :, n:n + q], vb[:, :, n:n + q] = keys, values
+        self.keys, self.values = kb[:, :, :n + q], vb[:, :, :n + q]
+        self._full_buf = (kb, vb, self.keys, self.values)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0  # the model's mask covers every position; window heads gather from it
@@ -144,6 +165,7 @@ class HeadKVLayer(CacheLayerMixin):
             self.keys, self.values = pad(self.keys), pad(self.values)
         self.win_pos = torch.where(self.win_pos >= 0, self.win_pos + n, -1)
         self.seen += n
+        self._ring = None
 
     def concat(self, other: "HeadKVLayer") -> None:
         """Append the rows of `other` (same length); the shorter window store is padded with empty slots."""
@@ -167,6 +189,7 @@ class HeadKVLayer(CacheLayerMixin):
         self.valid_count = torch.cat([self.valid_count, other.valid_count])
         self.comp_keys, self.comp_values = torch.cat([self.comp_keys, other.comp_keys]), torch.cat([self.comp_values, other.comp_values])
         self.comp_count = torch.cat([self.comp_count, other.comp_count])
+        self._ring = None
 
     def select_rows(self, rows) -> None:
         self.keys, self.values = self.keys[rows], self.values[rows]
@@ -180,6 +203,7 @@ class HeadKVLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[:, :, k:], self.values[:, :, k:]
         self.win_pos = torch.where(self.win_pos >= k, self.win_pos - k, -1)
         self.seen -= k
+        self._ring = None
 
     def offload(self):
         pass
@@ -189,6 +213,7 @@ class HeadKVLayer(CacheLayerMixin):
 
     # --- attention ------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
+        """Bytes of the keys and values held (the full heads' spare FULL_SLACK tokens not counted)."""
         tensors = (self.keys, self.values, self.win_keys, self.win_values, self.comp_keys, self.comp_values)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -208,6 +233,17 @@ class HeadKVLayer(CacheLayerMixin):
             full_out, _ = base_fn(module, query.index_select(1, full_heads), keys, values, attention_mask, **kwargs)
             out[:, :, full_heads] = full_out
         cand_k, cand_v, cand_pos, new = pending
+        if q == 1 and attention_mask is None and self._decode_steady():
+            win_out, _ = base_fn(module, query.index_select(1, window_heads), cand_k, cand_v, None, **kwargs)
+            out[:, :, window_heads] = win_out
+            slot = self.sink + self._ring  # the oldest recent key: the next query's window has left it
+            self.win_keys[:, :, slot] = cand_k[:, :, -1]
+            self.win_values[:, :, slot] = cand_v[:, :, -1]
+            self.win_pos[:, slot] = self.seen - 1
+            self.valid_count = self.valid_count + 1
+            self._ring = (self._ring + 1) % (self.window - 1)
+            return out, None
+        self._ring = None
         # the first chunk of a full prefill: the window heads read the model's own keys under its own
         # mask, so its attention runs as it is (its fast causal path); the compensation token is empty
         fast = self.full_prefill and q > 1 and cand_pos.shape[1] == self.seen
@@ -251,6 +287,28 @@ class HeadKVLayer(CacheLayerMixin):
         out[:, :, window_heads] = win_out
         self._keep(cand_k, cand_v, cand_pos, cand_sink, real)
         return out, None
+
+    def _decode_steady(self) -> bool:
+        """Whether this one-token step (no padding: the model passed no mask) can skip the generic
+        mask and trim. In steady decoding the window store holds `sink` sink keys and exactly the last
+        window - 1 positions, so the new query sees every stored key and the trim drops only the
+        oldest recent one: the new key takes its slot (a ring over the recent slots; keys carry their
+        RoPE positions, so their order does not matter). The layout is checked once, when decoding
+        reaches it; batching operations, masks and the compensation token go the generic way."""
+        if self._ring is not None:
+            return True
+        kept, t = self.sink + self.window - 1, self.seen - 1  # t: the new token's position
+        if self.compensate or self._steady_refused or self.window < 2 or self.win_pos.shape[1] != kept \
+                or t - self.window + 1 < self.sink:
+            return False
+        recent = torch.arange(t - self.window + 1, t, device=self.win_pos.device)
+        steady = bool(self.win_sink[:, :self.sink].all() and not self.win_sink[:, self.sink:].any()
+                      and (self.win_pos[:, :self.sink] >= 0).all() and (self.win_pos[:, self.sink:] == recent).all())
+        if steady:
+            self._ring = 0
+        else:
+            self._steady_refused = True
+        return steady
 
     def _keep(self, keys, values, pos, sink, real) -> None:
         """Trim the window heads to what later queries can see: the sink and the last window - 1 keys

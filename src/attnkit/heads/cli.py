@@ -251,6 +251,64 @@ def heads_show(file: Path = typer.Argument(..., help="score file: one JSON objec
 KV_CHOICE_HELP = "which KV heads keep the full cache: retrieval (top scores), random, none (all sink + window)"
 
 
+@kv_app.command("sinks")
+def kv_sinks(model: str = typer.Option("embedded", help=MODEL_HELP),
+             haystack: Optional[Path] = HAYSTACK,
+             length: int = typer.Option(1024, help="tokens per stretch of text"),
+             batch: int = typer.Option(2, help="stretches of text averaged"),
+             budget: int = typer.Option(KV_DEFAULTS.sink + KV_DEFAULTS.window,
+                                        help="tokens a window head keeps (sink + window) to split"),
+             coverage: float = typer.Option(0.9, help="also report the smallest budget keeping this share of attention"),
+             max_sink: int = typer.Option(64), max_window: int = typer.Option(512),
+             out: Optional[Path] = typer.Option(None, help="write the profile and the choices as JSON"),
+             plot: Optional[Path] = typer.Option(None, help="PNG of attention mass against sink and window size"),
+             device: str = DEVICE, dtype: str = DTYPE,
+             as_json: bool = typer.Option(False, "--json")):
+    """Sink and window for the KV cache from where the model's attention goes (first keys vs recent keys)."""
+    from dataclasses import asdict
+
+    from attnkit.core.loading import load_model
+    from attnkit.evals import niah as N
+    from attnkit.heads import sinks as K
+
+    quiet_transformers()
+    if batch < 1 or max_sink < 0 or max_window < 1:
+        raise AttnkitError("--batch and --max-window must be at least 1, --max-sink at least 0")
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    text = N.load_haystack(haystack, min_chars=batch * length * 8)
+    profile = K.attention_profile(mdl, tok, text, length, max_sink, max_window, batch)
+    split = K.best_split(profile, budget)
+    default = {"sink": KV_DEFAULTS.sink, "window": KV_DEFAULTS.window}
+    default["kept_mass"] = round(K.kept_mass(profile, **default), 4) if \
+        default["sink"] <= max_sink and default["window"] <= max_window else None
+    smallest = K.smallest_budget(profile, coverage)
+    result = {"model": model, "budget": budget, "best": split, "default": default, "coverage": coverage,
+              "smallest_budget": smallest, "profile": asdict(profile)}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    if plot is not None:
+        K.plot_profile(profile, plot, model, marks=[split])
+
+    def render():
+        sm = profile.sink_mass
+        console.print(f"attention on the first 1 / 4 / 16 / {max_sink} keys: "
+                      f"{sm[1]:.2f} / {sm[min(4, max_sink)]:.2f} / {sm[min(16, max_sink)]:.2f} / {sm[-1]:.2f}; "
+                      f"on the last 128 keys: {profile.recent_mass[min(128, max_window)]:.2f}", highlight=False)
+        console.print(f"budget {budget}: best --sink {split['sink']} --window {split['window']} keeps "
+                      f"{split['kept_mass']:.3f} of the attention"
+                      + (f" (the defaults {default['sink']} / {default['window']}: {default['kept_mass']:.3f})"
+                         if default["kept_mass"] is not None and default["sink"] + default["window"] == budget else ""),
+                      highlight=False)
+        if smallest:
+            console.print(f"smallest budget keeping {coverage:g}: {smallest['budget']} "
+                          f"(--sink {smallest['sink']} --window {smallest['window']}, {smallest['kept_mass']:.3f})",
+                          highlight=False)
+        else:
+            console.print(f"no budget up to {max_sink + max_window} keeps {coverage:g} of the attention", highlight=False)
+    emit(result, as_json, render)
+
+
 @kv_app.command("plan")
 def kv_plan(model: str = typer.Option("embedded", help=MODEL_HELP),
             scores: Optional[List[Path]] = typer.Option(None, help="score file (attnkit's or the published ones); "
