@@ -225,7 +225,6 @@ def main():
             sources["copy" if f.stem == "head_scores" else f.stem] = [load_scores(f)]
         except (AttnkitError, ValueError, KeyError, TypeError) as e:
             print(f"not a score file, left out: {f} ({e})", file=sys.stderr)
-    sources["copy+echo+induction"] = sources["copy"] + sources["echo"] + sources["induction"]
 
     # --- prompts (exported once: kvpress answers the same token ids) ------------------------------
     prompts = [q for length in lengths for kind in args.kinds.split(",")
@@ -265,7 +264,7 @@ def main():
         python = ensure_kvpress_venv(args.kvpress_venv)
         from attnkit.core.models import pulled_path
         from attnkit.heads.kvplan import combine
-        kv = combine(sources["copy+echo+induction"], arch.layers, arch.query_heads, arch.kv_heads)
+        kv = combine(sources["copy"] + sources["echo"] + sources["induction"], arch.layers, arch.query_heads, arch.kv_heads)
         duo = [[kv[(l, g)] if arch.layer_types[l] == "full" else 0.0 for g in range(arch.kv_heads)]
                for l in range(arch.layers)]
         presses = [{"name": "none", "ratio": 0.0}]

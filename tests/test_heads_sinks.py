@@ -47,8 +47,6 @@ def test_best_split_keeps_the_sink_a_model_uses_and_the_smallest_budget():
 
 
 def test_profile_equals_eager_attention_probabilities_of_a_tiny_model():
-    from transformers import AutoTokenizer  # noqa: F401 (the tokenizer below is a stand-in)
-
     model = tiny_model("llama", 2, attn="eager")
 
     class Tok:  # a text of token ids "3 4 5 ..." split on spaces; no BOS
