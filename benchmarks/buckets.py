@@ -13,12 +13,11 @@ Prints one JSON line per variant with its time and the ratio to the plain model.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from attnkit.core.decode import cache_kwarg
-from _common import build, header, timed
+from _common import Record, add_record_option, build, timed
 from transformers import DynamicCache
 
 from attnkit.buckets import BucketedModel, BucketsConfig
@@ -54,17 +53,17 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=5)
+    add_record_option(ap, "buckets")
     args = ap.parse_args()
     model = build(args.model, args.device, getattr(torch, args.dtype))
     model.generation_config.eos_token_id = None  # every variant decodes exactly --steps tokens
-    print(json.dumps({**header(args), "length": args.length, "steps": args.steps}))
+    rec = Record(args, "buckets", {"length": args.length, "steps": args.steps, "repeats": args.repeats})
     ids = torch.randint(3, model.config.vocab_size, (1, args.length), device=args.device)
 
     pre = timed(lambda: plain_prefill(model, ids), args.device, args.repeats)
     full = timed(lambda: plain_generate(model, ids, args.steps), args.device, args.repeats)
     per_token = (full - pre) / args.steps
-    print(json.dumps({"variant": "plain", "prefill_s": round(pre, 4), "decode_ms_per_token": round(1e3 * per_token, 2)}),
-          flush=True)
+    rec.emit({"variant": "plain", "prefill_s": round(pre, 4), "decode_ms_per_token": round(1e3 * per_token, 2)})
     for n in [int(x) for x in args.ns.split(",")]:
         bm = BucketedModel(model, _NoTokenizer(), BucketsConfig(BASES[:n]))
         # prefill = generation of one token (prefill + one combine), through the same code path as the
@@ -72,9 +71,8 @@ def main():
         p = timed(lambda: bm.generate_ids(ids, max_new_tokens=1), args.device, args.repeats)
         g = timed(lambda: bm.generate_ids(ids, max_new_tokens=args.steps + 1), args.device, args.repeats)
         d = (g - p) / args.steps
-        print(json.dumps({"variant": f"buckets N={n}", "prefill_s": round(p, 4), "prefill_over_plain": round(p / pre, 2),
-                          "decode_ms_per_token": round(1e3 * d, 2), "decode_over_plain": round(d / per_token, 2)}),
-              flush=True)
+        rec.emit({"variant": f"buckets N={n}", "prefill_s": round(p, 4), "prefill_over_plain": round(p / pre, 2),
+                  "decode_ms_per_token": round(1e3 * d, 2), "decode_over_plain": round(d / per_token, 2)})
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ does not depend on the weights. Prints one JSON line per length with times and t
 from __future__ import annotations
 
 import argparse
-import json
 import torch
 
 from attnkit.core.decode import cache_kwarg
-from _common import build, header, timed
+from _common import Record, add_record_option, build, timed
 from transformers import DynamicCache
 
 from attnkit.core.decode import last_logits_only
@@ -58,10 +57,11 @@ def main():
     ap.add_argument("--naive-loop", action="store_true",
                     help="(c) reads the top-1 head by head with a host sync each, as the authors' code")
     ap.add_argument("--skip-naive-above", type=int, default=1 << 30, help="skip (c) above this length")
+    add_record_option(ap, "heads_detect")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     model = build(args.model, args.device, dtype)
-    print(json.dumps(header(args)))
+    rec = Record(args, "heads_detect", {"steps": args.steps, "repeats": args.repeats})
     for length in [int(x) for x in args.lengths.split(",")]:
         ids = torch.randint(3, model.config.vocab_size, (1, length), device=args.device)
 
@@ -74,7 +74,7 @@ def main():
             a = timed(trial, args.device, args.repeats)
             b = timed(lambda: decode(model, ids, args.steps), args.device, args.repeats)
         except torch.OutOfMemoryError:
-            print(json.dumps({"length": length, "trial_s": "out of memory"}), flush=True)
+            rec.emit({"length": length, "trial_s": "out of memory"})
             break
         row = {"length": length, "steps": args.steps, "trial_s": round(a, 4), "plain_s": round(b, 4),
                "trial_over_plain": round(a / b, 3)}
@@ -90,7 +90,7 @@ def main():
                 row["naive_s"] = "out of memory"
             finally:
                 model.set_attn_implementation("sdpa")
-        print(json.dumps(row), flush=True)
+        rec.emit(row)
 
 
 if __name__ == "__main__":

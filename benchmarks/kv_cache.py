@@ -15,7 +15,6 @@ Prints one JSON line per (length, cache) with ratios to the full cache.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -23,7 +22,7 @@ import time
 import torch
 
 from attnkit.core.decode import cache_kwarg
-from _common import build, header, sync
+from _common import Record, add_record_option, build, sync
 from transformers import DynamicCache
 
 from attnkit.core.family import architecture
@@ -132,21 +131,23 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--find-max", action="store_true", help="longest context that fits, per cache (CUDA)")
     ap.add_argument("--max-step", type=int, default=16384, help="--find-max resolution (tokens)")
+    add_record_option(ap, "kv_cache")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build(args.model, args.device, getattr(torch, args.dtype))
     full = choose(model, args.full, 0, args.scores)
     configs = {p: HeadKVConfig(full, args.sink, args.window, args.chunk, prefill=p) for p in args.prefill.split(",")}
-    print(json.dumps({**header(args), "full_fraction": args.full, "sink": args.sink, "window": args.window,
-                      "chunk": args.chunk, "steps": args.steps}), flush=True)
+    rec = Record(args, "kv_cache", {"full_fraction": args.full, "sink": args.sink, "window": args.window,
+                      "chunk": args.chunk, "steps": args.steps, "repeats": args.repeats, "prefill": args.prefill,
+                      "scores": args.scores})
     with head_kv(model, next(iter(configs.values()))):
         caches = {"full cache": lambda: DynamicCache(config=model.config)}
         for p, config in configs.items():
             caches[f"retrieval-head cache, {p} prefill"] = lambda config=config: HeadKVCache(model, config)
         for length in [int(x) for x in args.lengths.split(",")]:
             if length > architecture(model.config).max_positions:
-                print(json.dumps({"length": length, "skipped": "above the model's max positions"}))
+                rec.emit({"length": length, "skipped": "above the model's max positions"})
                 continue
             ids = torch.randint(3, model.config.vocab_size, (1, length), device=args.device)
             rows = {}
@@ -163,10 +164,10 @@ def main():
                                 decode_over_full=round(ours["decode_ms_per_token"] / base["decode_ms_per_token"], 2))
                     if "peak_gib" in ours:
                         ours["peak_over_full"] = round(ours["peak_gib"] / base["peak_gib"], 2)
-                print(json.dumps({"length": length, "cache": name, **rows[name]}), flush=True)
+                rec.emit({"length": length, "cache": name, **rows[name]})
         if args.find_max and args.device.startswith("cuda"):
             for name, new_cache in caches.items():
-                print(json.dumps({"cache": name, "longest_context": longest(model, args, new_cache, 65536)}), flush=True)
+                rec.emit({"cache": name, "longest_context": longest(model, args, new_cache, 65536)})
 
 
 if __name__ == "__main__":

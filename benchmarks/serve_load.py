@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from _common import Record, add_record_option
+
 BAD = [{"max_tokens": -5}, {"top_p": -1}, {"temperature": 9}, {"n": 3}, {"seed": "x"}, {"max_tokens": "abc"},
        {"messages": [{"role": "wizard", "content": "hi"}]}, {"messages": []}, {"messages": "hi"},
        {"messages": [{"role": "user", "content": None}]}, {"model": "gpt-9"}]
@@ -111,7 +113,7 @@ def pct(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))], 3)
 
 
-def throughput(args) -> None:
+def throughput(args, rec) -> None:
     levels = [int(x) for x in args.levels.split(",")]
     for model in args.models.split(","):
         techniques = {"plain": []}
@@ -138,7 +140,7 @@ def throughput(args) -> None:
                         rows[(engine, c)] = row
                         if engine == "one at a time":
                             row["batched_over_one"] = round(rows[("batched", c)]["req_per_s"] / row["req_per_s"], 2)
-                        print(json.dumps(row), flush=True)
+                        rec.emit(row)
                 finally:
                     server.terminate()
                     server.wait(10)
@@ -173,9 +175,14 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--kv", default="--kv-choose none --kv-sink 16 --kv-window 128",
                     help="serve flags of the KV-cache rows ('' to leave them out)")
+    add_record_option(ap, "serve_load")
     args = ap.parse_args()
     if args.throughput:
-        return throughput(args)
+        args.model = "throughput"
+        return throughput(args, Record(args, "serve_load", {"models": args.models, "levels": args.levels,
+                                                            "max_batch": args.max_batch, "kv": args.kv}))
+    rec = Record(args, "serve_load", {"requests": args.requests, "concurrency": args.concurrency,
+                                      "disconnect": args.disconnect, "seed": args.seed})
     server, base = start_server(args.model)
     try:
         one(base + "/v1/chat/completions", random.Random(-1))  # warm-up
@@ -201,7 +208,7 @@ def main():
     unexpected = (sum(not r.get("ok") and r["status"] != 429 for r in valid)
                   + sum(not (r["status"] and 400 <= r["status"] < 500 and r["shaped"]) for r in invalid))
     lat = sorted(r["s"] for r in valid if r.get("ok") and not r.get("disconnect"))
-    print(json.dumps({
+    rec.emit({
         "requests": len(results), "concurrency": args.concurrency, "wall_s": round(wall, 1),
         "disconnected": sum(bool(r.get("disconnect")) for r in results),
         "valid_completed": sum(bool(r.get("ok")) for r in valid), "valid_429": busy,
@@ -211,7 +218,7 @@ def main():
         "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
         "server_rss_mib_after_50": round(before, 1), "server_rss_mib_after_all": round(after, 1),
         "rss_growth": round(after / before - 1, 4),
-        "server_stats": health}))
+        "server_stats": health})
 
 
 if __name__ == "__main__":

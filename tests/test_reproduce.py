@@ -10,6 +10,7 @@ import pytest
 
 from attnkit.errors import AttnkitError
 from attnkit.reproduce import study as ST
+from attnkit.reproduce import verdicts as V
 from attnkit.reproduce.report import build_report
 
 MICRO = ST.StudySettings(lengths=(256, 512), depths=(50.0,), needles=2, ablate_length=512, ablate_ks=(2,), seeds=2,
@@ -24,20 +25,28 @@ def _write(out, step, result, settings=MICRO):
     (out / f"{step}.json").write_text(json.dumps(record))
 
 
-def _heads(above, heads=100, spearman=0.9, overlap=4):
+def _heads(above, heads=100, spearman=0.9, overlap=4, counted=(24, 24)):
     consistency = {"top": 4, "overlap": overlap, "overlap_fraction": overlap / 4, "spearman": spearman}
     return {"summary": {"heads": heads, "above_threshold": above, "threshold": 0.1,
                         "fraction_above": above / heads, "top": [[1, 2, 0.9]]},
-            "trials": {"A256": {"counted": 2, "run": 2}, "A512": {"counted": 2, "run": 2}, "B512": {"counted": 1, "run": 2}},
+            "trials": {"A256": {"counted": counted[0], "run": 24}, "A512": {"counted": counted[1], "run": 24},
+                       "B512": {"counted": 1, "run": 24}},
             "lengths": {"short": "A256", "long": "A512"}, "consistency_length": consistency,
             "consistency_data": None, "by_layer_type": {"full": {"heads": 20, "above_threshold": 3},
                                                         "sliding": {"heads": 80, "above_threshold": 0}},
             "hybrid": True, "heads": heads}
 
 
-def _ablate(top, random):
-    return {"results": [{"k": 4, "none": 100.0, "top": top, "random": random, "random_std": 1.0}],
-            "single": [{"head": [1, 2], "recall": 50.0}], "scoring_heads": 3}
+def _spread(mean, n):
+    """n per-prompt recalls averaging `mean`, not all equal (so intervals have width)."""
+    return [max(0.0, min(100.0, mean + (10.0 if i % 2 else -10.0) * (0 < mean < 100))) for i in range(n)]
+
+
+def _ablate(top, random, n=24):
+    recalls = {"none": [100.0] * n, "top": _spread(top, n), "random_seed0": _spread(random, n),
+               "random_seed1": _spread(random, n)}
+    return {"results": [{"k": 4, "none": 100.0, "top": top, "random": random, "random_sd": 1.0, "recalls": recalls}],
+            "single": [{"head": [1, 2], "recall": 50.0, "recalls": _spread(50.0, n)}], "scoring_heads": 3}
 
 
 def _report(tmp_path, heads, ablate):
@@ -46,41 +55,50 @@ def _report(tmp_path, heads, ablate):
     return build_report(tmp_path).read_text()
 
 
+def _row(text, start):
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
 def test_verdicts_follow_the_numbers(tmp_path):
     text = _report(tmp_path, _heads(3), _ablate(top=0.0, random=95.0))
-    sparsity = next(line for line in text.splitlines() if line.startswith("| sparsity"))
-    causal = next(line for line in text.splitlines() if line.startswith("| 4 |"))
-    assert "3 of 100 heads (3.0%)" in sparsity and sparsity.endswith("| holds |")
-    assert causal.endswith("| holds |") and "95.0 ± 1.0" in causal
+    sparsity, causal = _row(text, "| sparsity"), _row(text, "| 4 |")
+    assert "3 of 100 heads (3.0%), 48 counted trials" in sparsity and "| holds (" in sparsity
+    assert "| holds (" in causal and "n=24" in causal and "(excludes 0)" in causal and "sample SD 1.0" in causal
     assert "full: 3 of 20, sliding: 0 of 80" in text  # the hybrid row
     assert "another needle set" in text and "a run counted no trial" in text
+    assert "3-6%" in text  # the paper's figure as its own distribution shows it
     assert (tmp_path / "report.html").read_text().count("<table>") == 2
 
     text = _report(tmp_path, _heads(12, spearman=0.1, overlap=1), _ablate(top=80.0, random=90.0))
-    sparsity = next(line for line in text.splitlines() if line.startswith("| sparsity"))
-    causal = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    sparsity, causal = _row(text, "| sparsity"), _row(text, "| 4 |")
     assert "12.0%" in sparsity and "does not hold" in sparsity and "does not hold" in causal
     assert "Spearman 0.1" in text and text.count("does not hold") == 3
 
 
-def test_buckets_gain_holds_only_when_its_interval_is_above_zero(tmp_path):
-    def buckets(single, ours, ci):
-        niah = {"one base": {"mean": single, "ci95": [single - 5, single + 5]},
-                "buckets": {"mean": ours, "ci95": [ours - 5, ours + 5]}}
-        kvr = {"accuracy": {"single": {"0": 0.0}, "buckets": {"0": 0.0}}, "mean": {"single": 0.0, "buckets": 0.0},
-               "positions": [0], "examples": 2}
-        return {"bases": [1e4, 2e4], "own_base": 1e4, "grid": [1e4, 3e4, 500], "distances": [500, 2000],
-                "message": "", "niah": niah, "niah_names": ["one base", "buckets"],
-                "niah_gain": {"mean": ours - single, "ci95": ci}, "kv_retrieval": kvr,
-                "kv_retrieval_ci": {"single": None, "buckets": None}, "kv_retrieval_gain": {"mean": 0.0, "ci95": [0.0, 0.0]}}
+def test_no_claim_holds_from_fewer_than_24_prompts(tmp_path):
+    text = _report(tmp_path, _heads(3, counted=(5, 5)), _ablate(top=0.0, random=100.0, n=6))
+    assert "too few to say" in _row(text, "| sparsity") and "too few to say" in _row(text, "| 4 |")
+    assert "n=6" in _row(text, "| 4 |") and "| holds" not in text
 
-    for ci, verdict in (([2.0, 30.0], "| holds |"), ([-4.0, 30.0], "does not hold")):
-        _write(tmp_path, "buckets", buckets(40.0, 55.0, ci))
+
+def test_buckets_gain_holds_only_when_its_interval_is_above_zero(tmp_path):
+    def buckets(single, ours, kv_single, kv_buckets):
+        kvr = {"accuracy": {"single": {"0": 0.0}, "buckets": {"0": 0.0}}, "mean": {"single": 0.0, "buckets": 0.0},
+               "positions": [0], "examples": 24}
+        return {"bases": [1e4, 2e4], "own_base": 1e4, "grid": [1e4, 3e4, 500], "distances": [500, 2000],
+                "message": "", "niah_names": ["one base", "buckets"], "kv_retrieval": kvr,
+                "niah_trials": {"one base": single, "buckets": ours},
+                "kv_retrieval_trials": {"single": kv_single, "buckets": kv_buckets}}
+
+    zeros = [0.0] * 24
+    mixed = [100.0 if i % 2 else 0.0 for i in range(24)]  # 12 of 24 right
+    lifted = [100.0 if i % 2 or i % 4 == 0 else 0.0 for i in range(24)]  # those 12 and 6 more
+    for ours, verdict in ((lifted, "| holds ("), (mixed[1:] + mixed[:1], "does not hold")):
+        _write(tmp_path, "buckets", buckets(mixed, ours, zeros, zeros))
         text = build_report(tmp_path).read_text()
-        row = next(line for line in text.splitlines() if line.startswith("| buckets raise NIAH"))
-        assert verdict in row
-        kv_row = next(line for line in text.splitlines() if line.startswith("| buckets raise key-value"))
-        assert "not measurable" in kv_row  # both at 0: nothing to compare
+        assert verdict in _row(text, "| buckets raise NIAH")
+        kv_row = _row(text, "| buckets raise key-value")
+        assert "not measurable" in kv_row and "McNemar p=1.0" in kv_row  # both at 0: nothing to compare
 
 
 def test_finished_steps_are_kept_and_other_settings_refused(tmp_path):
@@ -157,12 +175,85 @@ def test_a_random_draw_that_cannot_be_made_is_shown_as_skipped(tmp_path):
     """Gemma-3-270M has 3 full-attention KV heads: with 2 of them scoring, 2 random ones cannot be drawn."""
     results = [{"system": "all", "full": 1.0, "kv_ratio": 1.0, "recall": 100.0},
                {"system": "none", "full": 0.0, "kv_ratio": 0.8, "recall": 0.0},
-               {"system": "retrieval", "full": 0.5, "kv_ratio": 0.9, "recall": 75.0},
+               {"system": "retrieval", "importance": "copy", "full": 0.5, "kv_ratio": 0.9, "recall": 75.0,
+                "recalls": [75.0] * 24},
                {"system": "random", "full": 0.5, "kv_ratio": 0.9, "recall": None, "grid": [],
                 "skipped": "cannot draw 2 random KV heads: only 1 of 3 are not retrieval heads"}]
     _write(tmp_path, "kv", {"results": results, "tokens": 1024})
     text = build_report(tmp_path).read_text()
-    assert "skipped: cannot draw 2 random KV heads" in text and "lose: not measurable" in text
+    assert "skipped: cannot draw 2 random KV heads" in text
+    assert "not measurable (random heads cannot be drawn at this budget)" in text
     from attnkit.evals.plots import kv_tradeoff
     kv_tradeoff(results, tmp_path / "kv.png")  # the plot leaves the skipped row out
     assert (tmp_path / "kv.png").stat().st_size > 0
+
+
+KILL_SETTINGS = {"lengths": [128, 256], "depths": [50.0], "needles": 2, "eval_needles": 2, "ablate_length": 256,
+                 "ablate_ks": [2], "seeds": 2, "single_heads": 1, "kv_length": 256, "kv_budgets": [0.25]}
+
+
+def _figures(folder):
+    """What a rerun must reproduce: every step's result and the report without its wall times."""
+    steps = {p.name: json.loads(p.read_text())["result"] for p in sorted(folder.glob("*.json"))
+             if p.name in {f"{s}.json" for s in ST.STEPS}}
+    report = [line for line in (folder / "report.md").read_text().splitlines() if "Wall time" not in line]
+    return steps, report
+
+
+@pytest.mark.slow
+def test_the_study_killed_at_five_random_points_ends_with_the_same_report(tmp_path):
+    """`attnkit reproduce` on the embedded model, SIGKILLed at 5 random moments and rerun each time,
+    writes the same figures as one uninterrupted run. The kill moments are drawn inside the study's
+    own run time (after start-up), a fifth of it at most each, so every one of the five lands mid-run."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(KILL_SETTINGS))
+
+    def start(out):
+        return subprocess.Popen([sys.executable, "-m", "attnkit.cli", "reproduce", "--model", "embedded",
+                                 "--settings", str(settings), "--only", "heads,ablate,kv", "--out", str(out)],
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    t = time.monotonic()
+    proc = start(tmp_path / "whole")
+    while not (tmp_path / "whole").is_dir() and proc.poll() is None:
+        time.sleep(0.05)
+    startup = time.monotonic() - t  # model loaded, the study begins
+    assert proc.wait() == 0
+    work = time.monotonic() - t - startup
+    rng = random.Random(7)
+    for attempt in range(5):
+        proc = start(tmp_path / "killed")
+        try:
+            proc.wait(timeout=startup + rng.uniform(0.2, 1.0) * work / 5)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"attempt {attempt} finished before its kill"
+    assert not (tmp_path / "killed" / "kv.json").is_file()  # the study was not finished by the killed runs
+    assert start(tmp_path / "killed").wait() == 0
+    assert _figures(tmp_path / "killed") == _figures(tmp_path / "whole")
+
+
+def test_random_heads_are_compared_only_with_a_choice_of_the_same_count(tmp_path):
+    """Two importances can fill a budget with different head counts (only heads scoring above 0 are
+    chosen): each is compared with random heads of its own count, never with a smaller draw."""
+    base = {"grid": [], "recalls": [100.0] * 24}
+    results = [{"system": "all", "full": 1.0, "kv_ratio": 1.0, "full_heads": 90, "recall": 100.0, **base},
+               {"system": "retrieval", "importance": "copy", "full": 0.5, "kv_ratio": 0.35, "full_heads": 22,
+                "recall": 100.0, **base},
+               {"system": "retrieval", "importance": "copy+echo", "full": 0.5, "kv_ratio": 0.57, "full_heads": 45,
+                "recall": 100.0, **base},
+               {"system": "random", "full": 0.5, "kv_ratio": 0.35, "full_heads": 22, "recall": 0.0, "seeds": 2,
+                "recalls_by_seed": [[0.0] * 24, [0.0] * 24]}]
+    from attnkit.reproduce.report import kv_claims
+    claims = {c["importance"]: c for c in kv_claims({"result": {"results": results, "tokens": 1024}})}
+    assert claims["copy"]["verdict"].word == V.HOLDS and claims["copy"]["ours"].startswith("22 of 90 KV heads full")
+    assert claims["copy+echo"]["verdict"].word == V.NOT_MEASURABLE
+    assert "no random draw of 45 heads" in claims["copy+echo"]["verdict"].why

@@ -194,6 +194,77 @@ def _show_niah(summaries: dict, summary: dict, model: str, named: bool) -> None:
                       f"first reason: {summary['skip_reason']}", highlight=False)
 
 
+@eval_app.command("ruler")
+def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
+          tasks: str = typer.Option("niah", help="RULER tasks, comma-separated: niah (the 8 NIAH tasks), all, or names "
+                                                 "(niah_single_1..3, niah_multikey_1..3, niah_multivalue, "
+                                                 "niah_multiquery, vt, cwe, fwe)"),
+          lengths: str = typer.Option("4096", help="prompt lengths in tokens"),
+          samples: int = typer.Option(24, help="examples per task and length"),
+          haystack: Optional[Path] = typer.Option(None, help="essays (a .txt file or a folder, e.g. Paul Graham's) "
+                                                            "for the essay tasks; default: built-in prose"),
+          seed: int = typer.Option(0, help="seed of the generated examples"),
+          kv_scores: Optional[List[Path]] = typer.Option(None, help="also run with the retrieval-head KV cache, heads "
+                                                                    "from these score files (combined)"),
+          kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
+          kv_prefill: str = typer.Option("full", help="KV cache: full (trimmed after a whole-prompt prefill) or window"),
+          chat_template: Optional[bool] = CHAT_TEMPLATE,
+          device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
+          out: Optional[Path] = TRIALS_OUT,
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """RULER's synthetic long-context tasks (Hsieh et al. 2024), generated offline: the model as it is,
+    and with the retrieval-head KV cache when --kv-scores is given, on the same prompts."""
+    from attnkit.core.loading import load_config, load_model
+    from attnkit.evals import ruler as R
+    from attnkit.evals.systems import System
+    from attnkit.heads.kvplan import cache_from_options
+
+    quiet_transformers()
+    names = {"niah": list(R.NIAH_TASKS), "all": list(R.TASKS)}
+    task_list = [t for part in tasks.split(",") if part.strip() for t in names.get(part.strip(), [part.strip()])]
+    unknown = [t for t in task_list if t not in R.TASKS]
+    if unknown or not task_list:
+        raise AttnkitError(f"--tasks: unknown task {unknown[0] if unknown else '(none)'}; choose among niah, all, "
+                           + ", ".join(R.TASKS))
+    if samples < 1:
+        raise AttnkitError("--samples must be at least 1")
+    length_list = ints(lengths, "--lengths")
+    kv = cache_from_options(load_config(model), kv_scores, None, kv_full, KV_DEFAULTS.sink, KV_DEFAULTS.window,
+                            max(length_list), False, prefill_mode=kv_prefill)
+    from attnkit.evals.niah import load_haystack
+    essays = load_haystack(haystack) if haystack else None
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    systems = [System("full cache", {"cache": "full"})]
+    if kv is not None:
+        from attnkit.heads.kvcompare import label
+        name = label("retrieval", kv_full, kv, importance="+".join(Path(p).stem for p in kv_scores))
+        systems.append(System(name, {"cache": name, **kv.describe()}, kv))
+    rows = R.evaluate_ruler(mdl, tok, task_list, length_list, samples, systems, out, quiet=as_json,
+                            chat_template=chat_template, essays=essays, seed=seed)
+    summary = R.summarize_ruler(rows)
+
+    def render():
+        for system, s in summary.items():
+            table = Table(title=f"RULER, {model}, {system}: mean score [95% bootstrap interval], n")
+            table.add_column("task")
+            for L in length_list:
+                table.add_column(str(L), justify="right")
+            for task, by_len in {**s["tasks"], "NIAH average": s["niah_average"]}.items():
+                table.add_row(task, *[_estimate_text(by_len.get(str(L))) for L in length_list])
+            Console().print(table)
+
+    emit(summary, as_json, render)
+
+
+def _estimate_text(d: dict | None) -> str:
+    """An Estimate.as_dict() as `mean [low, high], n=N`."""
+    if d is None:
+        return "-"
+    from attnkit.evals.stats import Estimate
+    low, high = d["ci95"] or (None, None)
+    return Estimate(d["mean"], low, high, d["n"], d["method"]).text()
+
+
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots and results go")):
     """Every technique on the embedded model: NIAH, retrieval heads and their ablation, Attention Buckets."""

@@ -107,7 +107,7 @@ def heads_step(model, tok, needles, haystack, out_dir: Path) -> None:
     for col in ("K", "top-K retrieval heads masked", "K random heads masked (3 seeds)"):
         table.add_column(col, justify="right")
     for r in runs:
-        table.add_row(str(r["k"]), f"{r['top']:.1f}", f"{r['random']:.1f} +- {r['random_std']:.1f}")
+        table.add_row(str(r["k"]), f"{r['top']:.1f}", f"{r['random']:.1f} +- {r['random_sd'] or 0:.1f}")
     say(table)
     say(f"plots: {out_dir / 'ablation_curve.png'} (recall against K), {out_dir / 'ablation.png'} (K = {n_heads})")
 

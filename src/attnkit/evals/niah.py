@@ -223,6 +223,10 @@ def summarize_niah(rows: list[dict]) -> dict:
         "skipped": len(rows) - len(scored),
         "skip_reason": next((r.get("skipped") for r in rows if r.get("recall") is None), None),
         "grid": [{"length": L, "depth": d, "recall": round(v, 2)} for (L, d), v in sorted(cells.items())],
+        # one value per trial in (length, depth, needle) order, None where skipped: systems run on the
+        # same grid pair up trial by trial
+        "recalls": [None if r.get("recall") is None else round(r["recall"], 2)
+                    for r in sorted(rows, key=lambda r: (r["length"], r["depth"], r.get("needle", 0)))],
     }
 
 

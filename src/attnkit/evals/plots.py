@@ -130,8 +130,8 @@ def ablation_curve(results: list[dict], path: str | Path, title: str = "") -> No
     ks = [r["k"] for r in results]
     ax.axhline(results[0]["none"], color="grey", linestyle="--", label="no mask")
     ax.plot(ks, [r["top"] for r in results], marker="o", color="tab:red", label="top-K retrieval heads masked")
-    ax.errorbar(ks, [r["random"] for r in results], yerr=[r["random_std"] for r in results], marker="s",
-                color="tab:blue", capsize=3, label="K random heads masked")
+    ax.errorbar(ks, [r["random"] for r in results], yerr=[r["random_sd"] or 0 for r in results], marker="s",
+                color="tab:blue", capsize=3, label="K random heads masked (sample SD over seeds)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("masked heads K")

@@ -79,7 +79,9 @@ def ablate_sweep(model, tokenizer, scores: dict, ks: list[int], grid: N.Grid, mo
                       **{f"random_seed{s}": r["grid"] for s, r in rand.items()}},
             "none": none["mean_recall"], "top": top_summary["mean_recall"],
             "random": round(statistics.fmean(means), 2) if means else None,
-            "random_std": round(statistics.pstdev(means), 2) if len(means) > 1 else 0.0,
+            "random_sd": round(statistics.stdev(means), 2) if len(means) > 1 else None,  # sample SD over seeds
+            "recalls": {"none": none["recalls"], "top": top_summary["recalls"],
+                        **{f"random_seed{s}": r["recalls"] for s, r in rand.items()}},
         })
     return results
 

@@ -194,7 +194,7 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
         for col in ("K", "top-K masked", f"K random masked ({seeds} seeds)"):
             table.add_column(col, justify="right")
         for r in runs:
-            table.add_row(str(r["k"]), f"{r['top']}", f"{r['random']} +- {r['random_std']}")
+            table.add_row(str(r["k"]), f"{r['top']}", f"{r['random']} +- {r['random_sd'] or 0} (sample SD)")
         emit({"sweep": runs}, as_json, lambda: Console().print(table))
         return
     res = runs[0]
@@ -206,7 +206,7 @@ def heads_ablate(model: str = typer.Option("embedded", help=MODEL_HELP),
         niah_heatmaps(A.condition_grids(res), plot, length_list, depth_list)
     emit(res, as_json, lambda: Console().print(
         f"mean NIAH recall: no mask {res['none']}, top-{res['k']} masked {res['top']}, "
-        f"{res['k']} random masked {res['random']} +- {res['random_std']} ({seeds} seeds){where}"))
+        f"{res['k']} random masked {res['random']} +- {res['random_sd'] or 0} (sample SD over {seeds} seeds){where}"))
 
 
 @heads_app.command("show")
@@ -443,13 +443,13 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
 
     def render():
         table = Table(title=f"KV cache at {max(length_list)} tokens: NIAH mean ROUGE-1 recall and memory")
-        for col in ("cache", "full-cache KV heads", "KV memory", "recall"):
+        for col in ("cache", "budget", "full-cache KV heads", "KV memory", "recall"):
             table.add_column(col, justify="left" if col == "cache" else "right")
         for r in results:
-            spread = f" +- {r['recall_std']}" if r.get("recall_std") else ""
+            spread = f" +- {r['recall_sd']} (SD over seeds)" if r.get("recall_sd") else ""
             recall = f"skipped ({r['skipped']})" if r.get("skipped") else f"{r['recall']}{spread}"
             name = names.get(r["system"]) or f"heads by {r['importance']} full"
-            table.add_row(name, f"{r['full']:g}", f"{r['kv_ratio']:.3f}x", recall)
+            table.add_row(name, f"{r['full']:g}", str(r.get("full_heads", "")), f"{r['kv_ratio']:.3f}x", recall)
         Console().print(table)
     emit({"results": results}, as_json, render)
 

@@ -18,7 +18,8 @@ from attnkit.evals.systems import System
 from attnkit.heads.kvplan import plan
 
 
-def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importance: str = "retrieval") -> str:
+def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importance: str = "retrieval",
+          heads: int | None = None) -> str:
     """Names a cache system in result rows, so that a resumed run matches on every setting."""
     if how == "all":
         return "full cache"
@@ -28,7 +29,8 @@ def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importan
     if how == "none":
         return f"all-window {tail}"
     name = importance if how == "retrieval" else how
-    return f"{name} {full:g} {tail}" + (f" seed {seed}" if how == "random" else "")
+    sized = f" {heads} heads" if heads is not None else ""  # random heads matched to a later row's count
+    return f"{name} {full:g}{sized} {tail}" + (f" seed {seed}" if how == "random" else "")
 
 
 def score_sources(scores) -> dict[str, list[dict]]:
@@ -50,8 +52,8 @@ def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
     """One result per system: {system, importance, full, kv_ratio (at the longest length), recall, grid}.
 
     `scores` is one score dict, or {importance name: score dict or list of them (combined)}: each
-    name gets its own row per budget; random heads are drawn at the first name's memory, from heads
-    that no file calls a retrieval head."""
+    name gets its own row per budget; random heads are drawn at each distinct head count the names
+    chose (the same memory), from heads that no file calls a retrieval head."""
     tokens = max(grid.lengths)
     sources = score_sources(scores)
     every_file = [s for sets in sources.values() for s in sets]
@@ -59,14 +61,14 @@ def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
                    compensate=settings.compensate, prefill_mode=settings.prefill)
 
     def run(how: str, full: float, seed: int = 0, count: int | None = None, importance: str = "retrieval",
-            sets=None) -> dict:
+            sets=None, sized: bool = False) -> dict:
         cfg = plan(sets if sets is not None else every_file, model.config, how, full, count, seed=seed, **options)
-        name = label(how, full, settings, seed, importance)
+        name = label(how, full, settings, seed, importance, count if sized else None)
         system = System(name, {"cache": name}, None if how == "all" else cfg)
         summary = N.compare_systems(model, tokenizer, grid, [system], out, quiet, chat_template=chat_template)[name]
         return {"system": how, "importance": importance if how == "retrieval" else None, "full": full,
                 "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4), "full_heads": len(cfg.full),
-                "recall": summary["mean_recall"], "grid": summary["grid"]}
+                "recall": summary["mean_recall"], "grid": summary["grid"], "recalls": summary["recalls"]}
 
     results = [run("all", 1.0), run("none", 0.0)]
     for full in budgets:
@@ -74,15 +76,17 @@ def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
             continue  # the all-window and full-cache rows already cover these budgets
         chosen = [run("retrieval", full, importance=name, sets=sets) for name, sets in sources.items()]
         results += chosen
-        same = chosen[0]["full_heads"]  # random at the first row's memory
-        try:
-            draws = [run("random", full, s, same) for s in range(seeds)]
-        except AttnkitError as e:  # too few non-retrieval heads to draw from (Gemma-3: 3 full-layer KV heads)
-            results.append({"system": "random", "importance": None, "full": full, "kv_ratio": chosen[0]["kv_ratio"],
-                            "recall": None, "grid": [], "skipped": str(e)})
-            continue
-        recalls = [d["recall"] for d in draws if d["recall"] is not None]
-        results.append({**draws[0], "recall": round(statistics.fmean(recalls), 2) if recalls else None,
-                        "recall_std": round(statistics.pstdev(recalls), 2) if len(recalls) > 1 else 0.0,
-                        "seeds": seeds})
+        counts = list(dict.fromkeys(c["full_heads"] for c in chosen))  # the first keeps the unsized label
+        for i, same in enumerate(counts):
+            try:
+                draws = [run("random", full, s, same, sized=i > 0) for s in range(seeds)]
+            except AttnkitError as e:  # too few non-retrieval heads to draw from (Gemma-3: 3 full-layer KV heads)
+                results.append({"system": "random", "importance": None, "full": full, "full_heads": same,
+                                "kv_ratio": next(c["kv_ratio"] for c in chosen if c["full_heads"] == same),
+                                "recall": None, "grid": [], "skipped": str(e)})
+                continue
+            recalls = [d["recall"] for d in draws if d["recall"] is not None]
+            results.append({**draws[0], "recall": round(statistics.fmean(recalls), 2) if recalls else None,
+                            "recall_sd": round(statistics.stdev(recalls), 2) if len(recalls) > 1 else None,  # over seeds
+                            "seeds": seeds, "recalls_by_seed": [d["recalls"] for d in draws]})
     return results

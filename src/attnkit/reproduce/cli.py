@@ -23,6 +23,8 @@ def reproduce(model: str = typer.Option("smollm2-135m-instruct", help=MODEL_HELP
               api_key_env: str = typer.Option("OPENAI_API_KEY", help="--s2a-backend: env variable with the key"),
               chat_template: Optional[bool] = CHAT_TEMPLATE,
               device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
+              settings_file: Optional[Path] = typer.Option(None, "--settings", help="JSON file of study settings "
+                                                           "(fields of StudySettings) over --quick's or the full study's"),
               report_only: bool = typer.Option(False, help="rebuild the report from the result files in --out")):
     """Retrieval heads, the retrieval-head KV cache, Attention Buckets and S2A tested on one model:
     each paper's claim, its figure and ours, in DIR/report.md and a self-contained report.html."""
@@ -44,6 +46,8 @@ def reproduce(model: str = typer.Option("smollm2-135m-instruct", help=MODEL_HELP
     if (s2a_backend is None) != (s2a_model is None):
         raise AttnkitError("give --s2a-backend and --s2a-model together")
     settings = replace(ST.QUICK if quick else ST.FULL, chat_template=chat_template)
+    if settings_file is not None:
+        settings = ST.settings_from_file(settings_file, settings)
     quiet_transformers()
     from attnkit.core.loading import load_model, model_identity
 
@@ -52,7 +56,7 @@ def reproduce(model: str = typer.Option("smollm2-135m-instruct", help=MODEL_HELP
     if s2a_backend:
         from attnkit.s2a.backends import OpenAIBackend
         backend = OpenAIBackend(s2a_backend, s2a_model, api_key_env)
-    study = ST.Study(model, mdl, tok, out, settings, data, backend,
+    study = ST.Study(model, mdl, tok, out, settings, data, backend, command=command,
                      identity={"name": model, **model_identity(mdl)})
     ST.run_study(study, steps)
     console.print(f"report: {build_report(out, command)}", highlight=False)

@@ -9,16 +9,12 @@ import json
 from pathlib import Path
 
 from attnkit.reproduce.study import STEPS
-
-PAPER_SPARSITY = "< 5% of heads in every model family tried (Llama-2, Yi, Qwen1.5, Mistral, 4K-100K)"
+from attnkit.evals import stats
+from attnkit.reproduce import verdicts as V
 
 
 def load_results(out: Path) -> dict[str, dict]:
     return {s: json.loads((out / f"{s}.json").read_text()) for s in STEPS if (out / f"{s}.json").is_file()}
-
-
-def _verdict(ok: bool | None) -> str:
-    return {True: "holds", False: "**does not hold**", None: "not measurable (no counted trial, or both at 0 or 100)"}[ok]
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -26,37 +22,148 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
            ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
 
 
-def _gain_verdict(a: float | None, b: float | None, gain: dict) -> bool | None:
-    """Holds when the gain's interval lies above 0; not measurable when both sit at the same bound."""
-    if gain["ci95"] is None or (a == b and a in (0.0, 100.0)):
-        return None
-    return gain["ci95"][0] > 0
+def _diff(est: stats.Estimate) -> str:
+    """A paired difference: `+12.5 [4.2, 20.8], n=24 (excludes 0)`."""
+    if est.mean is None:
+        return f"n/a (n={est.n})"
+    text = f"{est.mean:+.1f}" + (f" [{est.low:+.1f}, {est.high:+.1f}]" if est.low is not None else "")
+    return f"{text}, n={est.n}" + ("" if est.low is None else " (excludes 0)" if est.excludes_zero() else
+                                   " (includes 0)")
 
 
-def _ci(ci) -> str:
-    return f" [{ci[0]}, {ci[1]}]" if ci else ""
+def _recall(values) -> str:
+    return stats.bootstrap_mean(values).text()
 
+
+# ---------------------------------------------------------------- claims (the report's and the README's rows)
+
+def heads_claims(r: dict) -> list[dict]:
+    res = r["result"]
+    s = res["summary"]
+    counted = sum(t["counted"] for k, t in res["trials"].items() if k.startswith("A"))
+    claims = [{"claim": "sparsity: few heads score above 0.1",
+               "paper": "about 3-6% of heads above 0.1", "source": V.PAPER["sparsity"]["source"],
+               "ours": f"{s['above_threshold']} of {s['heads']} heads ({100 * s['fraction_above']:.1f}%), "
+                       f"{counted} counted trials",
+               "verdict": V.sparsity(s["above_threshold"], s["heads"], counted)}]
+    short, long_ = res["lengths"]["short"], res["lengths"]["long"]
+    pairs = {"consistency_length": (short, long_), "consistency_data": (long_, "B" + long_[1:])}
+    for key, what in (("consistency_length", f"the same heads at {short[1:]} and {long_[1:]} tokens"),
+                      ("consistency_data", "the same heads with another needle set and haystack")):
+        c = res[key] or {}
+        fewest = min(res["trials"].get(run, {}).get("counted", 0) for run in pairs[key])
+        claims.append({"claim": f"consistency: {what}", "paper": "intrinsic: the same heads across contexts and data",
+                       "ours": (f"top-{c['top']} overlap {c['overlap']}/{c['top']}, Spearman {c['spearman']}" if c
+                                else "a run counted no trial"),
+                       "verdict": V.consistency(c.get("overlap_fraction"), c.get("spearman"), fewest)})
+    return claims
+
+
+def ablate_claims(r: dict) -> list[dict]:
+    claims = []
+    for x in r["result"]["results"]:
+        rec = x.get("recalls", {})
+        randoms = [v for k, v in rec.items() if k.startswith("random")]
+        verdict, gap = V.ablation(rec.get("none", []), rec.get("top", []), randoms)
+        sd = x.get("random_sd")
+        claims.append({"claim": f"masking the top-{x['k']} heads breaks NIAH, {x['k']} random heads do not",
+                       "paper": "collapse against barely moves", "source": V.PAPER["masking"]["source"],
+                       "ours": f"no mask {_recall(rec.get('none', []))}; top {_recall(rec.get('top', []))}; random "
+                               f"{x['random']} (sample SD {sd} over {len(randoms)} seeds); random - top {_diff(gap)}",
+                       "verdict": verdict, "k": x["k"], "gap": gap})
+    return claims
+
+
+def _kv_name(x: dict) -> str:
+    return f"heads by {x['importance']}" if x["system"] == "retrieval" and x.get("importance") else x["system"]
+
+
+def kv_claims(r: dict) -> list[dict]:
+    """Per importance and budget: the chosen heads against random heads of the same count (same memory)."""
+    res = r["result"]
+    total = next((x.get("full_heads") for x in res["results"] if x["system"] == "all"), None)
+    randoms = {(x["full"], x.get("full_heads")): x for x in res["results"] if x["system"] == "random"}
+    claims = []
+    for x in res["results"]:
+        if x["system"] != "retrieval":
+            continue
+        rand = randoms.get((x["full"], x.get("full_heads"))) or randoms.get((x["full"], None))
+        if rand is None:
+            verdict, diff = V.Verdict(V.NOT_MEASURABLE, f"no random draw of {x.get('full_heads')} heads in this file"), None
+        elif rand.get("skipped"):
+            verdict, diff = V.Verdict(V.NOT_MEASURABLE, "random heads cannot be drawn at this budget"), None
+        else:
+            verdict, diff = V.gain(stats.mean_over(rand.get("recalls_by_seed") or [[]]), x.get("recalls", []))
+        count = x.get("full_heads")
+        of = f"{count} of {total} KV heads full, " if count is not None and total else ""
+        claims.append({"claim": f"KV cache, budget {x['full']:g} of KV heads full by {x['importance']}: keeps recall "
+                                "that random heads lose",
+                       "paper": "(attnkit's own claim)",
+                       "ours": f"{of}{_recall(x.get('recalls', []))} at {x['kv_ratio']}x"
+                       + (f"; minus random {_diff(diff)}" if diff else ""), "verdict": verdict,
+                       "importance": x["importance"], "full": x["full"], "kv_ratio": x["kv_ratio"]})
+    return claims
+
+
+def buckets_claims(r: dict) -> list[dict]:
+    res = r["result"]
+    single, buckets = res["niah_names"]
+    trials = res.get("niah_trials", {})
+    hits = res.get("kv_retrieval_trials", {})
+    v_niah, d_niah = V.gain(trials.get(single, []), trials.get(buckets, []))
+    v_kv, d_kv = V.gain(hits.get("single", []), hits.get("buckets", []))
+    test = stats.mcnemar(hits.get("single", []), hits.get("buckets", []))
+    return [{"claim": "buckets raise NIAH recall over one base", "paper": "gains on tool use and RAG (Llama-2-7B)",
+             "source": V.PAPER["buckets"]["source"],
+             "ours": f"{_recall(trials.get(single, []))} -> {_recall(trials.get(buckets, []))}; gain {_diff(d_niah)}",
+             "verdict": v_niah},
+            {"claim": "buckets raise key-value retrieval accuracy", "paper": "better use of the middle of the context",
+             "source": V.PAPER["buckets"]["source"],
+             "ours": f"{stats.proportion(hits.get('single', [])).text()} -> "
+                     f"{stats.proportion(hits.get('buckets', [])).text()} (Wilson); gain {_diff(d_kv)}; McNemar "
+                     f"p={test['p']} ({test['only_a']} only one base, {test['only_b']} only buckets)",
+             "verdict": v_kv}]
+
+
+def s2a_claims(r: dict) -> list[dict]:
+    res = r["result"]
+    if "skipped" in res:
+        return []
+    claims = []
+    for task in ("sycophancy", "gsm-ic"):
+        t = res[task]
+        scores = {v: [100.0 * x for x in t.get("scores", {}).get(v, [])] for v in ("baseline", "s2a", "oracle")}
+        verdict, diff = V.gain(scores["baseline"], scores["s2a"])
+        paper = V.PAPER[f"s2a-{task}"]
+        claims.append({"claim": f"S2A beats the baseline ({task})",
+                       "paper": " / ".join(f"{paper[v]}" for v in ("baseline", "s2a", "oracle") if v in paper)
+                                + " (baseline / S2A" + (" / oracle)" if "oracle" in paper else ")"),
+                       "source": paper["source"],
+                       "ours": " / ".join(stats.proportion(scores[v]).text() for v in ("baseline", "s2a", "oracle"))
+                               + f"; S2A - baseline {_diff(diff)}; rewrites parsed {t['parse_rate']}%",
+                       "verdict": verdict})
+    return claims
+
+
+CLAIMS = {"heads": heads_claims, "ablate": ablate_claims, "kv": kv_claims, "buckets": buckets_claims,
+          "s2a": s2a_claims}
+
+
+def claims(results: dict[str, dict]) -> dict[str, list[dict]]:
+    """{step: its claims}, each {claim, paper, source?, ours, verdict}: what the report and the README show."""
+    return {step: CLAIMS[step](results[step]) for step in STEPS if step in results}
+
+
+def _rows(cs: list[dict]) -> list[list]:
+    return [[c["claim"], c["paper"], c["ours"], c["verdict"].markdown()] for c in cs]
+
+
+# ---------------------------------------------------------------- sections
 
 def heads_section(r: dict) -> list[str]:
     res = r["result"]
     s = res["summary"]
-    counted = sum(t["counted"] for k, t in res["trials"].items() if k.startswith("A"))
-    frac = s["fraction_above"]
-    sparse_ok = None if not counted else (0 < frac < 0.05)
-    ours = (f"{s['above_threshold']} of {s['heads']} heads ({100 * frac:.1f}%) score above {s['threshold']}"
-            if counted else "no detection trial was answered well enough to count (recall > 50)")
-    rows = [["sparsity: few heads copy from the context", PAPER_SPARSITY, ours, _verdict(sparse_ok)]]
-    for key, what in (("consistency_length", f"the same heads at {res['lengths']['short'][1:]} and "
-                                             f"{res['lengths']['long'][1:]} tokens"),
-                      ("consistency_data", "the same heads with another needle set and haystack")):
-        c = res[key]
-        if c is None:
-            rows.append([f"consistency: {what}", "intrinsic: the same heads across contexts and data",
-                         "a run counted no trial", _verdict(None)])
-            continue
-        ok = c["overlap_fraction"] >= 0.5 and (c["spearman"] or 0) >= 0.5
-        rows.append([f"consistency: {what}", "intrinsic: the same heads across contexts and data",
-                     f"top-{c['top']} overlap {c['overlap']}/{c['top']}, Spearman {c['spearman']}", _verdict(ok)])
+    rows = _rows(heads_claims(r))
     if res.get("by_layer_type"):
         b = res["by_layer_type"]
         parts = ", ".join(f"{kind}: {v['above_threshold']} of {v['heads']}" for kind, v in b.items())
@@ -64,7 +171,8 @@ def heads_section(r: dict) -> list[str]:
                      "finding"])
     lines = ["## Retrieval heads (Wu et al. 2024)", ""] + _table(["claim", "paper", "ours", ""], rows)
     top = ", ".join(f"{l}-{h} ({m})" for l, h, m in s["top"][:8])
-    lines += ["", f"Top heads (layer-head, mean score): {top}. Trials counted per run: "
+    lines += ["", f"Paper: {V.PAPER['sparsity']['source']}. Top heads (layer-head, mean score): {top}. Trials "
+              "counted per run (recall > 50): "
               + ", ".join(f"{k} {t['counted']}/{t['run']}" for k, t in res["trials"].items()) + ".", "",
               "![retrieval scores](head_scores.png)", ""]
     return lines
@@ -72,21 +180,16 @@ def heads_section(r: dict) -> list[str]:
 
 def ablate_section(r: dict) -> list[str]:
     res = r["result"]
-    rows, verdicts = [], []
-    for x in res["results"]:
-        drop_top = (x["none"] or 0) - (x["top"] or 0)
-        drop_rand = (x["none"] or 0) - (x["random"] or 0)
-        ok = drop_top >= 25 and drop_top >= 2 * max(drop_rand, 0)
-        verdicts.append(ok)
-        rows.append([x["k"], x["none"], x["top"], f"{x['random']} ± {x['random_std']}", _verdict(ok)])
     lines = ["### Masking them (the causal claim)", "",
-             "Paper (Fig. 7): masking the top retrieval heads collapses needle-in-a-haystack recall; masking as "
-             "many random heads barely moves it. Ours (random heads: mean ± sd over seeds, drawn outside the "
-             "scoring heads):", ""]
-    lines += _table(["K masked", "no mask", "top-K", "random K", ""], rows)
+             f"Paper: {V.PAPER['masking']['source']}. Ours: NIAH recall (mean ROUGE-1 recall [95% bootstrap "
+             "interval], n prompts); random heads drawn outside the scoring heads, their spread the sample SD over "
+             "seeds; the difference random - top is paired by prompt (seeds averaged).", ""]
+    lines += _table(["K masked", "figures", ""], [[c["k"], c["ours"], c["verdict"].markdown()]
+                                                  for c in ablate_claims(r)])
     if res["single"]:
-        lines += ["", "Each of the top heads masked alone: " + ", ".join(
-            f"{h[0]}-{h[1]} -> {s['recall']}" for h, s in ((x["head"], x) for x in res["single"])) + "."]
+        lines += ["", "Each of the top heads masked alone: " + "; ".join(
+            f"{x['head'][0]}-{x['head'][1]} -> {_recall(x['recalls']) if x.get('recalls') else x['recall']}"
+            for x in res["single"]) + "."]
     lines += ["", "![ablation](ablation_curve.png)", ""]
     return lines
 
@@ -94,59 +197,52 @@ def ablate_section(r: dict) -> list[str]:
 def kv_section(r: dict) -> list[str]:
     res = r["result"]
 
-    def name(x):
-        return f"heads by {x['importance']}" if x["system"] == "retrieval" and x.get("importance") else x["system"]
+    def recall_cell(x):
+        if x.get("skipped"):
+            return f"skipped: {x['skipped']}"
+        if x["system"] == "random":
+            pooled = [v for seed in x.get("recalls_by_seed", []) for v in seed]
+            return f"{_recall(stats.mean_over(x.get('recalls_by_seed') or [[]]))} (seeds averaged per prompt; " \
+                   f"sample SD over {x.get('seeds')} seeds {x.get('recall_sd')}; {len(pooled)} trials)"
+        return _recall(x.get("recalls", []))
 
-    rows = [[name(x), x["full"], x["kv_ratio"], f"skipped: {x['skipped']}" if x.get("skipped") else
-             x["recall"] if "recall_std" not in x else f"{x['recall']} ± {x['recall_std']}"] for x in res["results"]]
-    first = next((x.get("importance") for x in res["results"] if x["system"] == "retrieval"), None)
-    by = {(x["system"], x["full"]): x["recall"] for x in res["results"]
-          if x["system"] != "retrieval" or x.get("importance") == first}
-    checks = [by[("retrieval", f)] > by[("random", f)] for s, f in by
-              if s == "retrieval" and by.get(("random", f)) is not None]
-    ok = None if not checks else all(checks)
+    rows = [[_kv_name(x), x["full"], x.get("full_heads", ""), x["kv_ratio"], recall_cell(x)] for x in res["results"]]
     prefill = {"full": "window heads trimmed after the whole prompt (RazorAttention, kvpress)",
                "window": "window heads see only their window in prefill too (DuoAttention)"}.get(res.get("prefill", "window"))
+    cs = kv_claims(r)
     lines = ["## Retrieval-head KV cache (attnkit, after DuoAttention / RazorAttention)", "",
              f"Full cache only for some KV heads, sink + window for the rest; the same prompts for every system, "
              f"{res['tokens']} tokens; {prefill}"
              f"{'; with a compensation token' if res.get('compensate') else ''}. KV memory measured against the "
-             f"model's own cache (hybrid models: sliding layers counted as they are). Claim: at the same memory, "
-             f"heads chosen by retrieval ({first or 'copy'}) score keep recall that random heads lose: {_verdict(ok)}.", ""]
-    lines += _table(["system", "full fraction", "KV memory / full", "recall"], rows)
-    ratios = {x["full"]: x["kv_ratio"] for x in res["results"] if x["system"] == "retrieval" and x.get("importance", first) == first}
+             f"model's own cache (hybrid models: sliding layers counted as they are). Recall: mean [95% bootstrap "
+             f"interval], n prompts.", ""]
+    lines += _table(["system", "budget", "full KV heads", "KV memory / full", "recall"], rows)
+    lines += ["", "Claim: at the same memory, heads chosen by retrieval scores keep recall that random heads lose "
+              "(paired by prompt):", ""]
+    lines += _table(["claim", "figures", ""], [[c["claim"], c["ours"], c["verdict"].markdown()] for c in cs])
+    ratios = {x["full"]: x["kv_ratio"] for x in res["results"] if x["system"] == "retrieval"}
     if len(set(ratios.values())) < len(ratios):
         lines += ["", "Budgets with the same KV memory are not filled: only KV heads with a retrieval score above 0 "
-                  "are chosen, and this model has fewer of them than the larger budgets ask for (random heads "
-                  "are drawn in the same number)."]
+                  "are chosen, and this model has fewer of them than the larger budgets ask for; random heads "
+                  "are drawn in each count that was chosen."]
     return lines + ["", "![KV cache](kv_cache.png)", ""]
 
 
 def buckets_section(r: dict) -> list[str]:
     res = r["result"]
-    single, buckets = res["niah_names"]
-    gain, kvg = res["niah_gain"], res["kv_retrieval_gain"]
-    acc = res["kv_retrieval"]["mean"]
-    ok = _gain_verdict(res["niah"][single]["mean"], res["niah"][buckets]["mean"], gain)
-    ok_kv = _gain_verdict(acc["single"], acc["buckets"], kvg)
-    rows = [["buckets raise NIAH recall over one base", "gains on tool use and RAG (Llama-2-7B)",
-             f"{res['niah'][single]['mean']}{_ci(res['niah'][single]['ci95'])} -> "
-             f"{res['niah'][buckets]['mean']}{_ci(res['niah'][buckets]['ci95'])}; gain {gain['mean']}{_ci(gain['ci95'])}",
-             _verdict(ok)],
-            ["buckets raise key-value retrieval accuracy", "better use of the middle of the context",
-             f"{acc['single']}{_ci(res['kv_retrieval_ci']['single'])} -> {acc['buckets']}"
-             f"{_ci(res['kv_retrieval_ci']['buckets'])}; gain {kvg['mean']}{_ci(kvg['ci95'])}", _verdict(ok_kv)]]
     lines = ["## Attention Buckets (Chen et al. 2024)", "",
              f"The model's own base {res['own_base']:g}; bases searched over {res['grid'][0]:g}-{res['grid'][1]:g} "
              f"(step {res['grid'][2]:g}, derived from the trained base) for distances {res['distances'][0]}-"
              f"{res['distances'][1]}: {', '.join(f'{b:g}' for b in res['bases'])}."
              + (f" ({res['message']})" if res.get("message") else "")
-             + " A gain holds when its 95% bootstrap interval over paired trials lies above 0.", ""]
-    lines += _table(["claim", "paper", "ours (mean [95% CI])", ""], rows)
+             + f" Paper: {V.PAPER['buckets']['source']}. A gain holds when its paired 95% bootstrap interval lies "
+               f"above 0, from at least {V.MIN_N} prompts.", ""]
+    lines += _table(["claim", "paper", "ours", ""], _rows(buckets_claims(r)))
     by_pos = res["kv_retrieval"]["accuracy"]
-    lines += ["", "Key-value retrieval accuracy by gold position: " + "; ".join(
-        f"{s}: " + ", ".join(f"{p}: {v}" for p, v in by_pos[s].items()) for s in by_pos) + ".", "",
-        "![waveform](waveform.png)", "", "![key-value retrieval](kv_retrieval.png)", ""]
+    lines += ["", f"Key-value retrieval accuracy by gold position ({res['kv_retrieval']['examples']} examples per "
+              "position): " + "; ".join(f"{s}: " + ", ".join(f"{p}: {v}" for p, v in by_pos[s].items())
+                                        for s in by_pos) + ".", "",
+              "![waveform](waveform.png)", "", "![key-value retrieval](kv_retrieval.png)", ""]
     return lines
 
 
@@ -155,17 +251,21 @@ def s2a_section(r: dict) -> list[str]:
     lines = ["## System 2 Attention (Weston & Sukhbaatar 2023)", ""]
     if "skipped" in res:
         return lines + [f"Not run: {res['skipped']}.", ""]
-    lines += [f"Backend: {', '.join(f'{k} {v}' for k, v in res['backend'].items())}. Sampling as in the paper (temperature 0.6, top-p 0.9), seeded.", ""]
+    lines += [f"Backend: {', '.join(f'{k} {v}' for k, v in res['backend'].items())}. Sampling as in the paper "
+              "(temperature 0.6, top-p 0.9), seeded. Accuracy [Wilson 95% interval], n examples; S2A - baseline "
+              "paired by example.", ""]
+    differs = {"sycophancy": "Ours differs: NaturalQuestions-Open questions (not TriviaQA) in SycophancyEval's "
+                             "opinion templates, scored by answer-alias match (no GPT-4 judge).",
+               "gsm-ic": "Ours differs: GSM8K problems with one irrelevant sentence built here, in-topic and "
+                         "off-topic distractors mixed, scored by the final number."}
+    cs = {c["claim"]: c for c in s2a_claims(r)}
     for task, title in (("sycophancy", "opinion-laden factual QA (NaturalQuestions-Open, SycophancyEval templates)"),
                         ("gsm-ic", "GSM-IC-style problems (GSM8K with one irrelevant sentence)")):
         t = res[task]
-        v, paper = t["summary"]["variants"], t["summary"]["paper"]
-        rows = [[name, paper.get(name), f"{v[name]['mean']}{_ci(v[name]['ci95'])}" if name in v else None]
-                for name in ("baseline", "s2a", "oracle")]
-        gain = (v["s2a"]["mean"] or 0) - (v["baseline"]["mean"] or 0)
-        lines += [f"### {title}", ""] + _table(["variant", "paper (LLaMA-2-70B-chat)", "ours (accuracy [95% CI])"], rows)
-        lines += ["", f"S2A minus baseline: {gain:+.1f} points. Rewrites parsed: {t['parse_rate']}% "
-                  "(an unparsed rewrite falls back to the original prompt)."
+        c = cs[f"S2A beats the baseline ({task})"]
+        lines += [f"### {title}", "", f"Paper: {c['paper']}; {c['source']}. {differs[task]}", ""]
+        lines += _table(["claim", "ours (baseline / S2A / oracle)", ""], [[c["claim"], c["ours"], c["verdict"].markdown()]])
+        lines += ["", f"Rewrites parsed: {t['parse_rate']}% (an unparsed rewrite falls back to the original prompt)."
                   + (" The model does not follow the rewrite instruction, so this is not a test of S2A on it."
                      if t["parse_rate"] < 50 else ""), "", "Three S2A rewrites:", ""]
         for ex in t["examples"]:
@@ -185,25 +285,28 @@ SECTIONS = {"heads": heads_section, "ablate": ablate_section, "kv": kv_section, 
 
 
 def build_report(out: Path, command: str = "") -> Path:
-    """Write out/report.md and out/report.html from the step files there; returns the .md path."""
-    import torch
-    import transformers
-
-    import attnkit
-
+    """Write out/report.md and out/report.html from the step files there (a pure function of them:
+    versions, machine and command are the ones the steps recorded); returns the .md path."""
     results = load_results(out)
     if not results:
         from attnkit.errors import AttnkitError
         raise AttnkitError(f"{out}: no study results to report")
     first = next(iter(results.values()))
     ident = first["model"]
+    runs = [r.get("run") for r in results.values() if r.get("run")]
+    run = runs[0] if runs else {}
+    command = run.get("command") or command
+    where = (f"attnkit {run['attnkit']}, torch {run['torch']}, transformers {run['transformers']}, "
+             f"{run['machine']}, {run['date']}. ") if run else ""
     lines = [f"# attnkit reproduce: {ident.get('name', ident.get('model', '?'))}", "",
-             f"attnkit {attnkit.__version__}, torch {torch.__version__}, transformers {transformers.__version__}. "
-             + (f"Command: `{command}`. " if command else "")
+             where + (f"Command: `{command}`. " if command else "")
              + "Wall time per step: " + ", ".join(f"{s} {r['seconds']:.0f} s" for s, r in results.items())
              + f" (total {sum(r['seconds'] for r in results.values()) / 60:.1f} min).", "",
              "Model: " + ", ".join(f"{k} {v}" for k, v in ident.items()) + ".", "",
-             "Settings: " + ", ".join(f"{k}={v}" for k, v in first["settings"].items()) + ".", ""]
+             "Settings: " + ", ".join(f"{k}={v}" for k, v in first["settings"].items()) + ".", "",
+             f"Verdicts (`attnkit.reproduce.verdicts`): holds / does not hold by the paired 95% interval; too few "
+             f"to say below {V.MIN_N} prompts per compared cell; not measurable when both systems sit at 0 or 100 "
+             "on every prompt.", ""]
     for step in STEPS:
         if step in results:
             lines += SECTIONS[step](results[step])

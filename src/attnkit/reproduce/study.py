@@ -25,8 +25,8 @@ something to break. Decoding is greedy and every draw is seeded, so a rerun give
 from __future__ import annotations
 
 import json
+import os
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +40,8 @@ STEPS = ("heads", "ablate", "kv", "buckets", "s2a")
 class StudySettings:
     lengths: tuple[int, ...] = (512, 1024)  # detection: the shortest and the longest context
     depths: tuple[float, ...] = (25.0, 75.0)
-    needles: int = 2
+    needles: int = 2  # detection needles
+    eval_needles: int = 2  # needles of every compared NIAH cell (x depths = prompts per cell)
     ablate_length: int = 1024
     ablate_ks: tuple[int, ...] = (4, 16)
     seeds: int = 3  # random-head draws per K
@@ -63,11 +64,26 @@ class StudySettings:
     chat_template: bool | None = None
 
 
-QUICK = StudySettings()  # about 10 minutes on 2 CPU cores for SmolLM2-135M
-FULL = StudySettings(lengths=(512, 1024, 2048), depths=(10.0, 50.0, 90.0), needles=3, ablate_ks=(2, 8, 32),
-                     single_heads=5, kv_budgets=(0.125, 0.25, 0.5), kv_seeds=2, buckets_length=2048,
-                     buckets_depths=(0.0, 25.0, 50.0), buckets_n=4, kvr_examples=8, kvr_pairs=10, s2a_examples=24,
-                     s2a_max_tokens=128)
+QUICK = StudySettings()  # about 10 minutes on 2 CPU cores for SmolLM2-135M; cells too small to decide
+# every compared cell (detection runs included): 8 needles x 3 depths = 24 prompts, the fewest the verdicts decide from
+FULL = StudySettings(lengths=(512, 1024, 2048), depths=(10.0, 50.0, 90.0), needles=8, eval_needles=8,
+                     single_heads=3, kv_seeds=2, buckets_depths=(10.0, 50.0, 90.0), buckets_n=4, kvr_examples=8,
+                     kvr_pairs=10, s2a_examples=24, s2a_max_tokens=128)
+
+
+def settings_from_file(path: Path, base: StudySettings) -> StudySettings:
+    """`base` with the fields a JSON file gives (lists become tuples); a clear error for anything else."""
+    from dataclasses import fields, replace
+
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AttnkitError(f"--settings {path}: {type(e).__name__}: {e}") from None
+    known = {f.name for f in fields(StudySettings)}
+    if not isinstance(given, dict) or set(given) - known:
+        bad = sorted(set(given) - known) if isinstance(given, dict) else ["(not an object)"]
+        raise AttnkitError(f"--settings {path}: unknown field {bad[0]}; fields: {', '.join(sorted(known))}")
+    return replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def number_needles(n: int, seed: int) -> list:
@@ -96,6 +112,7 @@ class Study:
     s2a_backend: object = None  # an S2A Backend; None: the local model
     quiet: bool = False
     identity: dict = field(default_factory=dict)
+    command: str = ""  # recorded in every step file
 
     def haystack(self, seed: int = 0) -> str:
         from attnkit.evals.prose import filler_text
@@ -103,7 +120,7 @@ class Study:
 
     def grid(self, length: int, depths) -> object:
         from attnkit.evals import niah as N
-        return N.Grid(number_needles(self.settings.needles, 0), self.haystack(0), [length], list(depths))
+        return N.Grid(number_needles(self.settings.eval_needles, 0), self.haystack(0), [length], list(depths))
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -116,6 +133,22 @@ def _record(study: Study, step: str) -> dict:
     record = {"step": step, "model": study.identity, "settings": asdict(study.settings),
               "data": str(study.data) if study.data and step == "s2a" else None}
     return json.loads(json.dumps(record))
+
+
+def run_facts(study: Study) -> dict:
+    """Where and with what a step ran: versions, date, machine, the command line."""
+    import platform
+    import sys
+
+    import torch
+    import transformers
+
+    import attnkit
+    return {"attnkit": attnkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
+                       + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+            "command": study.command or " ".join(["attnkit"] + sys.argv[1:])}
 
 
 def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
@@ -143,7 +176,7 @@ def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
         study.say(f"[bold]{step}[/bold]")
         t = time.time()
         result = STEP_FUNCTIONS[step](study)
-        content = {**record, "seconds": round(time.time() - t, 1), "result": result}
+        content = {**record, "seconds": round(time.time() - t, 1), "run": run_facts(study), "result": result}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(content, indent=1))
         tmp.replace(path)
@@ -218,7 +251,8 @@ def step_ablate(study: Study) -> dict:
                                out=study.out / "ablate_single.jsonl", quiet=study.quiet, label=f"mask {l}-{h}",
                                extra={"head": f"{l}-{h}"}, chat_template=st.chat_template,
                                technique=Intervention(HeadMask({(l, h)})))
-        single.append({"head": [l, h], "recall": N.summarize_niah(rows)["mean_recall"]})
+        summary = N.summarize_niah(rows)
+        single.append({"head": [l, h], "recall": summary["mean_recall"], "recalls": summary["recalls"]})
     return {"results": results, "single": single, "scoring_heads": len(scoring)}
 
 
@@ -256,21 +290,6 @@ def step_kv(study: Study) -> dict:
 
 # ---------------------------------------------------------------- Attention Buckets
 
-def bootstrap_ci(values: list[float], seed: int = 0, draws: int = 2000) -> list[float] | None:
-    """95% percentile interval of the mean over resampled values (seeded)."""
-    if len(values) < 2:
-        return None
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(draws))
-    return [round(means[int(0.025 * draws)], 1), round(means[int(0.975 * draws) - 1], 1)]
-
-
-def paired_gain(a: list[float], b: list[float], seed: int = 0) -> dict:
-    """Mean of b - a over paired trials with its bootstrap interval."""
-    diffs = [y - x for x, y in zip(a, b)]
-    return {"mean": round(statistics.fmean(diffs), 1) if diffs else None, "ci95": bootstrap_ci(diffs, seed)}
-
-
 def step_buckets(study: Study) -> dict:
     import numpy as np
 
@@ -279,6 +298,7 @@ def step_buckets(study: Study) -> dict:
     from attnkit.core.family import architecture
     from attnkit.evals import kv_retrieval as KV
     from attnkit.evals import niah as N
+    from attnkit.evals import stats
     from attnkit.evals.plots import accuracy_by_position, waveform_plot
     from attnkit.evals.systems import System
 
@@ -297,9 +317,8 @@ def step_buckets(study: Study) -> dict:
         rows = N.evaluate_niah(m, tok, grid.needles, grid.haystack, grid.lengths, grid.depths,
                                out=study.out / "buckets_niah.jsonl", quiet=study.quiet, label=s.name, extra=s.fields,
                                technique=s.technique, chat_template=st.chat_template)
-        trials[s.name] = [r["recall"] for r in rows if r.get("recall") is not None]
-    niah = {name: {"mean": round(statistics.fmean(v), 1) if v else None, "ci95": bootstrap_ci(v)}
-            for name, v in trials.items()}
+        trials[s.name] = [v for v in N.summarize_niah(rows)["recalls"] if v is not None]  # paired by trial
+    niah = {name: stats.bootstrap_mean(v).as_dict() for name, v in trials.items()}
     single_name, buckets_name = systems[0].name, systems[1].name
     examples = KV.generate_examples(st.kvr_examples, st.kvr_pairs, seed=0)
     positions = sorted({0, st.kvr_pairs // 2, st.kvr_pairs - 1})
@@ -311,12 +330,12 @@ def step_buckets(study: Study) -> dict:
     accuracy_by_position(kvr, study.out / "kv_retrieval.png",
                          f"{study.model_name}: {st.kvr_pairs} pairs, {kvr['examples']} examples")
     rows = [json.loads(line) for line in (study.out / "buckets_kv_retrieval.jsonl").read_text().splitlines()[1:]]
+    rows.sort(key=lambda r: (r["example"], r["position"]))  # paired across systems
     hits = {s: [100.0 * r["correct"] for r in rows if r["system"] == s] for s in ("single", "buckets")}
     return {"bases": bases, "own_base": arch.rope_base, "grid": list(grid_range), "distances": [m0, m1],
             "message": found.message, "niah": niah, "niah_names": [single_name, buckets_name],
-            "niah_gain": paired_gain(trials[single_name], trials[buckets_name]),
-            "kv_retrieval": kvr, "kv_retrieval_ci": {s: bootstrap_ci(v) for s, v in hits.items()},
-            "kv_retrieval_gain": paired_gain(hits["single"], hits["buckets"])}
+            "kv_retrieval": kvr,
+            "niah_trials": trials, "kv_retrieval_trials": hits}
 
 
 # ---------------------------------------------------------------- System 2 Attention
@@ -348,7 +367,9 @@ def step_s2a(study: Study) -> dict:
         rows = evaluate_s2a(backend, T.TASKS[task], exs, ["baseline", "s2a", "oracle"],
                             study.out / f"s2a_{task}.jsonl", sampling, quiet=study.quiet)
         s2a_rows = [r for r in rows if r["variant"] == "s2a"]
-        out[task] = {"summary": summarize_s2a(rows, task),
+        scores = {v: [r["score"] for r in sorted((r for r in rows if r["variant"] == v), key=lambda r: str(r["example"]))]
+                  for v in ("baseline", "s2a", "oracle")}  # per example, paired across variants by id
+        out[task] = {"summary": summarize_s2a(rows, task), "scores": scores,
                      "parse_rate": round(100.0 * sum(r.get("parse_ok", True) for r in s2a_rows) / len(s2a_rows), 1),
                      "examples": [{"prompt": r["prompt"], "rewrite": r.get("rewrite"), "answer": r["answer"],
                                    "score": r["score"]} for r in s2a_rows[:3]]}

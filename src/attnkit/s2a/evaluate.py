@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from dataclasses import asdict
@@ -67,21 +66,6 @@ def _evaluate(backend, task, examples, variants, results, done, sampling, judge,
     return [rows[(task.name, e.id, v)] for v in variants for e in examples]
 
 
-def _interval(values: list[float], binary: bool) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval (Wilson for 0/1 scores, normal otherwise)."""
-    n = len(values)
-    mean = sum(values) / n
-    if binary:
-        z = 1.96
-        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return centre, half
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, 1.96 * sd / math.sqrt(n)
-
-
 def summarize_s2a(rows: list[dict], task: str, metric: str = "score") -> dict:
     """Per variant and per variant x group: n, mean (x100 for accuracies) and 95% interval; parse failures."""
     from .tasks import TASKS
@@ -89,14 +73,12 @@ def summarize_s2a(rows: list[dict], task: str, metric: str = "score") -> dict:
     binary = TASKS[task].binary
     scale = 100.0 if binary else 1.0
 
-    def stats(rs):
-        values = [r[metric] for r in rs if r.get(metric) is not None]
-        if not values:
-            return {"n": 0, "mean": None, "ci95": None}
-        mean, half = _interval(values, binary)
-        plain = sum(values) / len(values)
-        return {"n": len(values), "mean": round(scale * plain, 1), "ci95": [round(scale * (mean - half), 1),
-                                                                           round(scale * (mean + half), 1)]}
+    def stats(rs):  # accuracies: Wilson; scores: bootstrap of the mean
+        from ..evals import stats as S
+        values = [scale * r[metric] for r in rs if r.get(metric) is not None]
+        est = S.proportion(values) if binary else S.bootstrap_mean(values)
+        return {"n": est.n, "mean": None if est.mean is None else round(est.mean, 1),
+                "ci95": None if est.low is None else [round(est.low, 1), round(est.high, 1)]}
 
     out = {"task": task, "metric": metric, "variants": {}, "groups": {}, "paper": PAPER.get(task, {})}
     for v in dict.fromkeys(r["variant"] for r in rows):

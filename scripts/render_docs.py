@@ -1,0 +1,298 @@
+"""Render the figures of README.md and BENCHMARKS.md from the result files in results/.
+
+Every generated block sits between two markers and names the file(s) it was made from:
+
+    <!-- begin: NAME -->
+    ...
+    <!-- end: NAME -->
+
+    python scripts/render_docs.py           # rewrite the blocks in place
+    python scripts/render_docs.py --check   # exit 1 when a block differs from its files, or has none
+
+The verdicts come from attnkit.reproduce.verdicts (the rules the study report uses); nothing here
+needs a model or ../shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+DOCS = ("README.md", "BENCHMARKS.md")
+STUDY_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}
+BLOCK = re.compile(r"(<!-- begin: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+
+
+class MissingResults(Exception):
+    pass
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
+
+
+def read_jsonl(path: Path) -> tuple[dict, list[dict]]:
+    if not path.is_file():
+        raise MissingResults(f"{_rel(path)} is missing")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines[0], lines[1:]
+
+
+def provenance(head: dict, path: Path) -> str:
+    load = f", load average {head['load_at_start']} at start" if "load_at_start" in head else ""
+    return (f"*{head['date']}, {head['machine']}{load}; torch {head['torch']}, transformers {head['transformers']}, "
+            f"attnkit {head['attnkit']}. Command: `{head['command']}`. Rows: [`{_rel(path)}`]({_rel(path)}).*")
+
+
+# ---------------------------------------------------------------- the study (README)
+
+def _study(model: str) -> tuple[dict, Path]:
+    from attnkit.reproduce.report import load_results
+    folder = RESULTS / "study" / model
+    results = load_results(folder)
+    if not results:
+        raise MissingResults(f"{_rel(folder)} holds no study step files")
+    return results, folder
+
+
+def study_claims() -> dict[str, dict]:
+    from attnkit.reproduce.report import claims
+    return {m: claims(_study(m)[0]) for m in STUDY_MODELS}
+
+
+def _key(step: str, c: dict) -> str:
+    """What makes two models' claims the same row (the KV budgets and Ks are the same settings)."""
+    return f"{step}:{c['claim']}"
+
+
+def study_table() -> str:
+    per_model = study_claims()
+    order: dict[str, dict] = {}
+    for model, steps in per_model.items():
+        for step, cs in steps.items():
+            for c in cs:
+                order.setdefault(_key(step, c), c)
+    rows = []
+    for key, c in order.items():
+        cells = []
+        for model, steps in per_model.items():
+            found = next((x for s, cs in steps.items() for x in cs if _key(s, x) == key), None)
+            cells.append("not run" if found is None else f"{found['ours']}: {found['verdict'].markdown()}")
+        rows.append([c["claim"], c["paper"], *cells])
+    sources = ", ".join(f"[`{_rel(_study(m)[1])}/`]({_rel(_study(m)[1])}/report.md)" for m in STUDY_MODELS)
+    lines = _table(["claim", "paper", *STUDY_MODELS.values()], rows)
+    lines += ["", f"*From the study's step files in {sources} (each with its `report.md`). Figures: mean "
+              f"[95% interval], n prompts; recall is ROUGE-1 recall of the needle (bootstrap intervals), "
+              f"accuracies use Wilson intervals; differences are paired by prompt.*"]
+    return "\n".join(lines)
+
+
+def study_verdicts() -> str:
+    from attnkit.reproduce import verdicts as V
+    per_model = study_claims()
+    names = {"heads": "Retrieval heads", "ablate": "Masking the retrieval heads", "kv": "Retrieval-head KV cache",
+             "buckets": "Attention Buckets", "s2a": "System 2 Attention"}
+    lines = []
+    for step, title in names.items():
+        parts = []
+        for model, label in STUDY_MODELS.items():
+            cs = per_model[model].get(step)
+            if not cs:
+                parts.append(f"{label}: not run")
+                continue
+            overall = V.all_hold([c["verdict"] for c in cs])
+            held = sum(c["verdict"].word == V.HOLDS for c in cs)
+            parts.append(f"{label}: {overall.word} ({held} of {len(cs)} claims hold)")
+        lines.append(f"* **{title}**: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def study_time() -> str:
+    parts = []
+    for model, label in STUDY_MODELS.items():
+        results, folder = _study(model)
+        run = next(iter(results.values())).get("run", {})
+        minutes = sum(r["seconds"] for r in results.values()) / 60
+        parts.append(f"{label} {minutes:.0f} min ({run.get('machine', 'machine not recorded')}, {run.get('date', '')})")
+    return "*Full study wall time: " + "; ".join(parts) + ".*"
+
+
+# ---------------------------------------------------------------- benchmarks (BENCHMARKS.md)
+
+def _ratio(v) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def bench_heads_detect(model: str = "embedded", device: str = "cpu") -> str:
+    path = RESULTS / "benchmarks" / f"heads_detect_{model}_{device}.jsonl"
+    head, rows = read_jsonl(path)
+    body = [[r["length"], r["trial_s"], r.get("plain_s"), _ratio(r.get("trial_over_plain")), r.get("naive_s", "not run"),
+             _ratio(r.get("naive_over_trial"))] for r in rows]
+    return "\n".join([provenance(head, path), ""] + _table(
+        ["context", "(a) trial s", "(b) plain s", "(a)/(b)", "(c) naive s", "(c)/(a)"], body))
+
+
+def bench_buckets(model: str = "embedded", device: str = "cpu") -> str:
+    path = RESULTS / "benchmarks" / f"buckets_{model}_{device}.jsonl"
+    head, rows = read_jsonl(path)
+    body = [[r["variant"], r["prefill_s"], _ratio(r.get("prefill_over_plain", 1.0)), r["decode_ms_per_token"],
+             _ratio(r.get("decode_over_plain", 1.0))] for r in rows]
+    return "\n".join([provenance(head, path), ""] + _table(
+        ["variant", "prefill s", "prefill / plain", "decode ms/token", "decode / plain"], body))
+
+
+def _mib(b) -> str:
+    return "" if b is None else f"{b / 2 ** 20:.1f} MiB"
+
+
+def bench_kv_cache(model: str = "embedded", device: str = "cpu", target: float | None = None) -> str:
+    path = RESULTS / "benchmarks" / f"kv_cache_{model}_{device}.jsonl"
+    head, rows = read_jsonl(path)
+    rows = [r for r in rows if "cache" in r and "length" in r]
+    body = [[r["length"], r["cache"], _mib(r.get("kv_bytes")), _ratio(r.get("kv_over_full")), r.get("prefill_s"),
+             _ratio(r.get("prefill_over_full")), r.get("decode_ms_per_token"), _ratio(r.get("decode_over_full")),
+             r.get("rss_after_prefill_mib", "")] for r in rows]
+    lines = [provenance(head, path), ""] + _table(
+        ["context", "cache", "KV bytes", "ratio", "prefill s", "ratio", "decode ms/token", "ratio",
+         "RSS after prefill, MiB"], body)
+    if target is not None:
+        longest = max(r["length"] for r in rows)
+        for r in rows:
+            if r["length"] == longest and r.get("decode_over_full") is not None:
+                met = "met" if r["decode_over_full"] <= target and r["prefill_over_full"] <= target else "not met"
+                lines += ["", f"Target at {longest} tokens, {r['cache']}: decode and prefill <= {target}x of the full "
+                              f"cache: **{met}** (decode {r['decode_over_full']:.2f}x, prefill "
+                              f"{r['prefill_over_full']:.2f}x; one run)."]
+    return "\n".join(lines)
+
+
+def bench_serve_throughput() -> str:
+    path = RESULTS / "benchmarks" / "serve_load_throughput_cpu.jsonl"
+    head, rows = read_jsonl(path)
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["model"], r["technique"], r["clients"]), {})[r["engine"]] = r
+    body = []
+    for (model, technique, clients), p in pairs.items():
+        b, o = p.get("batched", {}), p.get("one at a time", {})
+        body.append([model, technique, clients, b.get("req_per_s"), b.get("tok_per_s"),
+                     f"{b.get('p50_s')} / {b.get('p99_s')}", b.get("ttft_p50_s"), o.get("req_per_s"),
+                     o.get("tok_per_s"), f"{o.get('p50_s')} / {o.get('p99_s')}", o.get("ttft_p50_s"),
+                     _ratio(o.get("batched_over_one"))])
+    lines = [provenance(head, path), ""] + _table(
+        ["model", "technique", "clients", "batched req/s", "tok/s", "p50 / p99 s", "TTFT p50 s", "one at a time req/s",
+         "tok/s", "p50 / p99 s", "TTFT p50 s", "batched / one"], body)
+    at32 = [(k, p["one at a time"]["batched_over_one"]) for k, p in pairs.items()
+            if k[2] == 32 and "one at a time" in p]
+    if at32:
+        lines += ["", "Target (32 concurrent short requests: >= 4x the one-at-a-time engine): " + "; ".join(
+            f"{m} {t}: {x:.2f}x, {'met' if x >= 4 else 'not met'}" for (m, t, _), x in at32) + " (one run each)."]
+    return "\n".join(lines)
+
+
+def bench_serve_robustness(model: str = "embedded") -> str:
+    path = RESULTS / "benchmarks" / f"serve_load_{model}_cpu.jsonl"
+    head, rows = read_jsonl(path)
+    r = rows[-1]
+    valid = r["requests"] - r["invalid"] - r["disconnected"]
+    body = [[r["requests"], f"{r['valid_completed'] - r['disconnected']} of {valid}", r["valid_429"],
+             f"{r['invalid_4xx_openai_shape']} of {r['invalid']}", r["disconnected"], r["unexpected"],
+             f"{r['p50_s']} s / {r['p99_s']} s",
+             f"{r['server_rss_mib_after_50']} -> {r['server_rss_mib_after_all']} MiB ({100 * r['rss_growth']:+.1f}%)"]]
+    met = "met" if r["rss_growth"] <= 0.05 and r["unexpected"] == 0 else "not met"
+    return "\n".join([provenance(head, path), ""] + _table(
+        ["requests", "valid completed", "refused (429)", "invalid answered 4xx in OpenAI shape", "disconnected",
+         "unexpected", "p50 / p99 latency (valid)", "server RSS after 50 -> after all"], body) + [
+        "", f"Target (no unexpected answer; RSS after all within 5% of RSS after 50): **{met}**."])
+
+
+def bench_startup() -> str:
+    path = RESULTS / "benchmarks" / "startup_cli_cpu.jsonl"
+    head, rows = read_jsonl(path)
+    body = [[f"`{r['what']}`" if r["what"].startswith("attnkit") else r["what"], r["seconds"], r["ratio"]] for r in rows]
+    cli = next(r for r in rows if r["what"].startswith("attnkit"))
+    met = "met" if cli["seconds"] < 0.5 else "not met"
+    return "\n".join([provenance(head, path), ""] + _table(["what", "seconds (best of runs)", "ratio"], body)
+                     + ["", f"Target (< 0.5 s): **{met}**."])
+
+
+def paper_head_scores() -> str:
+    from attnkit.reproduce import verdicts as V
+    path = RESULTS / "paper_head_scores.json"
+    if not path.is_file():
+        raise MissingResults(f"{_rel(path)} is missing")
+    data = json.loads(path.read_text())
+    body = []
+    for m in data["models"]:
+        v = V.sparsity(m["above"], m["heads"], counted=V.MIN_N)  # the authors' scores: their own trials
+        body.append([m["model"], m["heads"], m["above"], f"{100 * m['above'] / m['heads']:.1f}%",
+                     f"{m['top'][0]} ({m['top'][1]})", v.word])
+    return "\n".join(_table(["model (the authors' score file)", "heads", "above 0.1", "share", "top head", "sparsity rule"],
+                            body) + ["", f"*From [`{_rel(path)}`]({_rel(path)}), written by `{data['command']}`.*"])
+
+
+BLOCKS = {
+    "study-table": study_table, "study-verdicts": study_verdicts, "study-time": study_time,
+    "paper-head-scores": paper_head_scores,
+    "bench-heads-detect-embedded": bench_heads_detect,
+    "bench-buckets-embedded": bench_buckets,
+    "bench-kv-cache-embedded": bench_kv_cache,
+    "bench-kv-cache-smollm2": lambda: bench_kv_cache("smollm2-135m-instruct", target=0.6),
+    "bench-serve-throughput": bench_serve_throughput,
+    "bench-serve-robustness": bench_serve_robustness,
+    "bench-startup": bench_startup,
+}
+
+
+def render(text: str, where: str = "") -> tuple[str, list[str]]:
+    """The text with every block re-rendered, and the problems found (unknown block, missing files)."""
+    problems = []
+
+    def one(m):
+        name = m.group("name")
+        if name not in BLOCKS:
+            problems.append(f"{where}: unknown block {name!r}")
+            return m.group(0)
+        try:
+            body = BLOCKS[name]()
+        except MissingResults as e:
+            problems.append(f"{where}: block {name}: {e}")
+            return m.group(0)
+        return f"{m.group(1)}{body}\n{m.group(4)}"
+
+    return BLOCK.sub(one, text), problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 on any difference or missing file")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    bad = []
+    for name in DOCS:
+        path = ROOT / name
+        old = path.read_text()
+        new, problems = render(old, name)
+        bad += problems
+        if args.check and new != old:
+            bad.append(f"{name}: a generated block differs from its result files (run scripts/render_docs.py)")
+        elif not args.check and new != old:
+            path.write_text(new)
+            print(f"rewrote {name}")
+    for line in bad:
+        print(line, file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

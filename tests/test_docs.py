@@ -1,0 +1,67 @@
+"""Every generated block of README.md and BENCHMARKS.md equals what scripts/render_docs.py makes of
+the committed result files; a block whose file is missing, or a figure edited by hand, fails."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def render():
+    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "scripts" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
+def test_generated_blocks_match_their_result_files(render, doc):
+    text = (ROOT / doc).read_text()
+    assert "<!-- begin: " in text
+    new, problems = render.render(text, doc)
+    assert not problems, problems
+    assert new == text, f"{doc}: run `python scripts/render_docs.py` (a block differs from results/)"
+
+
+def test_an_edited_figure_and_a_missing_file_are_caught(render, tmp_path, monkeypatch):
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    block = render.BLOCK.search(text)
+    body = block.group("body")
+    digit = next(i for i, ch in enumerate(body) if ch.isdigit() and i > body.find("|"))
+    edited = text.replace(body, body[:digit] + str((int(body[digit]) + 1) % 10) + body[digit + 1:], 1)
+    assert render.render(edited)[0] != edited  # re-rendering undoes the edit: the check would fail
+    monkeypatch.setattr(render, "RESULTS", tmp_path)  # no result files at all
+    new, problems = render.render(text, "BENCHMARKS.md")
+    assert problems and all("missing" in p for p in problems)
+    unknown = render.render("<!-- begin: no-such-block -->\n<!-- end: no-such-block -->\n", "x.md")[1]
+    assert unknown == ["x.md: unknown block 'no-such-block'"]
+
+
+def test_every_table_of_the_study_uses_the_shared_verdict_words(render):
+    from attnkit.reproduce import verdicts as V
+
+    text = (ROOT / "README.md").read_text()
+    table = render.BLOCK.search(text[text.index("<!-- begin: study-table"):]).group("body")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    words = (V.HOLDS, V.FAILS, V.TOO_FEW, V.NOT_MEASURABLE, "not run")
+    assert rows and all(any(w in row for w in words) for row in rows)
+
+
+def test_each_committed_study_report_is_its_step_files_rendered(tmp_path):
+    import shutil
+
+    from attnkit.reproduce.report import build_report
+    from attnkit.reproduce.study import STEPS
+
+    folders = sorted(p for p in (ROOT / "results" / "study").iterdir() if p.is_dir())
+    assert folders
+    for folder in folders:
+        copy = tmp_path / folder.name
+        copy.mkdir()
+        for step in STEPS:
+            if (folder / f"{step}.json").is_file():
+                shutil.copy(folder / f"{step}.json", copy)
+        assert build_report(copy).read_text() == (folder / "report.md").read_text(), folder.name
