@@ -33,7 +33,7 @@ class MissingResults(Exception):
 
 
 def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -125,6 +125,21 @@ def study_time() -> str:
         minutes = sum(r["seconds"] for r in results.values()) / 60
         parts.append(f"{label} {minutes:.0f} min ({run.get('machine', 'machine not recorded')}, {run.get('date', '')})")
     return "*Full study wall time: " + "; ".join(parts) + ".*"
+
+
+def kill_resume(model: str = "smollm2-135m-instruct") -> str:
+    path = RESULTS / "kill_resume" / f"{model}.json"
+    if not path.is_file():
+        raise MissingResults(f"{_rel(path)} is missing")
+    r = json.loads(path.read_text())
+    caught = sum(a["killed"] for a in r["attempts"])
+    moments = ", ".join(f"{a['kill_after_s']:g}" for a in r["attempts"])
+    same = "equal" if r["figures_equal"] else "**different**"
+    return (f"*On {STUDY_MODELS.get(model, model)} ({r['date']}, {r['machine']}): `{r['command']}` SIGKILLed "
+            f"{caught} of {len(r['attempts'])} times (after {moments} s; one clean run takes {r['run_s']:g} s after "
+            f"{r['startup_s']:g} s of start-up), then run to the end: figures of {', '.join(r['steps_compared'])} "
+            f"and the report {same} to the uninterrupted run's. Record: [`{_rel(path)}`]({_rel(path)}), written by "
+            f"`python scripts/kill_resume.py`.*")
 
 
 # ---------------------------------------------------------------- benchmarks (BENCHMARKS.md)
@@ -243,7 +258,7 @@ def paper_head_scores() -> str:
 
 BLOCKS = {
     "study-table": study_table, "study-verdicts": study_verdicts, "study-time": study_time,
-    "paper-head-scores": paper_head_scores,
+    "paper-head-scores": paper_head_scores, "kill-resume": kill_resume,
     "bench-heads-detect-embedded": bench_heads_detect,
     "bench-buckets-embedded": bench_buckets,
     "bench-kv-cache-embedded": bench_kv_cache,

@@ -159,7 +159,8 @@ def test_kv_compare_rows_per_importance_with_the_cache_options(tmp_path):
     results = json.loads(r.stdout)["results"]
     assert [(x["system"], x["importance"]) for x in results] == [
         ("all", None), ("none", None), ("retrieval", "copy"), ("retrieval", "echo"), ("retrieval", "copy+echo"),
-        ("random", None)]
+        ("random", None), ("random", None), ("random", None)]
     assert [x["full_heads"] for x in results[2:5]] == [2, 3, 5]  # copy+echo: every head either file scored
+    assert [x["full_heads"] for x in results[5:]] == [2, 3, 5]  # random heads drawn at each chosen count
     names = {json.loads(line).get("cache") for line in result_lines(tmp_path / "kv.jsonl")}
     assert "copy+echo 0.25 sink 4 window 32 compensated full prefill" in names
