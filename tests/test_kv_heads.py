@@ -84,7 +84,7 @@ def test_kv_compare_and_niah_with_the_cache(tmp_path):
     out, plot = tmp_path / "kv.jsonl", tmp_path / "kv.png"
     args = ("kv", "compare", "--scores", str(tmp_path / "s.json"), "--budgets", "0,0.25", "--needles", "passkey",
             "--lengths", "256", "--depths", "50", "--sink", "4", "--window", "32", "--chunk", "100",
-            "--out", str(out), "--plot", str(plot), "--json")
+            "--prefill", "window", "--no-recipe", "--out", str(out), "--plot", str(plot), "--json")
     r = cli(*args)
     assert r.exit_code == 0, r.output
     results = json.loads(r.stdout)["results"]
@@ -153,7 +153,7 @@ def test_kv_compare_rows_per_importance_with_the_cache_options(tmp_path):
     S.save_scores(_scores(8, 8, {(1, 2): 0.5, (2, 5): 0.4, (5, 1): 0.3}), tmp_path / "echo.json")
     r = cli("kv", "compare", "--scores", str(tmp_path / "copy.json"), "--scores", f"echo={tmp_path / 'echo.json'}",
             "--combine", "copy+echo", "--budgets", "0.25", "--needles", "passkey", "--lengths", "256", "--depths", "50",
-            "--sink", "4", "--window", "32", "--chunk", "256", "--prefill", "full", "--compensate",
+            "--sink", "4", "--window", "32", "--chunk", "256", "--prefill", "full", "--compensate", "--no-recipe",
             "--out", str(tmp_path / "kv.jsonl"), "--json")
     assert r.exit_code == 0, r.output
     results = json.loads(r.stdout)["results"]
@@ -164,3 +164,26 @@ def test_kv_compare_rows_per_importance_with_the_cache_options(tmp_path):
     assert [x["full_heads"] for x in results[5:]] == [2, 3, 5]  # random heads drawn at each chosen count
     names = {json.loads(line).get("cache") for line in result_lines(tmp_path / "kv.jsonl")}
     assert "copy+echo 0.25 sink 4 window 32 compensated full prefill" in names
+
+
+@pytest.mark.slow
+def test_the_recipe_is_the_default_choice_of_full_heads(tmp_path, embedded):
+    """`--kv-scores copy.json` alone: the heads are chosen by copy + echo + induction (echo and
+    induction measured on the model), as a reference plan over the same three score sets chooses
+    them; `--no-kv-recipe` chooses by the file alone. The prefill is full unless asked otherwise."""
+    from attnkit.heads.patterns import pattern_scores
+
+    model, tok = embedded
+    copy = _scores(8, 8, {(5, 0): 0.9, (6, 3): 0.7, (2, 1): 0.2})
+    S.save_scores(copy, tmp_path / "copy.json")
+    common = ("niah", "--kv-scores", str(tmp_path / "copy.json"), "--kv-full", "0.5", "--needles", "passkey",
+              "--lengths", "128", "--depths", "50", "--json")
+    with_recipe, alone = cli(*common), cli(*common, "--no-kv-recipe")
+    assert with_recipe.exit_code == 0 and alone.exit_code == 0, with_recipe.output + alone.output
+    got, plain = json.loads(with_recipe.stdout)["cache"], json.loads(alone.stdout)["cache"]
+    reference = P.plan([copy, *pattern_scores(model, tok)], model.config, "retrieval", 0.5)
+    assert got["full_heads"] == sorted(map(list, reference.full))
+    assert plain["full_heads"] == sorted(map(list, P.plan(copy, model.config, "retrieval", 0.5).full))
+    assert got["full_heads"] != plain["full_heads"]  # the recipe changes the choice here
+    assert got["chosen_by"] == ["copy", "echo", "induction"] and plain["chosen_by"] == ["copy"]
+    assert got["prefill"] == "full"

@@ -436,3 +436,23 @@ def test_one_stream_and_40_concurrent_clients_are_all_served_with_the_defaults(e
     finally:
         server.stop()
         engine.close(wait=30)
+
+
+@pytest.mark.slow
+def test_the_server_chooses_kv_heads_by_the_recipe_unless_told_not_to(tmp_path):
+    """`serve --kv-scores copy.json`: the heads are the plan over copy + echo + induction measured on
+    the model, as `niah` chooses them; `--no-kv-recipe` keeps the file's own choice."""
+    from attnkit.core.loading import load_model
+    from attnkit.heads import kvplan as P
+    from attnkit.heads import scores as S
+    from attnkit.heads.patterns import pattern_scores
+    from attnkit.serve.cli import build_engine
+
+    high = {(5, 0): 0.9, (6, 3): 0.7, (2, 1): 0.2}
+    S.save_scores({(l, h): [high.get((l, h), 0.0)] for l in range(8) for h in range(8)}, tmp_path / "copy.json")
+    data = S.load_scores(tmp_path / "copy.json")
+    model, tok = load_model("embedded")  # the shipped model: 8 layers x 8 heads
+    args = ("embedded", None, False, [tmp_path / "copy.json"], None, 0.5, 16, 128, 2048, "cpu", "float32", 8)
+    recipe, alone = build_engine(*args).technique, build_engine(*args, kv_recipe=False).technique
+    assert recipe.full == P.plan([data, *pattern_scores(model, tok)], model.config, "retrieval", 0.5).full
+    assert alone.full == P.plan(data, model.config, "retrieval", 0.5).full and alone.full != recipe.full

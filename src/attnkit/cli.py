@@ -133,8 +133,11 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          kv_window: int = typer.Option(KV_DEFAULTS.window, help="KV cache: recent tokens every window head sees"),
          kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="KV cache: prefill chunk (tokens)"),
          kv_compensate: bool = typer.Option(False, help="KV cache: window heads keep a compensation token"),
-         kv_prefill: str = typer.Option(KV_DEFAULTS.prefill, help="KV cache: window (window heads see their window "
-                                                                  "in prefill too) or full (trimmed after prefill)"),
+         kv_prefill: str = typer.Option("full", help="KV cache: full (every head reads the prompt, trimmed after "
+                                                     "prefill) or window (window heads see their window in prefill "
+                                                     "too: less prefill memory)"),
+         kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
+                                                   "scores measured on the model (seconds)"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
     or the retrieval-head KV cache)."""
@@ -157,10 +160,11 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     systems = [System("NIAH")]
     if kv is not None:
         from attnkit.heads.kvcompare import label
+        from attnkit.heads.kvplan import with_recipe
         kv_choose = kv_choose or "retrieval"
-        several = kv_scores and len(kv_scores) > 1  # rows name the files combined, so reruns never mix them
-        name = label(kv_choose, kv_full, kv, importance="+".join(Path(p).stem for p in kv_scores) if several
-                     else "retrieval")
+        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe)
+        # rows name what chose the heads when it is more than one file, so reruns never mix them
+        name = label(kv_choose, kv_full, kv, importance="+".join(chosen_by) if len(chosen_by) > 1 else "retrieval")
         systems = [System(f"NIAH, {name}", {"cache": name}, kv)]
     if bases or search:
         from attnkit.buckets import BucketsConfig, single_vs_buckets
@@ -178,7 +182,8 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
                       depth_list, means={title(name): s["mean_recall"] for name, s in summaries.items()})
     if kv is not None:
         summary = {**summary, "cache": {"full_heads": sorted(kv.full), "sink": kv_sink, "window": kv_window,
-                                        "choose": kv_choose, "full": kv_full}}
+                                        "choose": kv_choose, "full": kv_full, "prefill": kv.prefill,
+                                        "chosen_by": chosen_by if kv_choose == "retrieval" else []}}
     if as_json:
         print(json.dumps(summary))
     else:
@@ -208,6 +213,8 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
                                                                     "from these score files (combined)"),
           kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
           kv_prefill: str = typer.Option("full", help="KV cache: full (trimmed after a whole-prompt prefill) or window"),
+          kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
+                                                    "scores measured on the model (seconds)"),
           chat_template: Optional[bool] = CHAT_TEMPLATE,
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
           out: Optional[Path] = TRIALS_OUT,
@@ -237,7 +244,9 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
     systems = [System("full cache", {"cache": "full"})]
     if kv is not None:
         from attnkit.heads.kvcompare import label
-        name = label("retrieval", kv_full, kv, importance="+".join(Path(p).stem for p in kv_scores))
+        from attnkit.heads.kvplan import with_recipe
+        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, "retrieval", kv_full, kv_recipe)
+        name = label("retrieval", kv_full, kv, importance="+".join(chosen_by))
         systems.append(System(name, {"cache": name, **kv.describe()}, kv))
     rows = R.evaluate_ruler(mdl, tok, task_list, length_list, samples, systems, out, quiet=as_json,
                             chat_template=chat_template, essays=essays, seed=seed)

@@ -400,8 +400,11 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                sink: int = typer.Option(KV_DEFAULTS.sink), window: int = typer.Option(KV_DEFAULTS.window),
                chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk, help="prefill chunk (tokens)"),
                compensate: bool = typer.Option(False, help="window heads keep a compensation token (RazorAttention)"),
-               prefill: str = typer.Option(KV_DEFAULTS.prefill, help="window: window heads see only their window in "
-                                                                     "prefill too; full: trimmed after each prefill chunk"),
+               prefill: str = typer.Option("full", help="full: every head reads the prompt, trimmed after each "
+                                                        "prefill chunk; window: window heads see only their window "
+                                                        "in prefill too (less prefill memory)"),
+               recipe: bool = typer.Option(True, help="also a row choosing by every score file combined with echo "
+                                                      "and induction scores measured on the model (seconds)"),
                seeds: int = typer.Option(1, help="random-head draws per budget"),
                needles: Optional[Path] = NEEDLES,
                haystack: Optional[Path] = HAYSTACK,
@@ -432,6 +435,13 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
     for sets in sources.values():
         for data in sets:
             check_shape(data, *model_shape(mdl.config)[:2])
+    if recipe:
+        from attnkit.heads.kvplan import RECIPE
+        from attnkit.heads.patterns import pattern_scores
+        given = {name: sets[0] for name, sets in sources.items() if len(sets) == 1 and name not in RECIPE}
+        name = "+".join([*given, *RECIPE])
+        if given and name not in sources:
+            sources[name] = [*given.values(), *pattern_scores(mdl, tok)]
     results = compare_caches(mdl, tok, sources, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
                              settings, seeds, out, quiet=as_json, chat_template=chat_template)
     if plot:

@@ -14,6 +14,7 @@ heads picked by index order.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Literal
 
 from attnkit.core.family import architecture
@@ -183,3 +184,22 @@ def cache_from_options(model_config, scores_path, choose: str | None, full: floa
         raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
     return plan_from_options(model_config, scores_path or None, choose or "retrieval", full, None, sink, window, chunk,
                              compensate=compensate, prefill_mode=prefill_mode)
+
+
+RECIPE = ("echo", "induction")  # measured on the loaded model and combined with the given score files
+
+
+def with_recipe(kv: HeadKVConfig | None, model, tokenizer, scores_path, choose: str | None, full: float,
+                recipe: bool = True) -> tuple[HeadKVConfig | None, list[str]]:
+    """The `--kv-recipe` step (on by default): the given score files combined with echo and induction
+    scores (RazorAttention's patterns, a few seconds on the loaded model), the heads chosen again; and
+    the names of what chose them, for result rows. Off, or for random/none choices: `kv` unchanged."""
+    names = [Path(p).stem for p in ([scores_path] if isinstance(scores_path, (str, Path)) else scores_path or [])]
+    if kv is None or not recipe or (choose or "retrieval") != "retrieval" or not names:
+        return kv, names
+    from attnkit.heads.patterns import pattern_scores
+
+    echo, induction = pattern_scores(model, tokenizer)
+    sets = load_score_sets(scores_path) + [echo, induction]
+    return plan(sets, model.config, "retrieval", full, None, kv.sink, kv.window, kv.prefill_chunk,
+                compensate=kv.compensate, prefill_mode=kv.prefill), names + list(RECIPE)

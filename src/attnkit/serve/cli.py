@@ -69,6 +69,8 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
           kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk),
           kv_compensate: bool = typer.Option(False, help="KV cache: window heads keep a compensation token"),
           kv_prefill: str = typer.Option(KV_DEFAULTS.prefill, help="KV cache: window or full (trimmed after prefill)"),
+          kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
+                                                    "scores measured on the model at start-up (seconds)"),
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
@@ -90,7 +92,8 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
         what = f"S2A proxy ({s2a}) for {upstream}"
     else:
         engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                              device, dtype, max_queue, device_map, max_batch, max_kv_bytes, kv_compensate, kv_prefill)
+                              device, dtype, max_queue, device_map, max_batch, max_kv_bytes, kv_compensate, kv_prefill,
+                              kv_recipe)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
         what = f"{model} ({engine.describe()['technique']})"
@@ -101,7 +104,8 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                  device: str, dtype: str, max_queue: int, device_map=None, max_batch: int = 32,
-                 max_kv_bytes: int | None = None, kv_compensate: bool = False, kv_prefill: str = "window"):
+                 max_kv_bytes: int | None = None, kv_compensate: bool = False, kv_prefill: str = "window",
+                 kv_recipe: bool = True):
     from attnkit.core.loading import load_config, load_model
     from attnkit.heads.kvplan import cache_from_options
     from attnkit.serve.engine import Engine
@@ -110,6 +114,9 @@ def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full,
                             bool(bases or search), kv_compensate, kv_prefill)
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    if kv is not None:
+        from attnkit.heads.kvplan import with_recipe
+        kv, _ = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe)
     technique = kv
     if bases or search:
         from attnkit.buckets import BucketsConfig
