@@ -124,7 +124,8 @@ def study_time() -> str:
         run = next(iter(results.values())).get("run", {})
         minutes = sum(r["seconds"] for r in results.values()) / 60
         parts.append(f"{label} {minutes:.0f} min ({run.get('machine', 'machine not recorded')}, {run.get('date', '')})")
-    return "*Full study wall time: " + "; ".join(parts) + ".*"
+    return ("*Full study wall time, the sum over steps of the run that finished each (a resumed step counts "
+            "its last run only, the trials it reused cost nothing then): " + "; ".join(parts) + ".*")
 
 
 def kill_resume(model: str = "smollm2-135m-instruct") -> str:
@@ -188,6 +189,38 @@ def bench_kv_cache(model: str = "embedded", device: str = "cpu", target: float |
                 lines += ["", f"Target at {longest} tokens, {r['cache']}: decode and prefill <= {target}x of the full "
                               f"cache: **{met}** (decode {r['decode_over_full']:.2f}x, prefill "
                               f"{r['prefill_over_full']:.2f}x; one run)."]
+    return "\n".join(lines)
+
+
+def _est(d: dict | None, signed: bool = False) -> str:
+    if not d or d.get("mean") is None:
+        return "n/a"
+    sign = "+" if signed and d["mean"] >= 0 else ""
+    ci = f" [{sign if d['ci95'][0] >= 0 else ''}{d['ci95'][0]:.1f}, {sign if d['ci95'][1] >= 0 else ''}{d['ci95'][1]:.1f}]" \
+        if d.get("ci95") else ""
+    return f"{sign}{d['mean']:.1f}{ci}, n={d['n']}"
+
+
+def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu") -> str:
+    path = RESULTS / "benchmarks" / f"kv_ruler_{model}_{device}.jsonl"
+    head, rows = read_jsonl(path)
+    tasks = head["tasks"]
+    body = [[r["length"], r["system"], r["full_heads"] if r["full_heads"] is not None else "all", _ratio(r["kv_ratio"]),
+             *[_est(r["tasks"].get(t)) for t in tasks], _est(r["niah_average"]),
+             "" if r["system"] == "full cache" else _est(r["minus_full"], signed=True),
+             _est(r["minus_random"], signed=True) if "minus_random" in r else ""] for r in rows]
+    lines = [provenance(head, path), ""] + _table(
+        ["context", "cache", "full KV heads", "KV memory", *tasks, "NIAH average", "minus full (paired)",
+         "minus random heads (paired)"], body)
+    full = {r["length"]: r["niah_average"]["mean"] for r in rows if r["system"] == "full cache"}
+    for r in rows:
+        if r["system"].startswith("copy") and full.get(r["length"]):
+            share = 100 * r["niah_average"]["mean"] / full[r["length"]]
+            lines += ["", f"At {r['length']} tokens, {r['system']} at {r['kv_ratio']:.2f}x of the KV memory keeps "
+                          f"{share:.0f}% of the full cache's NIAH average (target at 0.30x: 90%)."]
+    lines += ["", f"*Mean RULER score (0-100, RULER's string match) [95% bootstrap interval], n prompts; haystack "
+                  f"{head.get('haystack')}; heads chosen by {'copy + echo + induction' if head.get('recipe') else 'copy'} "
+                  f"scores, full prefill then trimmed; the same generated prompts for every cache.*"]
     return "\n".join(lines)
 
 
@@ -263,6 +296,7 @@ BLOCKS = {
     "bench-buckets-embedded": bench_buckets,
     "bench-kv-cache-embedded": bench_kv_cache,
     "bench-kv-cache-smollm2": lambda: bench_kv_cache("smollm2-135m-instruct", target=0.6),
+    "bench-kv-ruler-smollm2": bench_kv_ruler,
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
     "bench-startup": bench_startup,

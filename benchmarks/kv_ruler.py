@@ -1,0 +1,109 @@
+"""The retrieval-head KV cache on RULER's tasks: full cache, heads by the recipe, random heads of the
+same count, every head windowed, on the same generated prompts.
+
+    python benchmarks/kv_ruler.py --model smollm2-135m-instruct \
+        --scores results/study/smollm2-135m-instruct/head_scores.json \
+        --tasks niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue --lengths 4096 --samples 24 \
+        --haystack ../shared/data/retrieval_head/PaulGrahamEssays
+
+Heads are chosen by the copy scores of --scores combined with echo and induction scores measured on the
+model (the recipe, `--no-recipe`: the file alone), the cache trimmed after a whole-prompt prefill. Per
+system and length: KV memory against the model's own cache, each task's mean RULER score with its 95%
+bootstrap interval and n, the NIAH average, and the paired difference from the full cache. The
+trials go to --trials as they finish (a rerun resumes, and refuses other settings); the summary rows go
+to the record file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from _common import Record, add_record_option
+
+from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.core.loading import load_model
+from attnkit.evals import ruler as R
+from attnkit.evals import stats
+from attnkit.evals.systems import System
+from attnkit.heads.kvcompare import kv_ratio, label
+from attnkit.heads.kvplan import RECIPE, load_score_sets, plan
+from attnkit.heads.patterns import pattern_scores
+
+
+def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, window: int, chunk: int,
+                recipe: bool) -> list[tuple[System, HeadKVConfig | None]]:
+    sets = load_score_sets(scores_path)
+    if recipe:
+        sets = sets + list(pattern_scores(model, tok))
+    importance = "+".join(["copy", *RECIPE] if recipe else ["copy"])
+    options = dict(sink=sink, window=window, prefill_chunk=chunk, prefill_mode="full")
+    out = [(System("full cache", {"cache": "full"}), None)]
+    none = plan(sets, model.config, "none", 0.0, **options)
+    out.append((System(label("none", 0.0, none), {"cache": label("none", 0.0, none)}, none), none))
+    for full in budgets:
+        chosen = plan(sets, model.config, "retrieval", full, **options)
+        name = label("retrieval", full, chosen, importance=importance)
+        out.append((System(name, {"cache": name}, chosen), chosen))
+        rand = plan(sets, model.config, "random", full, len(chosen.full), seed=0, **options)
+        name = label("random", full, rand, heads=len(chosen.full))
+        out.append((System(name, {"cache": name}, rand), rand))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--scores", required=True, help="copy (retrieval) scores of this model, e.g. the study's")
+    ap.add_argument("--tasks", default="niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue")
+    ap.add_argument("--lengths", default="4096")
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--budgets", default="0.25", help="fractions of KV heads with the full cache")
+    ap.add_argument("--sink", type=int, default=16)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--haystack", type=Path, default=None, help="essays for the essay tasks (a .txt or a folder, "
+                    "e.g. ../shared/data/retrieval_head/PaulGrahamEssays); default: attnkit's filler prose")
+    ap.add_argument("--no-recipe", action="store_true", help="choose by the score file alone")
+    ap.add_argument("--trials", type=Path, default=None, help="JSONL of every answer (default: beside the record)")
+    ap.add_argument("--device", default="cpu")
+    add_record_option(ap, "kv_ruler")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    budgets = [float(x) for x in args.budgets.split(",")]
+    args.dtype = "float32"
+    model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
+    record = Record(args, "kv_ruler", {"tasks": tasks, "lengths": lengths, "samples": args.samples,
+                                       "scores": args.scores, "recipe": not args.no_recipe, "sink": args.sink,
+                                       "window": args.window, "prefill": "full (the whole prompt, then trimmed)",
+                                       "haystack": args.haystack.name if args.haystack else "attnkit filler prose"})
+    trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
+    chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, max(lengths) + 256,
+                         not args.no_recipe)
+    from attnkit.evals.niah import load_haystack
+    essays = load_haystack(args.haystack) if args.haystack else None
+    rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays)
+    controls = {chosen[i][0].name: chosen[i + 1][0].name for i in range(2, len(chosen), 2)}  # recipe -> random
+    for L in lengths:
+        def scores_of(name):
+            return {(r["task"], r["index"]): r["score"] for r in rows if r["system"] == name and r["length"] == L}
+        full = scores_of("full cache")
+        for system, cfg in chosen:
+            mine = [r for r in rows if r["system"] == system.name and r["length"] == L]
+            keys = sorted((r["task"], r["index"]) for r in mine)
+            by_key = {(r["task"], r["index"]): r["score"] for r in mine}
+            niah = stats.bootstrap_mean([by_key[k] for k in keys if k[0] in R.NIAH_TASKS])
+            diff = stats.paired_difference([full.get(k) for k in keys], [by_key[k] for k in keys])
+            record.emit({"length": L, "system": system.name, "full_heads": None if cfg is None else len(cfg.full),
+                         "kv_ratio": 1.0 if cfg is None else round(kv_ratio(cfg, model.config, L), 4),
+                         "tasks": {t: stats.bootstrap_mean([r["score"] for r in mine if r["task"] == t]).as_dict()
+                                   for t in tasks},
+                         "niah_average": niah.as_dict(), "minus_full": diff.as_dict(),
+                         **({"minus_random": stats.paired_difference(
+                             [scores_of(controls[system.name]).get(k) for k in keys],
+                             [by_key[k] for k in keys]).as_dict()} if system.name in controls else {})})
+
+
+if __name__ == "__main__":
+    main()
