@@ -114,6 +114,21 @@ def test_a_cancelled_row_leaves_within_one_step_and_an_error_ends_one_row():
     engine.close()
 
 
+def test_a_buckets_request_is_counted_as_one_row_per_base():
+    """Attention Buckets run each prompt as N model rows (one per RoPE base): the server's KV budget
+    counts N caches per request, so a budget of 6 plain requests admits 2 requests with 3 bases."""
+    from attnkit.buckets import BucketsConfig
+
+    model = tiny_model("llama")
+    plain, buckets = Engine(model, _Tok(), None, 256), Engine(model, _Tok(), BucketsConfig([1e4, 2e4, 4e4]), 256)
+    assert buckets.kv_bytes_for(200) == 3 * plain.kv_bytes_for(200)
+    buckets.max_kv_bytes = 6 * plain.kv_bytes_for(200)
+    cs = [_submit(buckets, p, max_new_tokens=150)[0] for p in _prompts([50] * 4, 3)]
+    assert all(c.wait()[1].kind == "done" for c in cs)
+    buckets.close()
+    assert buckets.stats["peak_batch"] == 2
+
+
 def test_admission_follows_the_kv_budget_and_the_smaller_cache_admits_more_rows():
     model = tiny_model("llama")
     narrow = HeadKVConfig(full=set(), sink=2, window=4)

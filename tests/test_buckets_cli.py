@@ -38,6 +38,8 @@ def test_generate_with_embedded_and_bad_input(tmp_path):
                  ["buckets", "search-bases", "--grid", "1:2"], ["eval", "kv-retrieval", "--num-pairs", "500", "--bases", "1e4"]):
         r = attnkit(*args)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, (args, r.stderr)
+    r = attnkit("niah", "--bases", "1e4,2e4", "--search", "--lengths", "64", "--depths", "50")
+    assert r.returncode == 2 and "not both" in r.stderr, r.stderr  # the search would drop --bases unsaid
 
 
 def test_niah_with_buckets_one_base_equals_plain_niah(tmp_path):

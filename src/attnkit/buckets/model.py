@@ -55,6 +55,11 @@ class BucketsConfig:
         with per_row_bases(model, self.bases):
             yield BucketsSession(model, self)
 
+    @property
+    def rows_per_request(self) -> int:
+        """Model rows one prompt takes (one per base): what a server's KV budget must count."""
+        return len(self.bases)
+
     def describe(self) -> dict:
         return {"technique": "attention buckets", "bases": self.bases, "combine": self.combine}
 

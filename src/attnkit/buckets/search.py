@@ -227,6 +227,8 @@ def search_for_model(model_config, seeds: list[float] | None = None, n: int = 6,
 def choose_bases(model_config, bases: list[float] | None, search: bool) -> tuple[list[float], str]:
     """The buckets' bases from the `--bases` / `--search` options, validated once for every command:
     (bases, the search's message or "")."""
+    if search and bases:
+        raise AttnkitError("give --bases or --search, not both (the search would replace the bases)")
     if search:
         result = search_for_model(model_config)[0]
         return list(result.bases), result.message or ""

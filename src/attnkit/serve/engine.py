@@ -165,13 +165,15 @@ class Engine:
             self._worker.join(wait)
 
     def kv_bytes_for(self, tokens: int) -> int:
-        """Bytes of KV cache one request of `tokens` positions holds with this technique."""
+        """Bytes of KV cache one request of `tokens` positions holds with this technique (a technique
+        that runs several model rows per request, as Attention Buckets do, holds that many caches)."""
         from attnkit.core.kvconfig import native_kv_bytes
 
+        rows = getattr(self.technique, "rows_per_request", 1)
         own = getattr(self.technique, "kv_bytes", None)
         if own is not None:
-            return own(self._arch, tokens, 1, self._value_bytes)
-        return native_kv_bytes(self._arch, tokens, 1, self._value_bytes)
+            return own(self._arch, tokens, rows, self._value_bytes)
+        return native_kv_bytes(self._arch, tokens, rows, self._value_bytes)
 
     # --- the worker -------------------------------------------------------------------------------
     def _run(self) -> None:
