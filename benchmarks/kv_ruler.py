@@ -3,7 +3,7 @@ same count, every head windowed, on the same generated prompts.
 
     python benchmarks/kv_ruler.py --model smollm2-135m-instruct \
         --scores results/study/smollm2-135m-instruct/head_scores.json \
-        --tasks niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue --lengths 4096 --samples 24 \
+        --tasks niah_single_1,niah_multikey_1 --lengths 4096 --samples 24 --no-all-window \
         --haystack ../shared/data/retrieval_head/PaulGrahamEssays
 
 Heads are chosen by the copy scores of --scores combined with echo and induction scores measured on the
@@ -33,15 +33,16 @@ from attnkit.heads.patterns import pattern_scores
 
 
 def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, window: int, chunk: int,
-                recipe: bool) -> list[tuple[System, HeadKVConfig | None]]:
+                recipe: bool, all_window: bool = True) -> list[tuple[System, HeadKVConfig | None]]:
     sets = load_score_sets(scores_path)
     if recipe:
         sets = sets + list(pattern_scores(model, tok))
     importance = "+".join(["copy", *RECIPE] if recipe else ["copy"])
     options = dict(sink=sink, window=window, prefill_chunk=chunk, prefill_mode="full")
     out = [(System("full cache", {"cache": "full"}), None)]
-    none = plan(sets, model.config, "none", 0.0, **options)
-    out.append((System(label("none", 0.0, none), {"cache": label("none", 0.0, none)}, none), none))
+    if all_window:
+        none = plan(sets, model.config, "none", 0.0, **options)
+        out.append((System(label("none", 0.0, none), {"cache": label("none", 0.0, none)}, none), none))
     for full in budgets:
         chosen = plan(sets, model.config, "retrieval", full, **options)
         name = label("retrieval", full, chosen, importance=importance)
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--haystack", type=Path, default=None, help="essays for the essay tasks (a .txt or a folder, "
                     "e.g. ../shared/data/retrieval_head/PaulGrahamEssays); default: attnkit's filler prose")
+    ap.add_argument("--no-all-window", action="store_true", help="leave out the every-head-windowed row")
     ap.add_argument("--no-recipe", action="store_true", help="choose by the score file alone")
     ap.add_argument("--trials", type=Path, default=None, help="JSONL of every answer (default: beside the record)")
     ap.add_argument("--device", default="cpu")
@@ -75,16 +77,17 @@ def main() -> None:
     args.dtype = "float32"
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     record = Record(args, "kv_ruler", {"tasks": tasks, "lengths": lengths, "samples": args.samples,
-                                       "scores": args.scores, "recipe": not args.no_recipe, "sink": args.sink,
+                                       "scores": args.scores, "recipe": not args.no_recipe, "all_window": not args.no_all_window, "sink": args.sink,
                                        "window": args.window, "prefill": "full (the whole prompt, then trimmed)",
                                        "haystack": args.haystack.name if args.haystack else "attnkit filler prose"})
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
     chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, max(lengths) + 256,
-                         not args.no_recipe)
+                         not args.no_recipe, not args.no_all_window)
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(args.haystack) if args.haystack else None
     rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays)
-    controls = {chosen[i][0].name: chosen[i + 1][0].name for i in range(2, len(chosen), 2)}  # recipe -> random
+    pairs = [c for c in chosen if c[1] is not None and c[1].full]  # (recipe, random) per budget
+    controls = {pairs[i][0].name: pairs[i + 1][0].name for i in range(0, len(pairs), 2)}
     for L in lengths:
         def scores_of(name):
             return {(r["task"], r["index"]): r["score"] for r in rows if r["system"] == name and r["length"] == L}

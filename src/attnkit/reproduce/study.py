@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 
 STEPS = ("heads", "ablate", "kv", "buckets", "s2a")
@@ -49,8 +50,8 @@ class StudySettings:
     kv_length: int = 1024
     kv_budgets: tuple[float, ...] = (0.25, 0.5)
     kv_seeds: int = 1  # random-head draws per KV budget
-    kv_sink: int = 16
-    kv_window: int = 128
+    kv_sink: int = KV_DEFAULTS.sink
+    kv_window: int = KV_DEFAULTS.window
     kv_importance: tuple[str, ...] = ("copy", "copy+echo+induction")  # a row per choice; see heads/kvplan.py
     kv_prefill: str = "full"  # window heads trimmed after the prompt (RazorAttention / kvpress); or "window"
     kv_compensate: bool = False
