@@ -233,3 +233,20 @@ def test_random_heads_are_compared_only_with_a_choice_of_the_same_count(tmp_path
     assert claims["copy"]["verdict"].word == V.HOLDS and claims["copy"]["ours"].startswith("22 of 90 KV heads full")
     assert claims["copy+echo"]["verdict"].word == V.NOT_MEASURABLE
     assert "no random draw of 45 heads" in claims["copy+echo"]["verdict"].why
+
+
+def test_s2a_is_not_measurable_where_the_model_does_not_rewrite():
+    """A gain or a loss means nothing when the model ignores the rewrite instruction (an unparsed rewrite
+    falls back to the original prompt): below half parsed the verdict is "not measurable"."""
+    from attnkit.reproduce.report import s2a_claims
+
+    def task(parsed, s2a):
+        return {"parse_rate": parsed, "scores": {"baseline": [0.0] * 12 + [1.0] * 12, "s2a": s2a,
+                                                 "oracle": [1.0] * 24}}
+
+    better = [1.0] * 24
+    res = {"sycophancy": task(16.7, better), "gsm-ic": task(90.0, better)}
+    claims = {c["claim"]: c["verdict"] for c in s2a_claims({"result": res})}
+    assert claims["S2A beats the baseline (sycophancy)"].word == V.NOT_MEASURABLE
+    assert "16.7%" in claims["S2A beats the baseline (sycophancy)"].why
+    assert claims["S2A beats the baseline (gsm-ic)"].word == V.HOLDS

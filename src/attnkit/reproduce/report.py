@@ -134,6 +134,9 @@ def s2a_claims(r: dict) -> list[dict]:
         t = res[task]
         scores = {v: [100.0 * x for x in t.get("scores", {}).get(v, [])] for v in ("baseline", "s2a", "oracle")}
         verdict, diff = V.gain(scores["baseline"], scores["s2a"])
+        if t["parse_rate"] < V.MIN_PARSED and verdict.word != V.TOO_FEW:
+            verdict = V.Verdict(V.NOT_MEASURABLE, f"the model follows the rewrite instruction on {t['parse_rate']}% "
+                                                  f"of prompts, under {V.MIN_PARSED:g}%: not a test of S2A")
         paper = V.PAPER[f"s2a-{task}"]
         claims.append({"claim": f"S2A beats the baseline ({task})",
                        "paper": " / ".join(f"{paper[v]}" for v in ("baseline", "s2a", "oracle") if v in paper)
@@ -267,7 +270,7 @@ def s2a_section(r: dict) -> list[str]:
         lines += _table(["claim", "ours (baseline / S2A / oracle)", ""], [[c["claim"], c["ours"], c["verdict"].markdown()]])
         lines += ["", f"Rewrites parsed: {t['parse_rate']}% (an unparsed rewrite falls back to the original prompt)."
                   + (" The model does not follow the rewrite instruction, so this is not a test of S2A on it."
-                     if t["parse_rate"] < 50 else ""), "", "Three S2A rewrites:", ""]
+                     if t["parse_rate"] < V.MIN_PARSED else ""), "", "Three S2A rewrites:", ""]
         for ex in t["examples"]:
             lines += [f"- prompt: {_one_line(ex['prompt'])}", f"  - rewrite: {_one_line(ex['rewrite'] or '')}",
                       f"  - answer: {_one_line(ex['answer'])} (score {ex['score']})"]

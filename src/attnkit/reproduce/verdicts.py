@@ -31,6 +31,7 @@ PAPER = {
                              "sentences, LLaMA-2-70B-chat"},
 }
 
+MIN_PARSED = 50.0  # S2A: below this share of parsed rewrites the model is not doing S2A at all
 SPARSE_SHARE = 0.10  # "a sparse set": at most this share above the threshold (the paper's 3-6% pass it)
 ABLATION_DROP = 25.0  # points of recall the top-K mask must take away
 CONSISTENT = 0.5  # top-set overlap and Spearman both at least this
