@@ -45,6 +45,8 @@ def read_jsonl(path: Path) -> tuple[dict, list[dict]]:
     if not path.is_file():
         raise MissingResults(f"{_rel(path)} is missing")
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) < 2:
+        raise MissingResults(f"{_rel(path)} holds no rows (a run still going, or one that stopped)")
     return lines[0], lines[1:]
 
 
