@@ -195,11 +195,8 @@ def bench_kv_cache(model: str = "embedded", device: str = "cpu", target: float |
 
 
 def _est(d: dict | None, signed: bool = False) -> str:
-    if not d or d.get("mean") is None:
-        return "n/a"
-    f = "{:+.1f}" if signed else "{:.1f}"
-    ci = f" [{f.format(d['ci95'][0])}, {f.format(d['ci95'][1])}]" if d.get("ci95") else ""
-    return f"{f.format(d['mean'])}{ci}, n={d['n']}"
+    from attnkit.evals.stats import Estimate
+    return "n/a" if not d else Estimate.from_dict(d).text(signed=signed)
 
 
 def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu") -> str:

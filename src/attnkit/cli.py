@@ -267,11 +267,8 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
 
 def _estimate_text(d: dict | None) -> str:
     """An Estimate.as_dict() as `mean [low, high], n=N`."""
-    if d is None:
-        return "-"
     from attnkit.evals.stats import Estimate
-    low, high = d["ci95"] or (None, None)
-    return Estimate(d["mean"], low, high, d["n"], d["method"]).text()
+    return "-" if d is None else Estimate.from_dict(d).text()
 
 
 @app.command()

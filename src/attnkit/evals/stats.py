@@ -28,14 +28,22 @@ class Estimate:
     def excludes_zero(self) -> bool:
         return self.low is not None and (self.low > 0 or self.high < 0)
 
-    def text(self, digits: int = 1) -> str:
-        """`83.3 [70.1, 91.0], n=24`: the way every table cell shows a figure."""
+    def text(self, digits: int = 1, signed: bool = False) -> str:
+        """`83.3 [70.1, 91.0], n=24`: the way every table cell shows a figure (`signed`: a difference,
+        `+12.5 [+4.2, +20.8], n=24`)."""
         if self.mean is None:
             return f"n/a (n={self.n})"
-        body = f"{self.mean:.{digits}f}"
+        f = f"{{:{'+' if signed else ''}.{digits}f}}"
+        body = f.format(self.mean)
         if self.low is not None:
-            body += f" [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+            body += f" [{f.format(self.low)}, {f.format(self.high)}]"
         return f"{body}, n={self.n}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Estimate":
+        """The inverse of `as_dict` (result files store estimates that way)."""
+        low, high = d.get("ci95") or (None, None)
+        return cls(d.get("mean"), low, high, d["n"], d.get("method", ""))
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "ci95": self.ci, "n": self.n, "method": self.method}

@@ -25,10 +25,9 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def _diff(est: stats.Estimate) -> str:
     """A paired difference: `+12.5 [4.2, 20.8], n=24 (excludes 0)`."""
     if est.mean is None:
-        return f"n/a (n={est.n})"
-    text = f"{est.mean:+.1f}" + (f" [{est.low:+.1f}, {est.high:+.1f}]" if est.low is not None else "")
-    return f"{text}, n={est.n}" + ("" if est.low is None else " (excludes 0)" if est.excludes_zero() else
-                                   " (includes 0)")
+        return est.text()
+    return est.text(signed=True) + ("" if est.low is None else " (excludes 0)" if est.excludes_zero() else
+                                    " (includes 0)")
 
 
 def _recall(values) -> str:
