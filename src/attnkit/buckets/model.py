@@ -69,7 +69,7 @@ class BucketsSession(Session):
 
     def __init__(self, model, config: BucketsConfig):
         super().__init__(model)
-        self.config, self.rows = config, len(config.bases)
+        self.config, self.rows = config, config.rows_per_request
 
     def scores(self, logits: torch.Tensor):
         return combine(logits.view(-1, self.rows, logits.shape[-1]), self.config.combine)
