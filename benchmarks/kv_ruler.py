@@ -1,5 +1,5 @@
 """The retrieval-head KV cache on RULER's tasks: full cache, heads by the recipe, random heads of the
-same count, every head windowed, on the same generated prompts.
+same count, every head windowed, and token budgets inside the window heads, on the same generated prompts.
 
     python benchmarks/kv_ruler.py --model smollm2-135m-instruct \
         --scores results/study/smollm2-135m-instruct/head_scores.json \
@@ -7,7 +7,11 @@ same count, every head windowed, on the same generated prompts.
         --haystack ../shared/data/retrieval_head/PaulGrahamEssays
 
 Heads are chosen by the copy scores of --scores combined with echo and induction scores measured on the
-model (the recipe, `--no-recipe`: the file alone), the cache trimmed after a whole-prompt prefill. Per
+model (the recipe, `--no-recipe`: the file alone), the cache trimmed after a whole-prompt prefill.
+`--token-budgets RATIO:FULL:SPLIT,...` adds caches at RATIO of the model's own KV memory (at the longest
+length): the top FULL fraction of KV heads full, every other KV head keeping sink + window plus a token
+budget (the per-head average that reaches RATIO), shared by importance or evenly (SPLIT: importance |
+uniform), the tokens chosen by the prompt's last 64 queries (SnapKV inside each head). Per
 system and length: KV memory against the model's own cache, each task's mean RULER score with its 95%
 bootstrap interval and n, the NIAH average, and the paired difference from the full cache. The
 trials go to --trials as they finish (a rerun resumes, and refuses other settings); the summary rows go
@@ -28,12 +32,14 @@ from attnkit.evals import ruler as R
 from attnkit.evals import stats
 from attnkit.evals.systems import System
 from attnkit.heads.kvcompare import kv_ratio, label
-from attnkit.heads.kvplan import RECIPE, load_score_sets, plan
+from attnkit.heads.kvplan import RECIPE, budget_for_ratio, load_score_sets, plan
 from attnkit.heads.patterns import pattern_scores
 
 
 def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, window: int, chunk: int,
-                recipe: bool, all_window: bool = True) -> list[tuple[System, HeadKVConfig | None]]:
+                recipe: bool, all_window: bool = True, random_at: list[float] | None = None,
+                token_budgets: list[tuple[float, float, str]] = (), tokens: int = 4096
+                ) -> list[tuple[System, HeadKVConfig | None]]:
     sets = load_score_sets(scores_path)
     if recipe:
         sets = sets + list(pattern_scores(model, tok))
@@ -47,9 +53,18 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
         chosen = plan(sets, model.config, "retrieval", full, **options)
         name = label("retrieval", full, chosen, importance=importance)
         out.append((System(name, {"cache": name}, chosen), chosen))
+        if random_at is not None and full not in random_at:
+            continue
         rand = plan(sets, model.config, "random", full, len(chosen.full), seed=0, **options)
         name = label("random", full, rand, heads=len(chosen.full))
         out.append((System(name, {"cache": name}, rand), rand))
+    for ratio, full, split in token_budgets:
+        heads = plan(sets, model.config, "retrieval" if full > 0 else "none", full, **options)
+        per_head = budget_for_ratio(ratio, len(heads.full), model.config, tokens, sink, window)
+        cfg = plan(sets, model.config, "retrieval" if full > 0 else "none", full, **options, head_tokens=per_head,
+                   split=split)
+        name = label("retrieval" if full > 0 else "none", full, cfg, importance=importance, split=split)
+        out.append((System(name, {"cache": name, "head_tokens": per_head}, cfg), cfg))
     return out
 
 
@@ -61,6 +76,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096")
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--budgets", default="0.25", help="fractions of KV heads with the full cache")
+    ap.add_argument("--random-at", default=None, help="fractions of --budgets with a random-heads row (default: all)")
+    ap.add_argument("--token-budgets", default="", help="RATIO:FULL:SPLIT,... caches with token budgets (see above)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--haystack", type=Path, default=None, help="essays for the essay tasks (a .txt or a folder, "
@@ -74,20 +91,30 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     budgets = [float(x) for x in args.budgets.split(",")]
+    random_at = None if args.random_at is None else [float(x) for x in args.random_at.split(",")]
+    token_budgets = []
+    for spec in filter(None, (x.strip() for x in args.token_budgets.split(","))):
+        try:
+            ratio, full, split = spec.split(":")
+            token_budgets.append((float(ratio), float(full), split))
+        except ValueError:
+            ap.error(f"--token-budgets: {spec!r} is not RATIO:FULL:SPLIT (e.g. 0.27:0.1:importance)")
     args.dtype = "float32"
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     record = Record(args, "kv_ruler", {"tasks": tasks, "lengths": lengths, "samples": args.samples,
-                                       "scores": args.scores, "recipe": not args.no_recipe, "all_window": not args.no_all_window, "sink": args.sink,
+                                       "scores": args.scores, "recipe": not args.no_recipe, "all_window": not args.no_all_window,
+                                       "budgets": budgets, "random_at": random_at, "token_budgets": token_budgets, "sink": args.sink,
                                        "window": args.window, "prefill": "full (the whole prompt, then trimmed)",
                                        "haystack": args.haystack.name if args.haystack else "attnkit filler prose"})
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
     chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, max(lengths) + 256,
-                         not args.no_recipe, not args.no_all_window)
+                         not args.no_recipe, not args.no_all_window, random_at, token_budgets, max(lengths))
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(args.haystack) if args.haystack else None
     rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays)
-    pairs = [c for c in chosen if c[1] is not None and c[1].full]  # (recipe, random) per budget
-    controls = {pairs[i][0].name: pairs[i + 1][0].name for i in range(0, len(pairs), 2)}
+    pairs = [c for c in chosen if c[1] is not None and c[1].full and not c[1].budgets]  # recipe, then its random
+    controls = {a[0].name: b[0].name for a, b in zip(pairs, pairs[1:]) if b[0].name.startswith("random")
+                and not a[0].name.startswith("random")}
     for L in lengths:
         def scores_of(name):
             return {(r["task"], r["index"]): r["score"] for r in rows if r["system"] == name and r["length"] == L}
@@ -99,6 +126,7 @@ def main() -> None:
             niah = stats.bootstrap_mean([by_key[k] for k in keys if k[0] in R.NIAH_TASKS])
             diff = stats.paired_difference([full.get(k) for k in keys], [by_key[k] for k in keys])
             record.emit({"length": L, "system": system.name, "full_heads": None if cfg is None else len(cfg.full),
+                         "head_tokens": system.fields.get("head_tokens", 0),
                          "kv_ratio": 1.0 if cfg is None else round(kv_ratio(cfg, model.config, L), 4),
                          "tasks": {t: stats.bootstrap_mean([r["score"] for r in mine if r["task"] == t]).as_dict()
                                    for t in tasks},

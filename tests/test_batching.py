@@ -69,10 +69,12 @@ def _alone(model, technique, ids, steps):
 
 
 @pytest.mark.parametrize("family,technique", [
-    ("llama", None), ("gemma3", None), ("qwen2", "kv"), ("gemma3", "kv"), ("llama", "buckets")])
+    ("llama", None), ("gemma3", None), ("qwen2", "kv"), ("gemma3", "kv"), ("llama", "budgets"), ("llama", "buckets")])
 def test_rows_that_join_a_running_batch_get_the_tokens_they_get_alone(family, technique):
     model = tiny_model(family, kv_heads=1 if family == "qwen2" else 2)
     technique = {"kv": HeadKVConfig(full={(0, 0)}, sink=2, window=5, prefill_chunk=8),
+                 "budgets": HeadKVConfig(full={(0, 0)}, sink=2, window=5, prefill_chunk=8, prefill="full",
+                                         budgets={(0, 1): 3, (1, 1): 6}, select_window=4),
                  "buckets": BucketsConfig([10000.0, 2500.0]), None: None}[technique]
     engine = _Gated(model, _Tok(), technique, 256, max_batch=8)
     prompts = _prompts([30, 11, 19, 6, 25])

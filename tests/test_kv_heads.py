@@ -105,6 +105,9 @@ def test_kv_compare_and_niah_with_the_cache(tmp_path):
     (("niah", "--kv-choose", "random"), "score file"),
     (("kv", "plan", "--full", "2"), r"\[0, 1\]"),
     (("kv", "compare", "--scores", "missing.json"), "not found"),
+    (("niah", "--kv-choose", "none", "--kv-prefill", "window", "--kv-head-tokens", "8"), "full prefill"),
+    (("niah", "--kv-choose", "none", "--kv-head-tokens", "8"), "score file"),
+    (("niah", "--kv-choose", "none", "--kv-head-tokens", "-1"), ">= 0"),
 ])
 def test_kv_user_errors(args, message):
     r = cli(*args)
@@ -187,3 +190,50 @@ def test_the_recipe_is_the_default_choice_of_full_heads(tmp_path, embedded):
     assert got["full_heads"] != plain["full_heads"]  # the recipe changes the choice here
     assert got["chosen_by"] == ["copy", "echo", "induction"] and plain["chosen_by"] == ["copy"]
     assert got["prefill"] == "full"
+
+
+def test_token_budgets_share_the_pool_by_importance_exactly():
+    heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    importance = {(0, 0): 0.6, (0, 1): 0.3, (1, 0): 0.1, (1, 1): -0.2, (2, 0): 5.0}  # (2, 0) is not in the pool
+    got = P.token_budgets(importance, heads, 10)
+    assert sum(got.values()) == 40 and got == {(0, 0): 24, (0, 1): 12, (1, 0): 4}  # negative counts as 0
+    assert P.token_budgets(importance, heads, 10, "uniform") == dict.fromkeys(heads, 10)
+    assert P.token_budgets({h: 0.0 for h in heads}, heads, 3) == dict.fromkeys(heads, 3)  # nothing scored: even
+    odd = P.token_budgets({(0, 0): 1.0, (0, 1): 1.0, (1, 0): 1.0}, heads[:3], 1)  # 3 tokens, remainders
+    assert sum(odd.values()) == 3
+    with pytest.raises(AttnkitError, match="split"):
+        P.token_budgets(importance, heads, 10, "by-layer")
+
+
+def test_plan_with_token_budgets_reaches_the_memory_asked():
+    config = tiny_config("llama", kv_heads=2)  # 3 layers x 4 heads, 2 KV heads: 6 KV heads
+    arch = architecture(config)
+    scores = _scores(3, 4, {(0, 1): 0.9, (1, 2): 0.5, (2, 0): 0.2})
+    for ratio, full in ((0.4, 1), (0.25, 0)):
+        per_head = P.budget_for_ratio(ratio, full, config, 512, sink=4, window=16)
+        cfg = P.plan(scores, config, "retrieval" if full else "none", None, full, sink=4, window=16,
+                     prefill_mode="full", head_tokens=per_head)
+        assert len(cfg.full) == full and not set(dict(cfg.budgets)) & cfg.full
+        got = cfg.kv_bytes(arch, 512) / native_kv_bytes(arch, 512)
+        assert ratio - 0.01 < got <= ratio  # rounded down to whole tokens per head
+        assert max(n for _, n in cfg.budgets) > min(n for _, n in cfg.budgets)  # shared by importance
+    with pytest.raises(AttnkitError, match="full prefill"):
+        P.plan(scores, config, "none", 0.0, head_tokens=8)
+    with pytest.raises(AttnkitError, match="full cache and a token budget"):
+        HeadKVConfig(full={(0, 0)}, budgets={(0, 0): 4}, prefill="full")
+    with pytest.raises(AttnkitError, match="odd"):
+        HeadKVConfig(select_kernel=4)
+    with pytest.raises(AttnkitError, match="compensation"):
+        HeadKVConfig(budgets={(0, 0): 4}, prefill="full", compensate=True)
+
+
+def test_niah_with_token_budgets_records_them(tmp_path, embedded):
+    S.save_scores(_scores(8, 8, {(5, 0): 0.9, (6, 3): 0.7, (2, 1): 0.2}), tmp_path / "copy.json")
+    r = cli("niah", "--kv-scores", str(tmp_path / "copy.json"), "--kv-full", "0.1", "--kv-head-tokens", "16",
+            "--no-kv-recipe", "--kv-sink", "4", "--kv-window", "16", "--needles", "passkey", "--lengths", "256",
+            "--depths", "50", "--json", "--out", str(tmp_path / "n.jsonl"))
+    assert r.exit_code == 0, r.output
+    cache = json.loads(r.stdout)["cache"]
+    assert cache["head_tokens"] == 16 and cache["prefill"] == "full"
+    row = json.loads(result_lines(tmp_path / "n.jsonl")[0])
+    assert row["cache"].endswith(" middle tokens")  # the row names what was kept, so reruns never mix

@@ -20,10 +20,12 @@ REF = {}  # what the reference attention needs: window KV heads per layer, sink,
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Eager attention over the whole sequence; query heads of window KV heads see only sink + window.
 
-    With REF["starts"] (the start of the chunk each query was computed in, cache coordinates):
-    `full_prefill` lets a query of a chunk longer than one token see every key of the chunk and what
-    was kept before it; `compensate` adds one key per query, the mean of the real non-sink keys that
-    left before its chunk (j <= start - window), its logit raised by log(how many)."""
+    With REF["prompt_all"] (full prefill: the prompt's length) the prompt's queries see every key before
+    them, whatever the chunks (nothing leaves before the prompt ends), and REF["kept"] gives each window
+    head the middle positions its token budget keeps for the later queries. With REF["starts"] (the start
+    of the chunk each query was computed in, cache coordinates): `compensate` adds one key per query, the
+    mean of the real non-sink keys that left before its chunk (j <= start - window), its logit raised by
+    log(how many)."""
     group = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     scale = scaling or query.shape[-1] ** -0.5
@@ -38,9 +40,6 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     comp_n = None
     if starts is not None:
         start = torch.as_tensor(starts[:n])[:, None]  # [q, 1]
-        if REF.get("full_prefill"):
-            long_chunk = torch.as_tensor(REF["long_chunk"][:n])[:, None]
-            seen = seen | (long_chunk & (j > start - REF["window"]))[None]
         if REF.get("compensate"):
             gone = (real & ~sink)[:, None, :] & (j <= start - REF["window"])[None]  # [batch, q, k]
             comp_n = gone.sum(-1)  # [batch, q]
@@ -51,7 +50,14 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
         if h // group not in REF["windowed"][module.layer_idx]:
             out[:, h] = scores[:, h].softmax(-1) @ v[:, h]
             continue
-        s_h = scores[:, h].masked_fill(~seen, low)
+        seen_h = seen
+        prompt = REF.get("prompt_all")
+        if prompt is not None:  # full prefill: the prompt reads everything, later queries sink + window + kept
+            kept = torch.zeros(real.shape[0], n, dtype=torch.bool)
+            for row, positions in enumerate(REF.get("kept", {}).get((module.layer_idx, h // group), [])):
+                kept[row, positions] = True
+            seen_h = torch.where((i < prompt)[None], torch.ones_like(seen), seen | kept[:, None, :])
+        s_h = scores[:, h].masked_fill(~seen_h, low)
         if comp_n is None:
             out[:, h] = s_h.softmax(-1) @ v[:, h]
             continue
@@ -70,15 +76,25 @@ AttentionMaskInterface.register("test_window_reference", ALL_MASK_ATTENTION_FUNC
 def _reference_logits(model, ids, mask, config: HeadKVConfig, prompt: int | None = None):
     """Logits of the reference; `prompt` (tokens prefilled in chunks of config.prefill_chunk, the rest
     decoded one by one) is needed for the compensation token and full prefill."""
+    _prepare_reference(model, mask, config)
+    if prompt is not None:
+        c = config.prefill_chunk
+        if config.prefill == "full":  # nothing leaves before the prompt ends: no prompt query lacks a key
+            REF.update(prompt_all=prompt, starts=[-(10 ** 9) if t < prompt else t for t in range(ids.shape[1])])
+        else:
+            REF.update(starts=[(t // c) * c if t < prompt else t for t in range(ids.shape[1])])
+    return _run_reference(model, ids, mask)
+
+
+def _prepare_reference(model, mask, config: HeadKVConfig):
     arch = architecture(model.config)  # a native sliding layer is left to the model's own sliding mask
     REF.update(windowed={l: {h for h in range(arch.kv_heads) if (l, h) not in config.full} if kind == "full" else set()
                          for l, kind in enumerate(arch.layer_types)},
                sink=config.sink, window=config.window, padding=mask, starts=None,
-               compensate=config.compensate, full_prefill=config.prefill == "full")
-    if prompt is not None:
-        c = config.prefill_chunk
-        starts = [(t // c) * c if t < prompt else t for t in range(ids.shape[1])]
-        REF.update(starts=starts, long_chunk=[t < prompt and min(s + c, prompt) - s > 1 for t, s in enumerate(starts)])
+               compensate=config.compensate, prompt_all=None, kept={})
+
+
+def _run_reference(model, ids, mask):
     base = model.config._attn_implementation
     model.set_attn_implementation("test_window_reference")
     try:
@@ -273,3 +289,80 @@ def test_hybrid_model_keeps_its_sliding_layers_and_equals_the_reference(attn):
     with pytest.raises(AttnkitError, match="sliding-window layer"):
         with head_kv(model, HeadKVConfig(full={(1, 0)})):
             pass
+
+
+def _snapkv_choice(model, ids, mask, config: HeadKVConfig) -> dict:
+    """{(layer, kv head): per row, the positions its budget keeps}, computed apart from the cache: the
+    plain model's eager attention probabilities of the prompt's last select_window real queries, averaged
+    over them and the KV head's query heads, average-pooled, the top middle tokens (real, not among the
+    first `sink` real ones, older than the window) per row."""
+    base = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                        output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(base)
+    arch = architecture(model.config)
+    group = arch.query_heads // arch.kv_heads
+    real = mask.bool()
+    n, w, k = ids.shape[1], config.select_window, config.select_kernel
+    sink = real & (real.long().cumsum(-1) <= config.sink)
+    middle = real & ~sink & (torch.arange(n) <= n - config.window)[None]
+    widest = int(middle.sum(-1).max())
+    out = {}
+    for (layer, head), budget in config.budgets:
+        probs = att[layer][:, head * group:(head + 1) * group, -w:]  # [b, group, w, n]
+        q_real = real[:, -w:]
+        votes = (probs * q_real[:, None, :, None]).sum(2).mean(1) / q_real.sum(-1, keepdim=True)  # [b, n]
+        pooled = torch.nn.functional.avg_pool1d(votes[:, None], k, stride=1, padding=k // 2)[:, 0]
+        rows = []
+        for r in range(ids.shape[0]):
+            order = [int(j) for j in pooled[r].argsort(descending=True) if middle[r, j]]
+            rows.append(sorted(order[:min(budget, widest)]))
+        out[(layer, head)] = rows
+    return out
+
+
+@pytest.mark.parametrize("family,kv", [("llama", 2), ("qwen2", 1), ("gemma3", 2)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_token_budgets_keep_the_snapkv_choice_and_equal_the_reference(family, kv, attn):
+    """Window heads with a token budget keep the middle tokens the prompt's last queries attended most
+    (computed apart, from the plain model's eager probabilities), in chunked and one-pass prefill; decoding
+    then equals a full-cache reference that lets those heads see sink + window + their kept tokens, and the
+    bytes held equal the formula."""
+    model = tiny_model(family, kv, attn=attn)
+    ids, mask = _batch(seed=5, tokens=48)
+    layer = 0 if family != "gemma3" else 2
+    budgets = {(layer, kv - 1): 5, (1 if family != "gemma3" else 0, 0): 9}
+    full = {(layer, 0)} if kv > 1 else set()
+    for chunk in (7, 48):
+        config = HeadKVConfig(full=full, sink=3, window=6, prefill_chunk=chunk, prefill="full", budgets=budgets,
+                              select_window=8, select_kernel=3)
+        expected = _snapkv_choice(model, ids, mask, config)
+        with head_kv(model, config) as hkv, torch.no_grad():
+            out, cache = hkv.prefill(ids, mask)
+            got = {(l.layer_idx, h): rows for l in cache.layers if hasattr(l, "kept_middle")
+                   for h, rows in l.kept_middle().items()}
+            assert got == expected
+            assert cache.kv_bytes() == config.kv_bytes(architecture(model.config), ids.shape[1], 2, 4)
+            seq, seq_mask = ids, mask
+            for _ in range(4):
+                nxt = out.logits[:, -1:].argmax(-1)
+                seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
+                out = model(input_ids=nxt, attention_mask=seq_mask, position_ids=_positions(seq_mask)[:, -1:],
+                            **cache_kwarg(model, cache), use_cache=True)
+                ref = _budget_reference(model, seq, seq_mask, config, ids.shape[1], expected)[:, -1]
+                torch.testing.assert_close(out.logits[:, -1], ref, atol=2e-4, rtol=1e-4)
+    # the kept tokens matter: without them (sink + window only) the same steps differ
+    plain = _reference_logits(model, seq, seq_mask, HeadKVConfig(full=full, sink=3, window=6))[:, -1]
+    assert (plain - ref).abs().max() > 1e-3
+
+
+def _budget_reference(model, seq, mask, config, prompt, kept):
+    """The reference for token budgets: the prompt's queries read everything; later queries of a window
+    head read sink + window + the positions `kept` gives it."""
+    _prepare_reference(model, mask, config)
+    REF.update(prompt_all=prompt, kept=kept)
+    return _run_reference(model, seq, mask)

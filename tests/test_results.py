@@ -54,3 +54,31 @@ def test_a_second_writer_is_refused(tmp_path):
                 pass
     with ResultFile(out, {"s": 1}) as again:  # released when the first run ends
         assert again.done == []
+
+
+def test_a_rerun_may_add_systems_and_runs_only_theirs(tmp_path):
+    """Settings equal but for a system added (the old ones unchanged): the old rows stay, only the new
+    system's cells run, and the first line names every system; a changed old system is refused."""
+    out = tmp_path / "s.jsonl"
+    calls = []
+
+    def work(cell):
+        calls.append((cell["system"], cell["i"]))
+        return {"v": cell["i"] * (1 if cell["system"] == "a" else 10)}
+
+    def cells(names):
+        return [{"system": n, "i": i} for n in names for i in range(3)]
+
+    run_grid(cells(["a"]), ("system", "i"), work, out, quiet=True, settings={"k": 1, "systems": {"a": {"x": 1}}})
+    calls.clear()
+    rows = run_grid(cells(["a", "b"]), ("system", "i"), work, out, quiet=True,
+                    settings={"k": 1, "systems": {"a": {"x": 1}, "b": {"x": 2}}})
+    assert calls == [("b", 0), ("b", 1), ("b", 2)] and len(rows) == 6
+    assert json.loads(out.read_text().splitlines()[0])["attnkit_run"]["systems"] == {"a": {"x": 1}, "b": {"x": 2}}
+    assert len(result_lines(out)) == 6
+    for settings in ({"k": 1, "systems": {"a": {"x": 9}, "b": {"x": 2}, "c": {}}},  # an old system changed
+                     {"k": 2, "systems": {"a": {"x": 1}, "b": {"x": 2}, "c": {}}},  # another setting changed
+                     {"k": 1, "systems": {"a": {"x": 1}}}):  # a system left out is another run
+        with pytest.raises(AttnkitError, match="other settings"):
+            run_grid(cells(["a"]), ("system", "i"), work, out, quiet=True, settings=settings)
+    assert len(result_lines(out)) == 6 and not (tmp_path / "s.jsonl.tmp").exists()

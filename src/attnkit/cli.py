@@ -138,6 +138,9 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
                                                      "too: less prefill memory)"),
          kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
                                                    "scores measured on the model (seconds)"),
+         kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on average "
+                                                       "(token budgets by importance, chosen by the prompt's last "
+                                                       "tokens' attention; needs the full prefill)"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
     or the retrieval-head KV cache)."""
@@ -152,7 +155,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     from attnkit.core.loading import load_config
     from attnkit.heads.kvplan import cache_from_options
     kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                            bool(bases or search), kv_compensate, kv_prefill)
+                            bool(bases or search), kv_compensate, kv_prefill, kv_head_tokens)
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -162,7 +165,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
         from attnkit.heads.kvcompare import label
         from attnkit.heads.kvplan import with_recipe
         kv_choose = kv_choose or "retrieval"
-        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe)
+        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe, kv_head_tokens)
         # rows name what chose the heads when it is more than one file, so reruns never mix them
         name = label(kv_choose, kv_full, kv, importance="+".join(chosen_by) if len(chosen_by) > 1 else "retrieval")
         systems = [System(f"NIAH, {name}", {"cache": name}, kv)]
@@ -183,6 +186,7 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     if kv is not None:
         summary = {**summary, "cache": {"full_heads": sorted(kv.full), "sink": kv_sink, "window": kv_window,
                                         "choose": kv_choose, "full": kv_full, "prefill": kv.prefill,
+                                        "head_tokens": kv_head_tokens,
                                         "chosen_by": chosen_by if kv_choose == "retrieval" else []}}
     if as_json:
         print(json.dumps(summary))
@@ -215,6 +219,9 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
           kv_prefill: str = typer.Option("full", help="KV cache: full (trimmed after a whole-prompt prefill) or window"),
           kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
                                                     "scores measured on the model (seconds)"),
+          kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on average "
+                                                       "(token budgets by importance, chosen by the prompt's last "
+                                                       "tokens' attention; needs the full prefill)"),
           chat_template: Optional[bool] = CHAT_TEMPLATE,
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
           out: Optional[Path] = TRIALS_OUT,
@@ -237,7 +244,7 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
         raise AttnkitError("--samples must be at least 1")
     length_list = ints(lengths, "--lengths")
     kv = cache_from_options(load_config(model), kv_scores, None, kv_full, KV_DEFAULTS.sink, KV_DEFAULTS.window,
-                            max(length_list), False, prefill_mode=kv_prefill)
+                            max(length_list), False, prefill_mode=kv_prefill, head_tokens=kv_head_tokens)
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(haystack) if haystack else None
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -245,7 +252,7 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
     if kv is not None:
         from attnkit.heads.kvcompare import label
         from attnkit.heads.kvplan import with_recipe
-        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, "retrieval", kv_full, kv_recipe)
+        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, "retrieval", kv_full, kv_recipe, kv_head_tokens)
         name = label("retrieval", kv_full, kv, importance="+".join(chosen_by))
         systems.append(System(name, {"cache": name, **kv.describe()}, kv))
     rows = R.evaluate_ruler(mdl, tok, task_list, length_list, samples, systems, out, quiet=as_json,

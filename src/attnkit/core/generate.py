@@ -140,6 +140,9 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, chunk: i
         extra = {} if mask is None else {"attention_mask": mask[:, :end], "position_ids": positions[:, start:end]}
         out = model(input_ids=ids[:, start:end], use_cache=True, **cache_kwarg(model, cache), **extra,
                     **{**last_logits_only(model), **forward})
+    end_prefill = getattr(cache, "end_prefill", None)  # a cache that compresses once the prompt is in
+    if end_prefill is not None:
+        end_prefill()
     return out
 
 

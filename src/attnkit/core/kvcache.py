@@ -17,6 +17,13 @@ The hand-off is explicit: transformers' attention modules pass their forward's k
 `update` puts its layer there (`KV_LAYER_KWARG`) and the attention function takes it out. Keys are
 stored after RoPE, so they keep their positions.
 
+With `prefill="full"` nothing leaves during the prompt: every head reads all of it, in any chunks, and
+`end_prefill()` (called by `core.generate.prefill` once the prompt is in) trims the window heads. A
+window head with a **token budget** then first keeps its middle tokens (neither sink nor window) that
+the prompt's last `select_window` queries attended most, averaged and pooled as SnapKV does; they sit
+in a store of their own per head (`mid`: keys, values, positions; -1 marks an empty slot) that later
+queries of that head read beside the window store, one attention call per such head.
+
 Hybrid models (Gemma 3: five sliding-window layers per global layer) keep their native sliding
 layers as transformers' own `DynamicSlidingWindowLayer`: those already hold only their window, so
 full-cache heads are chosen among the full-attention layers alone, and sizes are counted per layer
@@ -55,12 +62,22 @@ class HeadKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, layer_idx: int, kv_heads: int, full: list[int], sink: int, window: int,
-                 compensate: bool = False, full_prefill: bool = False):
+                 compensate: bool = False, full_prefill: bool = False, budgets: dict[int, int] | None = None,
+                 select_window: int = 64, select_kernel: int = 5):
         self.layer_idx, self.sink, self.window = layer_idx, sink, window
         self.compensate, self.full_prefill = compensate, full_prefill
         self.full = sorted(full)
         self.windowed = [h for h in range(kv_heads) if h not in set(full)]
         self.kv_heads = kv_heads
+        self.budgets = dict(budgets or {})  # KV head -> middle tokens it keeps (token budgets)
+        self.select_window, self.select_kernel = select_window, select_kernel
+        # full prefill: nothing leaves until the prompt ends (every head reads the whole prompt, whatever
+        # the chunks); then `end_prefill` chooses the budgets' middle tokens and trims the window heads
+        self.holding = full_prefill
+        self.choosing = full_prefill and any(self.budgets.get(h, 0) > 0 for h in self.windowed)
+        self.mid = {}  # window index -> (keys [b, 1, slots, d], values, positions [b, slots]; -1: empty slot)
+        self._obs = None  # while choosing: (queries [b, window heads x group, <= select_window, d], their positions, scale)
+        self._real = None  # while holding: [b, seen] which positions are real tokens
         self.seen = 0  # tokens this layer has been given, padding included (cache coordinates)
         self.keys = self.values = None  # full heads
         self.win_keys = self.win_values = None
@@ -143,7 +160,7 @@ class HeadKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.kv_heads, self.full, self.sink, self.window, self.compensate,
-                      self.full_prefill)
+                      self.full_prefill, self.budgets, self.select_window, self.select_kernel)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise AttnkitError("the retrieval-head KV cache cannot be cropped (assisted decoding is not supported)")
@@ -158,12 +175,22 @@ class HeadKVLayer(CacheLayerMixin):
         self.select_rows(indices)
 
     # --- rows (continuous batching, see core/batching.py); a window slot at position -1 is empty --
+    def _rows_ready(self) -> None:
+        if self.holding and self.seen > 0:
+            raise AttnkitError("rows of a fully prefilled cache can be joined, selected or trimmed only "
+                               "after its prompt ended (end_prefill)")
+
+    def _shift_mid(self, fn) -> None:
+        self.mid = {i: (k, v, fn(p)) for i, (k, v, p) in self.mid.items()}
+
     def pad_left(self, n: int) -> None:
         """n more positions of padding before every row's tokens."""
+        self._rows_ready()
         pad = lambda t: torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], dim=2)  # noqa: E731
         if self.full:  # a layer without full heads keeps an empty [batch, 0, 0, dim] store
             self.keys, self.values = pad(self.keys), pad(self.values)
         self.win_pos = torch.where(self.win_pos >= 0, self.win_pos + n, -1)
+        self._shift_mid(lambda p: torch.where(p >= 0, p + n, -1))
         self.seen += n
         self._ring = None
 
@@ -171,6 +198,8 @@ class HeadKVLayer(CacheLayerMixin):
         """Append the rows of `other` (same length); the shorter window store is padded with empty slots."""
         if other.seen != self.seen:
             raise AttnkitError("only caches of the same length can be joined (pad_left first)")
+        self._rows_ready()
+        other._rows_ready()
         width = max(self.win_pos.shape[1], other.win_pos.shape[1])
 
         def widen(layer):
@@ -189,9 +218,12 @@ class HeadKVLayer(CacheLayerMixin):
         self.valid_count = torch.cat([self.valid_count, other.valid_count])
         self.comp_keys, self.comp_values = torch.cat([self.comp_keys, other.comp_keys]), torch.cat([self.comp_values, other.comp_values])
         self.comp_count = torch.cat([self.comp_count, other.comp_count])
+        self.mid = {i: _join_slots(self.mid.get(i), other.mid.get(i)) for i in self.mid.keys() | other.mid.keys()}
         self._ring = None
 
     def select_rows(self, rows) -> None:
+        self._rows_ready()
+        self.mid = {i: (k[rows], v[rows], p[rows]) for i, (k, v, p) in self.mid.items()}
         self.keys, self.values = self.keys[rows], self.values[rows]
         self.win_keys, self.win_values = self.win_keys[rows], self.win_values[rows]
         self.win_pos, self.win_sink, self.valid_count = self.win_pos[rows], self.win_sink[rows], self.valid_count[rows]
@@ -199,6 +231,8 @@ class HeadKVLayer(CacheLayerMixin):
 
     def trim_left(self, k: int) -> None:
         """Drop the first k positions, padding in every row."""
+        self._rows_ready()
+        self._shift_mid(lambda p: torch.where(p >= k, p - k, -1))
         if self.full:
             self.keys, self.values = self.keys[:, :, k:], self.values[:, :, k:]
         self.win_pos = torch.where(self.win_pos >= k, self.win_pos - k, -1)
@@ -214,7 +248,8 @@ class HeadKVLayer(CacheLayerMixin):
     # --- attention ------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of the keys and values held (the full heads' spare FULL_SLACK tokens not counted)."""
-        tensors = (self.keys, self.values, self.win_keys, self.win_values, self.comp_keys, self.comp_values)
+        tensors = [self.keys, self.values, self.win_keys, self.win_values, self.comp_keys, self.comp_values]
+        tensors += [t for k, v, _ in self.mid.values() for t in (k, v)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def attend(self, module, base_fn, query, keys, values, attention_mask, kwargs, additive: bool = False):
@@ -233,9 +268,9 @@ class HeadKVLayer(CacheLayerMixin):
             full_out, _ = base_fn(module, query.index_select(1, full_heads), keys, values, attention_mask, **kwargs)
             out[:, :, full_heads] = full_out
         cand_k, cand_v, cand_pos, new = pending
-        if q == 1 and attention_mask is None and self._decode_steady():
-            win_out, _ = base_fn(module, query.index_select(1, window_heads), cand_k, cand_v, None, **kwargs)
-            out[:, :, window_heads] = win_out
+        if q == 1 and attention_mask is None and not self.holding and self._decode_steady():
+            out[:, :, window_heads] = self._window_attention(module, base_fn, query.index_select(1, window_heads),
+                                                             cand_k, cand_v, None, kwargs, additive)
             slot = self.sink + self._ring  # the oldest recent key: the next query's window has left it
             self.win_keys[:, :, slot] = cand_k[:, :, -1]
             self.win_values[:, :, slot] = cand_v[:, :, -1]
@@ -244,9 +279,10 @@ class HeadKVLayer(CacheLayerMixin):
             self._ring = (self._ring + 1) % (self.window - 1)
             return out, None
         self._ring = None
-        # the first chunk of a full prefill: the window heads read the model's own keys under its own
-        # mask, so its attention runs as it is (its fast causal path); the compensation token is empty
-        fast = self.full_prefill and q > 1 and cand_pos.shape[1] == self.seen
+        # a full prefill's chunks (nothing has left yet): the window heads read the model's own keys under
+        # its own mask, so its attention runs as it is (its fast causal path); the compensation token is empty
+        prompt_reads_all = self.holding or (self.full_prefill and q > 1)  # a one-token last chunk is prompt too
+        fast = prompt_reads_all and cand_pos.shape[1] == self.seen and not self.mid
         if fast:
             last_row = attention_mask[:, :, -1:] if attention_mask is not None else None
             allowed_model = None
@@ -258,6 +294,10 @@ class HeadKVLayer(CacheLayerMixin):
         rank = self.valid_count[:, None] + new_valid.long().cumsum(-1) - 1
         cand_sink = torch.cat([self.win_sink, new_valid & (rank < self.sink)], dim=1)
         self.valid_count = self.valid_count + new_valid.sum(-1)
+        if self.holding:  # which kept positions are real tokens, for the trim at the prompt's end
+            self._real = new_valid if self._real is None else torch.cat([self._real, new_valid], dim=1)
+        if self.choosing:
+            self._observe(query.index_select(1, window_heads), kwargs.get("scaling") or d ** -0.5)
         if fast:
             win_out, _ = base_fn(module, query.index_select(1, window_heads), cand_k, cand_v, attention_mask, **kwargs)
             out[:, :, window_heads] = win_out
@@ -265,7 +305,7 @@ class HeadKVLayer(CacheLayerMixin):
             return out, None
         q_pos = torch.arange(self.seen - q, self.seen, device=query.device)
         recent = cand_pos[:, None, None, :] > (q_pos[None, None, :, None] - self.window)
-        if self.full_prefill and q > 1:  # a later prefill chunk reads every key still kept; trimmed after
+        if prompt_reads_all:  # a prompt chunk after end_prefill (a question given later) reads every key still kept
             allowed = allowed_model
         else:
             allowed = allowed_model & (recent | cand_sink[:, None, None, :])
@@ -282,11 +322,106 @@ class HeadKVLayer(CacheLayerMixin):
         else:
             mask = allowed if not additive else torch.zeros(allowed.shape, dtype=query.dtype, device=query.device) \
                 .masked_fill(~allowed, torch.finfo(query.dtype).min)
-        win_out, _ = base_fn(module, query.index_select(1, window_heads), keys_in, values_in, mask,
-                             **{**kwargs, "is_causal": False})
-        out[:, :, window_heads] = win_out
+        out[:, :, window_heads] = self._window_attention(module, base_fn, query.index_select(1, window_heads),
+                                                         keys_in, values_in, mask, {**kwargs, "is_causal": False},
+                                                         additive)
         self._keep(cand_k, cand_v, cand_pos, cand_sink, real)
         return out, None
+
+    def _window_attention(self, module, base_fn, query, keys, values, mask, kwargs, additive: bool):
+        """The window heads' outputs [batch, q, window query heads, dim]: query [batch, window query
+        heads, q, dim] over the window store's `keys`/`values` [batch, window heads, n, dim] under
+        `mask` (None, bool or additive [batch, 1, q, n]); a head with a token budget also reads its
+        kept middle tokens (one attention call per such head, its empty slots masked)."""
+        if not self.mid:
+            return base_fn(module, query, keys, values, mask, **kwargs)[0]
+        b, heads, q, d = query.shape
+        group = heads // len(self.windowed)
+        out = query.new_empty(b, q, heads, d)
+        plain = [i for i in range(len(self.windowed)) if i not in self.mid]
+        if plain:
+            q_idx = _query_heads(plain, group, query.device)
+            kv_idx = torch.tensor(plain, dtype=torch.long, device=query.device)
+            out[:, :, q_idx] = base_fn(module, query.index_select(1, q_idx), keys.index_select(1, kv_idx),
+                                       values.index_select(1, kv_idx), mask, **kwargs)[0]
+        low = torch.finfo(query.dtype).min
+        for i, (mid_k, mid_v, mid_pos) in self.mid.items():
+            filled = (mid_pos >= 0)[:, None, None, :].expand(b, 1, q, -1)  # [b, 1, q, slots]
+            if mask is None and bool(filled.all()):
+                m = None
+            else:
+                m = mask if mask is not None else torch.ones(b, 1, q, keys.shape[2], dtype=torch.bool,
+                                                             device=query.device)
+                m = m.expand(b, 1, q, -1)
+                if m.dtype == torch.bool:
+                    m = torch.cat([m, filled], dim=-1)
+                    if additive:
+                        m = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(~m, low)
+                else:
+                    m = torch.cat([m, torch.zeros(filled.shape, dtype=m.dtype, device=m.device).masked_fill(~filled, low)], -1)
+            heads_i = slice(i * group, (i + 1) * group)
+            out[:, :, heads_i] = base_fn(module, query[:, heads_i], torch.cat([keys[:, i:i + 1], mid_k], 2),
+                                         torch.cat([values[:, i:i + 1], mid_v], 2), m, **kwargs)[0]
+        return out
+
+    def _observe(self, window_queries: torch.Tensor, scale: float) -> None:
+        """While the prompt runs (token budgets): keep its last `select_window` queries of the window
+        heads [b, window heads x group, <= select_window, dim] with their positions."""
+        q = window_queries.shape[2]
+        pos = torch.arange(self.seen - q, self.seen, device=window_queries.device)
+        if self._obs is not None:
+            window_queries = torch.cat([self._obs[0], window_queries], dim=2)
+            pos = torch.cat([self._obs[1], pos])
+        keep = self.select_window
+        self._obs = (window_queries[:, :, -keep:], pos[-keep:], scale)
+
+    def end_prefill(self) -> None:
+        """The prompt has ended: each head with a token budget keeps the middle tokens (real, neither
+        sink nor in the window) that the prompt's last `select_window` queries attended most, their
+        attention averaged over those queries and the KV head's query heads and pooled over
+        `select_kernel` neighbouring positions (SnapKV); then the window store is trimmed as usual.
+        A head keeps min(budget, most middle tokens of any row) slots; a row with fewer leaves the
+        rest empty. Query-aware when the question is in the prompt, query-agnostic when it comes after."""
+        if not self.holding:
+            return
+        self.holding = False
+        if self.win_pos is None:  # nothing was prefilled
+            return
+        if not self.choosing or self._obs is None:
+            real, self._real = self._real, None
+            self._keep(self.win_keys, self.win_values, self.win_pos, self.win_sink, real)
+            return
+        self.choosing = False
+        queries, q_pos, scale = self._obs
+        keys, values, pos, real = self.win_keys, self.win_values, self.win_pos, self._real  # every prompt position
+        self._obs = self._real = None
+        b, nw, n, d = keys.shape
+        group = queries.shape[1] // nw
+        w = queries.shape[2]
+        logits = torch.einsum("bhgqd,bhnd->bhgqn", queries.float().view(b, nw, group, w, d), keys.float()) * scale
+        q_real = real[:, -w:]  # [b, w]: padding queries (rows shorter than the window) do not vote
+        allowed = (pos[:, None, :] <= q_pos[None, :, None]) & real[:, None, :]  # [b, w, n]
+        probs = logits.masked_fill(~allowed[:, None, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        votes = (probs * q_real[:, None, None, :, None]).sum(3).mean(2) / q_real.sum(-1).clamp_min(1)[:, None, None]
+        k = self.select_kernel
+        pooled = torch.nn.functional.avg_pool1d(votes, k, stride=1, padding=k // 2) if k > 1 else votes  # [b, nw, n]
+        middle = real & ~self.win_sink & (pos <= self.seen - self.window)  # [b, n]
+        most = int(middle.sum(-1).max()) if n else 0
+        for i, head in enumerate(self.windowed):
+            if self.budgets.get(head, 0) == 0:
+                continue
+            slots = min(self.budgets[head], most)
+            score = pooled[:, i].masked_fill(~middle, float("-inf"))
+            idx = score.topk(slots, dim=-1).indices.sort(-1).values  # [b, slots]
+            ok = middle.gather(1, idx)
+            gather = idx[:, None, :, None].expand(-1, 1, -1, d)
+            self.mid[i] = (keys[:, i:i + 1].gather(2, gather), values[:, i:i + 1].gather(2, gather),
+                           torch.where(ok, pos.gather(1, idx), -1))
+        self._keep(keys, values, pos, self.win_sink, real)
+
+    def kept_middle(self) -> dict[int, list[list[int]]]:
+        """{KV head: per row, the positions of the middle tokens it keeps} (token budgets)."""
+        return {self.windowed[i]: [[int(x) for x in row if x >= 0] for row in p] for i, (_, _, p) in self.mid.items()}
 
     def _decode_steady(self) -> bool:
         """Whether this one-token step (no padding: the model passed no mask) can skip the generic
@@ -316,7 +451,7 @@ class HeadKVLayer(CacheLayerMixin):
         spare slots with older keys, which the window rule masks. With `compensate`, the real keys
         (`real`, [batch, keys]: not padding) that leave join the compensation sums."""
         kept = self.sink + self.window - 1
-        if pos.shape[1] <= kept:
+        if pos.shape[1] <= kept or self.holding:  # full prefill: nothing leaves before the prompt ends
             self.win_keys, self.win_values, self.win_pos, self.win_sink = keys, values, pos, sink
             return
         keep = sink | (pos > self.seen - self.window)
@@ -333,6 +468,24 @@ class HeadKVLayer(CacheLayerMixin):
         self.win_keys, self.win_values = keys.gather(2, gather), values.gather(2, gather)
         self.win_pos = pos.gather(1, idx)
         self.win_sink = sink.gather(1, idx)
+
+
+def _join_slots(a, b):
+    """Kept middle tokens of two row sets (keys, values, positions), the narrower widened with empty slots."""
+    if a is None or b is None:
+        raise AttnkitError("caches with different token budgets cannot be joined")
+    width = max(a[2].shape[1], b[2].shape[1])
+
+    def widen(t):
+        k, v, p = t
+        n = width - p.shape[1]
+        if n == 0:
+            return k, v, p
+        z = k.new_zeros(k.shape[0], 1, n, k.shape[3])
+        return torch.cat([k, z], 2), torch.cat([v, z], 2), torch.cat([p, p.new_full((p.shape[0], n), -1)], 1)
+
+    a, b = widen(a), widen(b)
+    return tuple(torch.cat([x, y]) for x, y in zip(a, b))
 
 
 def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
@@ -364,7 +517,9 @@ class HeadKVCache(Cache):
         self._model_config = model.config
         layers = [DynamicSlidingWindowLayer(sliding_window=arch.windows[i]) if kind == "sliding" else
                   HeadKVLayer(i, arch.kv_heads, [h for l, h in config.full if l == i], config.sink, config.window,
-                              config.compensate, config.prefill == "full")
+                              config.compensate, config.prefill == "full",
+                              {h: n for (l, h), n in config.budgets if l == i}, config.select_window,
+                              config.select_kernel)
                   for i, kind in enumerate(arch.layer_types)]
         super().__init__(layers=layers)
 
@@ -378,6 +533,13 @@ class HeadKVCache(Cache):
                                    "(cache.update(..., kwargs=kwargs)), which the retrieval-head KV cache needs")
             kwargs[KV_LAYER_KWARG] = layer
         return layer.update(key_states, value_states)
+
+    def end_prefill(self) -> None:
+        """The prompt has ended (`core.generate.prefill` says so): heads with token budgets choose their
+        middle tokens now (a later prompt chunk, e.g. a question given after compression, then reads them)."""
+        for layer in self.layers:
+            if isinstance(layer, HeadKVLayer):
+                layer.end_prefill()
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now."""
@@ -437,7 +599,11 @@ class HeadKV(Session):
         return prefill(self.model, input_ids, attention_mask, cache, self.prefill_chunk, **forward), cache
 
     def generate(self, **kwargs):
-        """`model.generate` with a fresh cache of this kind and chunked prefill."""
+        """`model.generate` with a fresh cache of this kind and chunked prefill (window prefill only:
+        transformers' loop does not tell the cache where the prompt ends, which a full prefill needs)."""
+        if self.config.prefill == "full":
+            raise AttnkitError("a full prefill trims the cache when the prompt ends, which model.generate does not "
+                               "say: use attnkit.core.generate.generate (or session.prefill, then decode)")
         kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
         return self.model.generate(**cache_kwarg(self.model, self.new_cache()), **kwargs)
 

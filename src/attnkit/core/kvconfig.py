@@ -20,7 +20,11 @@ class HeadKVConfig:
     prefill_chunk: int = 2048  # prompt tokens per forward; window heads are trimmed after each
     compensate: bool = False  # window heads also keep one compensation token (RazorAttention), see kvcache
     prefill: str = "window"  # window: window heads see sink + window in prefill too (DuoAttention);
-    # full: every head reads the whole prompt chunk, the cache is trimmed after it (RazorAttention, kvpress)
+    # full: every head reads the whole prompt (in any chunks), the cache is trimmed when it ends (RazorAttention, kvpress)
+    budgets: tuple = ()  # ((layer, kv_head), tokens): middle tokens a window head keeps besides sink + window,
+    # chosen once at the end of prefill by the attention of the prompt's last tokens (HeadKV / SnapKV)
+    select_window: int = 64  # the prompt's last tokens whose attention chooses them (SnapKV's observation window)
+    select_kernel: int = 5  # average pooling of those scores over neighbouring positions (SnapKV's kernel)
 
     def __post_init__(self):
         object.__setattr__(self, "full", frozenset((int(l), int(h)) for l, h in self.full))
@@ -32,12 +36,34 @@ class HeadKVConfig:
             raise AttnkitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.prefill not in ("window", "full"):
             raise AttnkitError(f"prefill must be 'window' or 'full', not {self.prefill!r}")
+        pairs = self.budgets.items() if isinstance(self.budgets, dict) else self.budgets
+        budgets = tuple(sorted(((int(l), int(h)), int(n)) for (l, h), n in pairs if int(n) != 0))
+        object.__setattr__(self, "budgets", budgets)
+        if any(n < 0 for _, n in budgets):
+            raise AttnkitError("token budgets must be >= 0")
+        if budgets:
+            both = sorted({k for k, _ in budgets} & self.full)
+            if both:
+                raise AttnkitError(f"KV heads {both} have the full cache and a token budget: give one or the other")
+            if self.prefill != "full":
+                raise AttnkitError("token budgets are chosen from the whole prompt: they need prefill 'full'")
+            if self.compensate:
+                raise AttnkitError("token budgets and the compensation token cannot be combined "
+                                   "(the kept middle tokens would be counted twice)")
+        if self.select_window < 1:
+            raise AttnkitError(f"select_window must be >= 1, got {self.select_window}")
+        if self.select_kernel < 1 or self.select_kernel % 2 == 0:
+            raise AttnkitError(f"select_kernel must be an odd number >= 1, got {self.select_kernel}")
+
+    def budget_of(self) -> dict[tuple[int, int], int]:
+        """{(layer, kv_head): middle tokens} of the heads with a token budget."""
+        return dict(self.budgets)
 
     def check(self, arch: Architecture) -> None:
-        for l, h in sorted(self.full):
+        for l, h in sorted(self.full | {k for k, _ in self.budgets}):
             arch.check_head(l, h, kv=True)
             if arch.layer_types[l] == "sliding":
-                raise AttnkitError(f"full-cache head {(l, h)} lies in a sliding-window layer (window "
+                raise AttnkitError(f"full-cache or budget head {(l, h)} lies in a sliding-window layer (window "
                                    f"{arch.windows[l]}): its cache is the model's own window; choose heads of "
                                    f"the full-attention layers {arch.full_layers}")
 
@@ -47,14 +73,21 @@ class HeadKVConfig:
         return head_kv(model, self)
 
     def describe(self) -> dict:
-        return {"technique": "retrieval-head KV cache", "full_kv_heads": len(self.full), "sink": self.sink,
-                "window": self.window, "compensate": self.compensate, "prefill": self.prefill}
+        out = {"technique": "retrieval-head KV cache", "full_kv_heads": len(self.full), "sink": self.sink,
+               "window": self.window, "compensate": self.compensate, "prefill": self.prefill}
+        if self.budgets:
+            out.update(budget_kv_heads=len(self.budgets), budget_tokens=sum(n for _, n in self.budgets),
+                       select_window=self.select_window, select_kernel=self.select_kernel)
+        return out
 
     def kv_bytes(self, arch: Architecture, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
         """What the cache holds after `tokens` tokens: keys and values of every KV head. A window head
         keeps sink + window - 1 tokens (all that a later query can see besides its own key), plus its
-        compensation token when `compensate`; a native sliding layer keeps its window - 1, as
+        compensation token when `compensate`, plus its token budget where the prompt had that many
+        middle tokens (counted here against `tokens`: exact for a cache just prefilled with `tokens`
+        prompt tokens, at most that later); a native sliding layer keeps its window - 1, as
         transformers' sliding layers do."""
+        middle = max(0, tokens - (self.sink + self.window - 1))
         kept = 0
         for layer, kind in enumerate(arch.layer_types):
             if kind == "sliding":
@@ -63,6 +96,7 @@ class HeadKVConfig:
             n_full = sum(1 for l, _ in self.full if l == layer)
             window_kept = min(tokens, self.sink + self.window - 1) + int(self.compensate)
             kept += n_full * tokens + (arch.kv_heads - n_full) * window_kept
+            kept += sum(min(n, middle) for (l, _), n in self.budgets if l == layer)
         return 2 * batch * arch.head_dim * bytes_per_value * kept
 
 

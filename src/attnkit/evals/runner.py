@@ -2,7 +2,9 @@
 
 The first line of a file records what produced it (`{"attnkit_run": {...settings}}`: model identity,
 data, prompt options, grid, decoding). A rerun resumes only under the same settings; with others it
-stops with an error naming the difference, so rows of two runs never mix. A torn last line (a crash
+stops with an error naming the difference, so rows of two runs never mix. The one change allowed is
+more systems: a rerun whose settings equal the file's but for systems added (those already there
+defined as before) runs only the new systems' cells, and the first line then names them all. A torn last line (a crash
 mid-write) is cut away before appending, and a lock keeps a second process off the file.
 """
 
@@ -74,7 +76,9 @@ class ResultFile:
         if header is None:
             raise AttnkitError(f"{self.path} does not start with attnkit's settings line (an older or foreign "
                                "file?): move it away or choose another --out")
-        if header != self.settings:
+        if header != self.settings and _adds_systems(header, self.settings):
+            self._rewrite_header(lines[1:])
+        elif header != self.settings:
             raise AttnkitError(f"{self.path} holds results of other settings ({_difference(header, self.settings)}): "
                                "choose another --out, or delete the file to start over")
         rows = []
@@ -84,6 +88,22 @@ class ResultFile:
             except json.JSONDecodeError:
                 raise AttnkitError(f"{self.path}, line {n}: not a JSON row; the file is damaged") from None
         return rows
+
+    def _rewrite_header(self, rows: list[str]) -> None:
+        """The first line names the systems added; the rows stay. Written beside and moved over the
+        file (a crash leaves the old file or the new one whole), the new file locked before the move."""
+        import os
+
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        handle = open(tmp, "w+")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write("\n".join([json.dumps({HEADER: self.settings}), *rows]) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        self.handle = handle
 
     def _write(self, row: dict) -> None:
         self.handle.seek(0, 2)
@@ -98,6 +118,15 @@ class ResultFile:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+
+
+def _adds_systems(old: dict, new: dict) -> bool:
+    """Whether `new` is `old` with systems added: every other setting equal, every old system unchanged."""
+    was, now = old.get("systems"), new.get("systems")
+    if not isinstance(was, dict) or not isinstance(now, dict) or len(now) <= len(was):
+        return False
+    rest = lambda d: {k: v for k, v in d.items() if k != "systems"}  # noqa: E731
+    return rest(old) == rest(new) and all(now.get(name) == fields for name, fields in was.items())
 
 
 def _difference(old: dict, new: dict) -> str:

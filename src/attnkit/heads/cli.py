@@ -406,6 +406,9 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
                recipe: bool = typer.Option(True, help="also a row choosing by every score file combined with echo "
                                                       "and induction scores measured on the model (seconds)"),
                seeds: int = typer.Option(1, help="random-head draws per budget"),
+               head_tokens: int = typer.Option(0, help="window heads also keep this many middle tokens each on "
+                                                       "average (token budgets: by importance in the retrieval rows, "
+                                                       "evenly in the random and all-window rows; full prefill)"),
                needles: Optional[Path] = NEEDLES,
                haystack: Optional[Path] = HAYSTACK,
                lengths: str = typer.Option("2048"), depths: str = typer.Option("0,25,50,75,100"),
@@ -443,7 +446,7 @@ def kv_compare(model: str = typer.Option("embedded", help=MODEL_HELP),
         if given and name not in sources:
             sources[name] = [*given.values(), *pattern_scores(mdl, tok)]
     results = compare_caches(mdl, tok, sources, budget_list, N.Grid(needle_list, hay, length_list, depth_list),
-                             settings, seeds, out, quiet=as_json, chat_template=chat_template)
+                             settings, seeds, out, quiet=as_json, chat_template=chat_template, head_tokens=head_tokens)
     if plot:
         from attnkit.evals.plots import kv_tradeoff
         kv_tradeoff(results, plot, title=f"{Path(model).name}: NIAH at {max(length_list)} tokens, "

@@ -19,13 +19,15 @@ from attnkit.heads.kvplan import plan
 
 
 def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importance: str = "retrieval",
-          heads: int | None = None) -> str:
+          heads: int | None = None, split: str | None = None) -> str:
     """Names a cache system in result rows, so that a resumed run matches on every setting."""
     if how == "all":
         return "full cache"
     tail = f"sink {settings.sink} window {settings.window}"
     tail += " compensated" if settings.compensate else ""
     tail += " full prefill" if settings.prefill == "full" else ""
+    if settings.budgets:  # token budgets: how many middle tokens the window heads keep, all together
+        tail += f" +{sum(n for _, n in settings.budgets)} middle tokens" + {"importance": " by importance", "uniform": " evenly"}.get(split, "")
     if how == "none":
         return f"all-window {tail}"
     name = importance if how == "retrieval" else how
@@ -48,12 +50,15 @@ def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
 
 def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
                    settings: HeadKVConfig = KV_DEFAULTS, seeds: int = 1, out: Path | None = None,
-                   quiet: bool = False, chat_template: bool | None = None) -> list[dict]:
+                   quiet: bool = False, chat_template: bool | None = None, head_tokens: int = 0) -> list[dict]:
     """One result per system: {system, importance, full, kv_ratio (at the longest length), recall, grid}.
 
     `scores` is one score dict, or {importance name: score dict or list of them (combined)}: each
     name gets its own row per budget; random heads are drawn at each distinct head count the names
-    chose (the same memory), from heads that no file calls a retrieval head."""
+    chose (the same memory), from heads that no file calls a retrieval head. With `head_tokens`, the
+    window heads also keep that many middle tokens each on average: shared by importance in the
+    retrieval rows, evenly in the random and all-window rows (SnapKV in every head), so a control
+    holds the same memory and no importance."""
     tokens = max(grid.lengths)
     sources = score_sources(scores)
     every_file = [s for sets in sources.values() for s in sets]
@@ -62,8 +67,10 @@ def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
 
     def run(how: str, full: float, seed: int = 0, count: int | None = None, importance: str = "retrieval",
             sets=None, sized: bool = False) -> dict:
-        cfg = plan(sets if sets is not None else every_file, model.config, how, full, count, seed=seed, **options)
-        name = label(how, full, settings, seed, importance, count if sized else None)
+        split = "importance" if how == "retrieval" else "uniform"
+        cfg = plan(sets if sets is not None else every_file, model.config, how, full, count, seed=seed, **options,
+                   head_tokens=head_tokens, split=split)
+        name = label(how, full, cfg, seed, importance, count if sized else None, split if head_tokens else None)
         system = System(name, {"cache": name}, None if how == "all" else cfg)
         summary = N.compare_systems(model, tokenizer, grid, [system], out, quiet, chat_template=chat_template)[name]
         return {"system": how, "importance": importance if how == "retrieval" else None, "full": full,

@@ -26,6 +26,8 @@ Choice = Literal["retrieval", "random", "none", "all"]
 CHOICES = ("retrieval", "random", "none", "all")
 Spread = Literal["global", "layer"]
 SPREADS = ("global", "layer")
+Split = Literal["importance", "uniform"]
+SPLITS = ("importance", "uniform")
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -143,15 +145,73 @@ def choose_full_heads(scores: dict | list[dict] | None, model_config, how: Choic
     return frozenset(random.Random(seed).sample(pool, n))
 
 
+def token_budgets(importance: dict[tuple[int, int], float] | None, heads: list[tuple[int, int]], per_head: int,
+                  split: Split = "importance") -> dict[tuple[int, int], int]:
+    """{(layer, KV head): middle tokens}: per_head x len(heads) tokens shared among `heads`, in
+    proportion to their importance (HeadKV's idea: heads that retrieve get more; negative scores count
+    as 0, and all-zero importance falls back to an even split) or evenly ("uniform": the same budget
+    in every head, SnapKV's layout). Rounding gives the remainders to the largest fractional parts,
+    so the total is exact."""
+    if split not in SPLITS:
+        raise AttnkitError(f"unknown budget split {split!r}: use one of {', '.join(SPLITS)}")
+    if per_head < 0:
+        raise AttnkitError(f"the token budget must be >= 0 tokens per head, got {per_head}")
+    if not heads or per_head == 0:
+        return {}
+    weights = {h: max(0.0, (importance or {}).get(h, 0.0)) for h in heads}
+    if split == "uniform" or sum(weights.values()) <= 0:
+        weights = dict.fromkeys(heads, 1.0)
+    pool, total = per_head * len(heads), sum(weights.values())
+    exact = {h: pool * w / total for h, w in weights.items()}
+    out = {h: int(x) for h, x in exact.items()}
+    for h in sorted(heads, key=lambda h: (-(exact[h] - out[h]), h))[:pool - sum(out.values())]:
+        out[h] += 1
+    return {h: n for h, n in out.items() if n > 0}
+
+
+def budget_for_ratio(ratio: float, full_heads: int, model_config, tokens: int, sink: int = KV_DEFAULTS.sink,
+                     window: int = KV_DEFAULTS.window) -> int:
+    """The per-head token budget that brings a cache with `full_heads` full KV heads to `ratio` of the
+    model's own cache at `tokens` tokens (rounded down; 0 when the full heads alone exceed it)."""
+    from attnkit.core.kvconfig import native_kv_bytes
+
+    arch = architecture(model_config)
+    per_token = 2 * arch.head_dim * 2  # keys and values of one KV head, 2-byte values
+    heads = len(choosable(model_config))
+    sliding = native_kv_bytes(arch, tokens) - heads * tokens * per_token  # native sliding layers stay as they are
+    target = ratio * native_kv_bytes(arch, tokens) - sliding
+    window_heads = heads - full_heads
+    if window_heads <= 0:
+        return 0
+    kept = min(tokens, sink + window - 1)
+    per_head = (target / per_token - full_heads * tokens) / window_heads - kept
+    return max(0, min(int(per_head), max(0, tokens - kept)))
+
+
 def plan(scores: dict | list[dict] | None, model_config, how: Choice = "retrieval", full: float | None = 0.25,
          count: int | None = None, sink: int = KV_DEFAULTS.sink, window: int = KV_DEFAULTS.window,
          prefill_chunk: int = KV_DEFAULTS.prefill_chunk,
          reduce: Literal["max", "mean"] = "max", seed: int = 0, spread: Spread = "global",
-         compensate: bool = KV_DEFAULTS.compensate, prefill_mode: str = KV_DEFAULTS.prefill) -> HeadKVConfig:
-    """A `HeadKVConfig` with heads chosen by `choose_full_heads`."""
+         compensate: bool = KV_DEFAULTS.compensate, prefill_mode: str = KV_DEFAULTS.prefill,
+         head_tokens: int = 0, split: Split = "importance") -> HeadKVConfig:
+    """A `HeadKVConfig` with heads chosen by `choose_full_heads`; with `head_tokens` (middle tokens per
+    window head, on average), every other KV head of the full-attention layers gets a token budget
+    (`token_budgets`: by the same combined importance, or evenly)."""
     HeadKVConfig(sink=sink, window=window, prefill_chunk=prefill_chunk, prefill=prefill_mode)  # validate first
+    if head_tokens < 0:
+        raise AttnkitError(f"the token budget must be >= 0 tokens per head, got {head_tokens}")
+    if head_tokens and prefill_mode != "full":
+        raise AttnkitError("token budgets are chosen from the whole prompt: they need the full prefill")
     chosen = choose_full_heads(scores, model_config, how, full, count, reduce, seed, spread)
-    return HeadKVConfig(chosen, sink, window, prefill_chunk, compensate, prefill_mode)
+    budgets = {}
+    if head_tokens:
+        sets = _score_sets(scores)
+        if split == "importance" and not sets:
+            raise AttnkitError("token budgets by importance need a score file (or split 'uniform')")
+        layers, heads, kv_heads = model_shape(model_config)
+        importance = combine(sets, layers, heads, kv_heads, reduce) if sets else None
+        budgets = token_budgets(importance, [k for k in choosable(model_config) if k not in chosen], head_tokens, split)
+    return HeadKVConfig(chosen, sink, window, prefill_chunk, compensate, prefill_mode, budgets)
 
 
 def load_score_sets(paths) -> list[dict] | None:
@@ -166,16 +226,17 @@ def load_score_sets(paths) -> list[dict] | None:
 
 def plan_from_options(model_config, scores_path, choose: str, full: float, count: int | None, sink: int,
                       window: int, chunk: int, reduce: str = "max", seed: int = 0, spread: str = "global",
-                      compensate: bool = False, prefill_mode: str = "window") -> HeadKVConfig:
+                      compensate: bool = False, prefill_mode: str = "window", head_tokens: int = 0,
+                      split: Split = "importance") -> HeadKVConfig:
     """A HeadKVConfig from the `kv plan` / `--kv-*` options: the score file(s) (a path, a list, or None) read here."""
     data = load_score_sets(scores_path)
     return plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed, spread, compensate,
-                prefill_mode)
+                prefill_mode, head_tokens, split)
 
 
 def cache_from_options(model_config, scores_path, choose: str | None, full: float, sink: int, window: int,
                        chunk: int, with_buckets: bool, compensate: bool = False,
-                       prefill_mode: str = "window") -> HeadKVConfig | None:
+                       prefill_mode: str = "window", head_tokens: int = 0) -> HeadKVConfig | None:
     """The `--kv-*` options of `niah` and `serve` as a HeadKVConfig, or None when none is given; read
     from the model's config alone, so bad options fail before any weights load."""
     if not scores_path and choose is None:
@@ -183,14 +244,14 @@ def cache_from_options(model_config, scores_path, choose: str | None, full: floa
     if with_buckets:
         raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
     return plan_from_options(model_config, scores_path or None, choose or "retrieval", full, None, sink, window, chunk,
-                             compensate=compensate, prefill_mode=prefill_mode)
+                             compensate=compensate, prefill_mode=prefill_mode, head_tokens=head_tokens)
 
 
 RECIPE = ("echo", "induction")  # measured on the loaded model and combined with the given score files
 
 
 def with_recipe(kv: HeadKVConfig | None, model, tokenizer, scores_path, choose: str | None, full: float,
-                recipe: bool = True) -> tuple[HeadKVConfig | None, list[str]]:
+                recipe: bool = True, head_tokens: int = 0) -> tuple[HeadKVConfig | None, list[str]]:
     """The `--kv-recipe` step (on by default): the given score files combined with echo and induction
     scores (RazorAttention's patterns, a few seconds on the loaded model), the heads chosen again; and
     the names of what chose them, for result rows. Off, or for random/none choices: `kv` unchanged."""
@@ -202,4 +263,4 @@ def with_recipe(kv: HeadKVConfig | None, model, tokenizer, scores_path, choose: 
     echo, induction = pattern_scores(model, tokenizer)
     sets = load_score_sets(scores_path) + [echo, induction]
     return plan(sets, model.config, "retrieval", full, None, kv.sink, kv.window, kv.prefill_chunk,
-                compensate=kv.compensate, prefill_mode=kv.prefill), names + list(RECIPE)
+                compensate=kv.compensate, prefill_mode=kv.prefill, head_tokens=head_tokens), names + list(RECIPE)

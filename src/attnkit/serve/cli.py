@@ -71,6 +71,8 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
           kv_prefill: str = typer.Option(KV_DEFAULTS.prefill, help="KV cache: window or full (trimmed after prefill)"),
           kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
                                                     "scores measured on the model at start-up (seconds)"),
+          kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on "
+                                                     "average (token budgets; needs --kv-prefill full)"),
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
@@ -93,7 +95,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
     else:
         engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                               device, dtype, max_queue, device_map, max_batch, max_kv_bytes, kv_compensate, kv_prefill,
-                              kv_recipe)
+                              kv_recipe, kv_head_tokens)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
         what = f"{model} ({engine.describe()['technique']})"
@@ -105,18 +107,18 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
 def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
                  device: str, dtype: str, max_queue: int, device_map=None, max_batch: int = 32,
                  max_kv_bytes: int | None = None, kv_compensate: bool = False, kv_prefill: str = "window",
-                 kv_recipe: bool = True):
+                 kv_recipe: bool = True, kv_head_tokens: int = 0):
     from attnkit.core.loading import load_config, load_model
     from attnkit.heads.kvplan import cache_from_options
     from attnkit.serve.engine import Engine
 
     kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                            bool(bases or search), kv_compensate, kv_prefill)
+                            bool(bases or search), kv_compensate, kv_prefill, kv_head_tokens)
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     if kv is not None:
         from attnkit.heads.kvplan import with_recipe
-        kv, _ = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe)
+        kv, _ = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe, kv_head_tokens)
     technique = kv
     if bases or search:
         from attnkit.buckets import BucketsConfig
