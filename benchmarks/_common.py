@@ -13,6 +13,9 @@ import torch
 import transformers
 
 from attnkit.core.loading import load_model
+from attnkit.core.say import show
+
+show()  # the library's progress lines on stderr, as the command line shows them
 
 
 def build(model_name: str, device: str, dtype: torch.dtype):

@@ -452,7 +452,10 @@ def test_the_server_chooses_kv_heads_by_the_recipe_unless_told_not_to(tmp_path):
     S.save_scores({(l, h): [high.get((l, h), 0.0)] for l in range(8) for h in range(8)}, tmp_path / "copy.json")
     data = S.load_scores(tmp_path / "copy.json")
     model, tok = load_model("embedded")  # the shipped model: 8 layers x 8 heads
-    args = ("embedded", None, False, [tmp_path / "copy.json"], None, 0.5, 16, 128, 2048, "cpu", "float32", 8)
-    recipe, alone = build_engine(*args).technique, build_engine(*args, kv_recipe=False).technique
+    from attnkit.core import registry
+    settings = {"scores": [str(tmp_path / "copy.json")], "full": 0.5}
+    recipe = build_engine("embedded", registry.choice("kv-cache", given=settings), "cpu", "float32", 8).technique
+    alone = build_engine("embedded", registry.choice("kv-cache", given={**settings, "recipe": False}), "cpu",
+                         "float32", 8).technique
     assert recipe.full == P.plan([data, *pattern_scores(model, tok)], model.config, "retrieval", 0.5).full
     assert alone.full == P.plan(data, model.config, "retrieval", 0.5).full and alone.full != recipe.full

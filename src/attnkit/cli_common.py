@@ -55,16 +55,41 @@ def quiet_transformers() -> None:
 
 
 
-def resolve_bases(model: str, bases: str | None, search: bool) -> list[float]:
-    """--bases / --search as the buckets' bases (`buckets.search.choose_bases`), the search's message printed."""
-    from attnkit.buckets.search import choose_bases
-    from attnkit.core.loading import load_config
+TECHNIQUE = typer.Option(None, "--technique", help="a registered technique (`attnkit techniques` lists them)")
+SETTINGS = typer.Option(None, "--set", help="a setting of --technique as KEY=VALUE (repeat for more)")
 
-    chosen, message = choose_bases(load_config(model) if search else None,
-                                   floats(bases, "--bases") if bases else None, search)
-    if message:
-        console.print(f"[yellow]{message}[/yellow]")
-    return chosen
+
+def technique_choice(technique: str | None, settings: list[str] | None, kv: dict | None = None,
+                     buckets: dict | None = None):
+    """The technique a command runs, through the registry: `--technique NAME --set K=V`, or the older
+    options that spell one (`--kv-*`: the KV cache's settings, `--bases/--search`: Buckets')."""
+    from attnkit.core import registry
+
+    if technique and (kv or buckets):
+        raise AttnkitError("give --technique with --set, or the --kv-* / --bases / --search options, not both")
+    if kv and buckets:
+        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
+    if kv:
+        return registry.choice("kv-cache", given=kv)
+    if buckets:
+        return registry.choice("buckets", given=buckets)
+    return registry.choice(technique, settings)
+
+
+def kv_settings(scores, choose, full, sink, window, chunk, compensate, prefill, recipe, head_tokens) -> dict | None:
+    """The `--kv-*` options as the KV cache entry's settings (None: no KV cache asked for)."""
+    if not scores and choose is None:
+        return None
+    return {"scores": [str(p) for p in scores or []], "choose": choose or "retrieval", "full": full, "sink": sink,
+            "window": window, "chunk": chunk, "compensate": compensate, "prefill": prefill, "recipe": recipe,
+            "head-tokens": head_tokens}
+
+
+def buckets_settings(bases: str | None, search: bool, combine: str) -> dict | None:
+    """`--bases/--search/--combine` as the Buckets entry's settings (None: no buckets asked for)."""
+    if not bases and not search:
+        return None
+    return {"bases": [b for b in bases.split(",") if b.strip()] if bases else [], "search": search, "combine": combine}
 
 
 def span(text: str, what: str, parts: int) -> list[float]:

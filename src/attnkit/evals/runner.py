@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from attnkit.core.say import say
 from attnkit.errors import AttnkitError
 
 HEADER = "attnkit_run"
@@ -183,8 +184,7 @@ class _LineProgress:
             t.printed_decile = decile
             elapsed = time.monotonic() - t.started
             left = elapsed / t.done * (t.total - t.done) if t.done else 0
-            print(f"{t.description}: {t.done}/{t.total} ({elapsed:.0f} s, about {left:.0f} s left)",
-                  file=sys.stderr, flush=True)
+            say(f"{t.description}: {t.done}/{t.total} ({elapsed:.0f} s, about {left:.0f} s left)")
 
 
 def run_grid(cells: list[dict], fields: tuple[str, ...], work, out: Path | None = None,

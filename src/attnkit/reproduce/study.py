@@ -125,8 +125,8 @@ class Study:
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            from rich.console import Console
-            Console(stderr=True).print(text, highlight=False)
+            from attnkit.core.say import say
+            say(text)
 
 
 def _record(study: Study, step: str) -> dict:
@@ -169,12 +169,12 @@ def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
             if {k: old.get(k) for k in record} != record:
                 raise AttnkitError(f"{path} was written by a study with other settings (model, options or data); "
                                    "give another --out")
-            study.say(f"[dim]{step}: done before, kept ({path})[/dim]")
+            study.say(f"{step}: done before, kept ({path})")
             done[step] = old
             continue
         if step in ("ablate", "kv") and "heads" not in done and not (study.out / "heads.json").is_file():
             raise AttnkitError(f"step {step} needs the retrieval scores of step heads: include heads in --only")
-        study.say(f"[bold]{step}[/bold]")
+        study.say(f"step: {step}")
         t = time.time()
         result = STEP_FUNCTIONS[step](study)
         content = {**record, "seconds": round(time.time() - t, 1), "run": run_facts(study), "result": result}

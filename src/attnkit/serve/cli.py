@@ -9,7 +9,8 @@ from typing import Optional, List
 
 import typer
 
-from attnkit.cli_common import DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, quiet_transformers, resolve_bases
+from attnkit.cli_common import (DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, SETTINGS, TECHNIQUE, buckets_settings, console,
+                                kv_settings, quiet_transformers, technique_choice)
 from attnkit.core.family import architecture
 from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
@@ -73,6 +74,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
                                                     "scores measured on the model at start-up (seconds)"),
           kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on "
                                                      "average (token budgets; needs --kv-prefill full)"),
+          technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
@@ -93,9 +95,10 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
         app = proxy_app(upstream, s2a, _key(upstream_key_env, "--upstream-key-env"), api_key, upstream_timeout, max_body)
         what = f"S2A proxy ({s2a}) for {upstream}"
     else:
-        engine = build_engine(model, bases, search, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                              device, dtype, max_queue, device_map, max_batch, max_kv_bytes, kv_compensate, kv_prefill,
-                              kv_recipe, kv_head_tokens)
+        choice = technique_choice(technique, settings, kv_settings(kv_scores, kv_choose, kv_full, kv_sink, kv_window,
+                                                                    kv_chunk, kv_compensate, kv_prefill, kv_recipe,
+                                                                    kv_head_tokens), buckets_settings(bases, search, "paper"))
+        engine = build_engine(model, choice, device, dtype, max_queue, device_map, max_batch, max_kv_bytes)
         from attnkit.serve.app import local_app
         app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
         what = f"{model} ({engine.describe()['technique']})"
@@ -104,23 +107,17 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def build_engine(model: str, bases, search: bool, kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                 device: str, dtype: str, max_queue: int, device_map=None, max_batch: int = 32,
-                 max_kv_bytes: int | None = None, kv_compensate: bool = False, kv_prefill: str = "window",
-                 kv_recipe: bool = True, kv_head_tokens: int = 0):
+def build_engine(model: str, choice=None, device: str = "cpu", dtype: str = "auto", max_queue: int = 256,
+                 device_map=None, max_batch: int = 32, max_kv_bytes: int | None = None):
+    """The engine `attnkit serve` runs: the model with the technique `choice` (a `core.registry.Choice`;
+    None: the plain model), its settings checked before the weights load."""
+    from attnkit.core import registry
     from attnkit.core.loading import load_config, load_model
-    from attnkit.heads.kvplan import cache_from_options
     from attnkit.serve.engine import Engine
 
-    kv = cache_from_options(load_config(model), kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk,
-                            bool(bases or search), kv_compensate, kv_prefill, kv_head_tokens)
+    choice = choice or registry.choice(None)
+    record = choice.build(load_config(model))
     quiet_transformers()
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    if kv is not None:
-        from attnkit.heads.kvplan import with_recipe
-        kv, _ = with_recipe(kv, mdl, tok, kv_scores, kv_choose, kv_full, kv_recipe, kv_head_tokens)
-    technique = kv
-    if bases or search:
-        from attnkit.buckets import BucketsConfig
-        technique = BucketsConfig(resolve_bases(model, bases, search))
-    return Engine(mdl, tok, technique, architecture(mdl.config).max_positions, max_queue, max_batch, max_kv_bytes)
+    record = choice.finish(record, mdl, tok)
+    return Engine(mdl, tok, record, architecture(mdl.config).max_positions, max_queue, max_batch, max_kv_bytes)

@@ -1,0 +1,65 @@
+"""The retrieval-head KV cache as a registered technique (`--technique kv-cache --set ...`): its options,
+written once, for `niah`, `eval ruler` and `serve` (whose `--kv-*` options spell the same settings)."""
+
+from __future__ import annotations
+
+from attnkit.core.kvconfig import KV_DEFAULTS
+from attnkit.core.registry import Entry, Option, register
+
+OPTIONS = (
+    Option("scores", list, [], "score file(s) choosing the full-cache heads (comma-separated: combined)"),
+    Option("choose", str, "retrieval", "retrieval, random or none"),
+    Option("full", float, 0.25, "fraction of KV heads with the full cache"),
+    Option("sink", int, KV_DEFAULTS.sink, "first tokens every window head keeps"),
+    Option("window", int, KV_DEFAULTS.window, "recent tokens every window head sees"),
+    Option("chunk", int, KV_DEFAULTS.prefill_chunk, "prefill chunk (tokens)"),
+    Option("compensate", bool, False, "window heads keep a compensation token (RazorAttention)"),
+    Option("prefill", str, "full", "full (every head reads the prompt, trimmed when it ends) or window"),
+    Option("recipe", bool, True, "combine the score files with echo and induction scores measured on the model"),
+    Option("head-tokens", int, 0, "middle tokens each window head also keeps, on average (token budgets)"),
+)
+
+
+def build(model_config, s: dict):
+    from attnkit.heads.kvplan import cache_from_options
+
+    return cache_from_options(model_config, s["scores"] or None, s["choose"], s["full"], s["sink"], s["window"],
+                              s["chunk"], False, s["compensate"], s["prefill"], s["head-tokens"])
+
+
+def finish(kv, model, tokenizer, s: dict):
+    from attnkit.heads.kvplan import with_recipe
+
+    return with_recipe(kv, model, tokenizer, s["scores"] or None, s["choose"], s["full"], s["recipe"],
+                       s["head-tokens"])[0]
+
+
+def chosen_by(s: dict) -> list[str]:
+    """What chose the full heads, as `with_recipe` names it: the score files, and echo + induction
+    when the recipe ran (retrieval choice, a file given)."""
+    from pathlib import Path
+
+    from attnkit.heads.kvplan import RECIPE
+
+    names = [Path(p).stem for p in s["scores"]]
+    return names + list(RECIPE) if s["choose"] == "retrieval" and s["recipe"] and names else names
+
+
+def label(kv, s: dict) -> str:
+    """The name result rows carry (the same as `niah --kv-*` rows always had, so old files resume)."""
+    from attnkit.heads.kvcompare import label as kv_label
+
+    names = chosen_by(s)
+    importance = "+".join(names) if len(names) > 1 else "retrieval"
+    return kv_label(s["choose"], s["full"], kv, importance=importance)
+
+
+def report(kv, s: dict, summaries: dict) -> dict:
+    return {"cache": {"full_heads": sorted(kv.full), "sink": kv.sink, "window": kv.window, "choose": s["choose"],
+                      "full": s["full"], "prefill": kv.prefill, "head_tokens": s["head-tokens"],
+                      "chosen_by": chosen_by(s) if s["choose"] == "retrieval" else []}}
+
+
+ENTRY = register(Entry("kv-cache", "the retrieval-head KV cache: full cache for chosen KV heads, sink + window "
+                       "(+ token budgets) for the rest", OPTIONS, build, finish, label, row_field="cache",
+                       report=report))
