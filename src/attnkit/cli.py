@@ -288,6 +288,64 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
     emit(summary, as_json, render)
 
 
+@eval_app.command("mdqa")
+def eval_mdqa(data: Path = typer.Option(..., help="NQ-open with gold passages (nq-open-oracle.jsonl.gz of "
+                                                  "Lost in the Middle)"),
+              model: str = typer.Option("embedded", help=MODEL_HELP),
+              docs: int = typer.Option(20, help="documents per prompt (the paper: 10, 20, 30)"),
+              positions: Optional[str] = typer.Option(None, help="gold positions, 0-based (default: 5 spread "
+                                                                 "from the first document to the last)"),
+              questions: int = typer.Option(50, help="questions, the same at every position"),
+              first: int = typer.Option(0, help="index of the first question"),
+              technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
+              bases: Optional[str] = typer.Option(None, help="also Attention Buckets with these RoPE bases"),
+              search: bool = typer.Option(False, help="also Attention Buckets with searched bases"),
+              chat_template: Optional[bool] = CHAT_TEMPLATE,
+              device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
+              out: Optional[Path] = TRIALS_OUT,
+              plot: Optional[Path] = typer.Option(None, help="accuracy against the gold position, PNG"),
+              as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Multi-document QA with the gold passage at each position (Lost in the Middle): the model as it
+    is, and with a technique on the same prompts; accuracy per position and ends minus middle."""
+    from attnkit.core.loading import load_config, load_model
+    from attnkit.evals import mdqa as Q
+    from attnkit.evals.systems import System
+
+    quiet_transformers()
+    if docs < 2 or questions < 1 or first < 0:
+        raise AttnkitError("--docs must be at least 2, --questions at least 1, --first at least 0")
+    pos = ints(positions, "--positions") if positions else Q.positions_for(docs)
+    choice = technique_choice(technique, settings, None, buckets_settings(bases, search, "paper"))
+    record = choice.build(load_config(model))
+    qs = Q.load_nq(data)
+    if first + questions > len(qs):
+        raise AttnkitError(f"{data} has {len(qs)} questions; --first {first} --questions {questions} passes the end")
+    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    record = choice.finish(record, mdl, tok)
+    systems = choice.systems(record, mdl, "model as it is")
+    if choice.name != "plain" and len(systems) == 1:
+        systems = [System("model as it is", {"system": "plain"})] + systems
+    rows = Q.evaluate_mdqa(mdl, tok, qs, list(range(first, first + questions)), docs, pos, systems, out,
+                           quiet=as_json, chat_template=chat_template)
+    curve = Q.curve(rows)
+    if plot:
+        from attnkit.evals.plots import position_curve
+        position_curve(curve, plot, title=f"{model}: multi-document QA ({docs} documents)")
+
+    def render():
+        for system, by_n in curve.items():
+            for n, c in by_n.items():
+                table = Table(title=f"{model}, {system}, {n} documents: accuracy by gold position [Wilson 95%], n")
+                table.add_column("position (1-based)")
+                table.add_column("accuracy", justify="right")
+                for p, a in c["accuracy"].items():
+                    table.add_row(str(int(p) + 1), _estimate_text(a))
+                table.add_row("ends minus middle", _estimate_text(c["ends_minus_middle"]))
+                Console().print(table)
+
+    emit({"curve": curve, "positions": pos, "docs": docs}, as_json, render)
+
+
 def _estimate_text(d: dict | None) -> str:
     """An Estimate.as_dict() as `mean [low, high], n=N`."""
     from attnkit.evals.stats import Estimate

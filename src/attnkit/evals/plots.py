@@ -196,3 +196,49 @@ def kv_tradeoff(results: list[dict], path: str | Path, title: str = "") -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def position_curve(curve: dict, path: str | Path, title: str = "") -> None:
+    """Accuracy (y) against the gold document's position (x, 1-based), one line per system and
+    document count, with Wilson 95% intervals as bars (`evals.mdqa.curve`'s output)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system, by_n in curve.items():
+        for n, c in by_n.items():
+            pos = sorted(int(p) for p in c["accuracy"])
+            acc = [c["accuracy"][str(p)] for p in pos]
+            mean = [a["mean"] for a in acc]
+            err = [[m - a["ci95"][0] for m, a in zip(mean, acc)], [a["ci95"][1] - m for m, a in zip(mean, acc)]]
+            ax.errorbar([p + 1 for p in pos], mean, yerr=err, marker="o", capsize=3,
+                        label=f"{system}, {n} documents (n={acc[0]['n']} per position)")
+    ax.set_xlabel("position of the document with the answer")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "multi-document QA by gold position", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def memory_curve(points: list[dict], path: str | Path, title: str = "", y: str = "RULER NIAH average") -> None:
+    """Score (y, with its 95% interval) against KV memory (x, fraction of the model's own cache), one
+    marker per cache family: points are {family, kv_ratio, mean, low, high}."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    families = list(dict.fromkeys(p["family"] for p in points))
+    for i, fam in enumerate(families):
+        mine = sorted((p for p in points if p["family"] == fam), key=lambda p: p["kv_ratio"])
+        xs, ms = [p["kv_ratio"] for p in mine], [p["mean"] for p in mine]
+        err = [[m - p["low"] for m, p in zip(ms, mine)], [p["high"] - m for m, p in zip(ms, mine)]]
+        ax.errorbar(xs, ms, yerr=err, marker="os^vD<>"[i % 7], capsize=3, label=fam,
+                    linestyle="-" if len(mine) > 1 else "none")
+    ax.set_xlabel("KV memory (fraction of the model's own cache)")
+    ax.set_ylabel(y)
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
