@@ -21,6 +21,7 @@ to the record file.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -134,7 +135,42 @@ def main() -> None:
                          **({"minus_random": stats.paired_difference(
                              [scores_of(controls[system.name]).get(k) for k in keys],
                              [by_key[k] for k in keys]).as_dict()} if system.name in controls else {})})
+    if record.path is not None:
+        plot(record.rows, record.path.with_suffix(".png"), args.model)
+
+
+def family(row: dict) -> str:
+    """Which line of the plot a summary row belongs to."""
+    name = row["system"]
+    if name == "full cache":
+        return "full cache"
+    if name.startswith("random"):
+        return "random heads full (same count)"
+    if name.endswith(" evenly"):
+        return "no full heads, token budgets evenly (SnapKV layout)"
+    if "middle tokens" in name:
+        return "recipe heads full + token budgets by importance"
+    return "recipe heads full, the rest sink + window"
+
+
+def plot(rows: list[dict], path: Path, model: str) -> None:
+    """RULER NIAH average against KV memory, one line per cache family, 95% intervals as bars."""
+    from attnkit.evals.plots import memory_curve
+
+    for L in sorted({r["length"] for r in rows}):
+        points = [{"family": family(r), "kv_ratio": r["kv_ratio"], "mean": r["niah_average"]["mean"],
+                   "low": r["niah_average"]["ci95"][0], "high": r["niah_average"]["ci95"][1]}
+                  for r in rows if r["length"] == L]
+        out = path if len({r["length"] for r in rows}) == 1 else path.with_name(f"{path.stem}_{L}.png")
+        memory_curve(points, out, title=f"{model}, {L} tokens: RULER NIAH average against KV memory "
+                                        f"(n={rows[0]['niah_average']['n']} per point)")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot-only":  # redraw from a record file
+        lines = [json.loads(x) for x in Path(sys.argv[2]).read_text().splitlines()]
+        head = lines[0]
+        plot(lines[1:], Path(sys.argv[2]).with_suffix(".png"), head.get("model", ""))
+    else:
+        main()

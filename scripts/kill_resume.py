@@ -4,8 +4,9 @@
         --kills 5 --record results/kill_resume/smollm2-135m-instruct.json
 
 One uninterrupted run goes to WORK/whole; then the same command into WORK/killed is started `--kills`
-times and SIGKILLed at a moment drawn inside the clean run's working time (after start-up, at most a
-fifth of it each, so that every kill lands mid-run), and run once more to the end. The figures (every
+times and SIGKILLed at a moment drawn inside the clean run's working time (after start-up, 0.2 to 0.8
+of its share, the run's time over the number of kills, so that the kills together stay short of one
+run and every kill lands mid-run), and run once more to the end. The figures (every
 step's result and the report without its wall times) of the two folders must be equal. The record
 holds the kill moments, which attempts the kill caught, and the verdict.
 """
@@ -55,7 +56,7 @@ def kill_and_resume(model: str, work: Path, settings: Path | None = None, only: 
     rng = random.Random(seed)
     attempts = []
     for _ in range(kills):
-        at = startup + rng.uniform(0.2, 1.0) * run_s / 5
+        at = startup + rng.uniform(0.2, 0.8) * run_s / kills  # the kills together stay short of one whole run
         proc = start(work / "killed")
         try:
             proc.wait(timeout=at)

@@ -227,6 +227,32 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu") ->
     return "\n".join(lines)
 
 
+def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu") -> str:
+    path = RESULTS / "benchmarks" / f"mdqa_{model}_{device}.jsonl"
+    head, rows = read_jsonl(path)
+    positions = head["positions"]
+    body = [[r["system"], r["docs"], r["tokens"], *[_est(r["accuracy"].get(str(p))) for p in positions],
+             _est(r["ends_minus_middle"], signed=True)] for r in rows]
+    lines = [provenance(head, path), ""] + _table(
+        ["system", "documents", "prompt tokens (mean)", *[f"gold at {p + 1}" for p in positions],
+         "ends minus middle (paired)"], body)
+    for r in rows:
+        dip = r["ends_minus_middle"]
+        if dip and dip.get("n"):
+            low = dip["ci95"][0]
+            verdict = ("a middle dip: the interval excludes 0" if low > 0 else
+                       "no middle dip shown: the interval reaches 0 or below")
+            lines += ["", f"{r['system']}, {r['docs']} documents: ends minus middle "
+                          f"{_est(dip, signed=True)}: {verdict}."]
+        if r.get("minus_one_base"):
+            lines += ["", "Buckets minus one base, per position (paired): " + "; ".join(
+                f"gold at {int(p) + 1}: {_est(d, signed=True)}" for p, d in r["minus_one_base"].items())]
+    lines += ["", f"*Accuracy (%) [Wilson 95%], n questions per position ({head['questions']} NQ-open questions, "
+                  f"the same at every position); the gold passage among answer-free passages of other questions; "
+                  f"scored by the paper's best-subspan match on the answer's first line.*"]
+    return "\n".join(lines)
+
+
 def bench_serve_throughput() -> str:
     path = RESULTS / "benchmarks" / "serve_load_throughput_cpu.jsonl"
     head, rows = read_jsonl(path)
@@ -300,6 +326,7 @@ BLOCKS = {
     "bench-kv-cache-embedded": bench_kv_cache,
     "bench-kv-cache-smollm2": lambda: bench_kv_cache("smollm2-135m-instruct", target=0.6),
     "bench-kv-ruler-smollm2": bench_kv_ruler,
+    "bench-mdqa-smollm2": bench_mdqa,
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
     "bench-startup": bench_startup,
