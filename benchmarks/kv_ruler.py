@@ -116,6 +116,15 @@ def main() -> None:
     pairs = [c for c in chosen if c[1] is not None and c[1].full and not c[1].budgets]  # recipe, then its random
     controls = {a[0].name: b[0].name for a, b in zip(pairs, pairs[1:]) if b[0].name.startswith("random")
                 and not a[0].name.startswith("random")}
+    # each token-budget cache against the full-heads-only recipe cache nearest its memory (within 0.03x)
+    plain = [(c[0].name, kv_ratio(c[1], model.config, max(lengths))) for c in pairs
+             if not c[0].name.startswith("random")]
+    same_memory = {}
+    for system, cfg in chosen:
+        if cfg is not None and cfg.budgets and plain:
+            name, ratio = min(plain, key=lambda p: abs(p[1] - kv_ratio(cfg, model.config, max(lengths))))
+            if abs(ratio - kv_ratio(cfg, model.config, max(lengths))) <= 0.03:
+                same_memory[system.name] = name
     for L in lengths:
         def scores_of(name):
             return {(r["task"], r["index"]): r["score"] for r in rows if r["system"] == name and r["length"] == L}
@@ -134,7 +143,10 @@ def main() -> None:
                          "niah_average": niah.as_dict(), "minus_full": diff.as_dict(),
                          **({"minus_random": stats.paired_difference(
                              [scores_of(controls[system.name]).get(k) for k in keys],
-                             [by_key[k] for k in keys]).as_dict()} if system.name in controls else {})})
+                             [by_key[k] for k in keys]).as_dict()} if system.name in controls else {}),
+                         **({"minus_full_heads_same_memory": {"vs": same_memory[system.name], **stats.paired_difference(
+                             [scores_of(same_memory[system.name]).get(k) for k in keys],
+                             [by_key[k] for k in keys]).as_dict()}} if system.name in same_memory else {})})
     if record.path is not None:
         plot(record.rows, record.path.with_suffix(".png"), args.model)
 

@@ -209,10 +209,13 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu") ->
              r.get("head_tokens") or "", _ratio(r["kv_ratio"]),
              *[_est(r["tasks"].get(t)) for t in tasks], _est(r["niah_average"]),
              "" if r["system"] == "full cache" else _est(r["minus_full"], signed=True),
-             _est(r["minus_random"], signed=True) if "minus_random" in r else ""] for r in rows]
+             _est(r["minus_random"], signed=True) if "minus_random" in r else "",
+             _est(r["minus_full_heads_same_memory"], signed=True) if "minus_full_heads_same_memory" in r else ""]
+            for r in rows]
     lines = [provenance(head, path), ""] + _table(
         ["context", "cache", "full KV heads", "middle tokens per window head", "KV memory", *tasks, "NIAH average",
-         "minus full (paired)", "minus random heads (paired)"], body)
+         "minus full (paired)", "minus random heads (paired)",
+         "minus full heads alone at this memory (paired)"], body)
     full = {r["length"]: r["niah_average"]["mean"] for r in rows if r["system"] == "full cache"}
     for r in rows:
         if r["system"] != "full cache" and not r["system"].startswith("random") and full.get(r["length"]):
