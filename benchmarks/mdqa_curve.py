@@ -45,7 +45,8 @@ def main() -> None:
         from attnkit.core import registry
         choice = registry.choice("buckets", given={"bases": (args.bases or "").split(",") if args.bases else [],
                                                    "search": args.search})
-        systems = choice.systems(choice.build(model.config), model)
+        from attnkit.evals.systems import technique_systems
+        systems = technique_systems(choice, choice.build(model.config), model)
     record = Record(args, "mdqa", {"docs": args.docs, "questions": args.questions, "positions": positions,
                                    "data": args.data.name, "systems": [s.name for s in systems]})
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)

@@ -192,7 +192,8 @@ def niah(model: str = typer.Option("embedded", help=MODEL_HELP),
     text = N.load_haystack(haystack)
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     record = choice.finish(record, mdl, tok)
-    systems = choice.systems(record, mdl)
+    from attnkit.evals.systems import technique_systems
+    systems = technique_systems(choice, record, mdl)
     summaries = N.compare_systems(mdl, tok, N.Grid(needle_list, text, length_list, depth_list), systems, out,
                                   quiet=as_json, chat_template=chat_template, prompt=prompt)
     summary = {**summaries[systems[0].name], **choice.report(record, summaries)}
@@ -322,7 +323,8 @@ def eval_mdqa(data: Path = typer.Option(..., help="NQ-open with gold passages (n
         raise AttnkitError(f"{data} has {len(qs)} questions; --first {first} --questions {questions} passes the end")
     mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
     record = choice.finish(record, mdl, tok)
-    systems = choice.systems(record, mdl, "model as it is")
+    from attnkit.evals.systems import technique_systems
+    systems = technique_systems(choice, record, mdl, "model as it is")
     if choice.name != "plain" and len(systems) == 1:
         systems = [System("model as it is", {"system": "plain"})] + systems
     rows = Q.evaluate_mdqa(mdl, tok, qs, list(range(first, first + questions)), docs, pos, systems, out,

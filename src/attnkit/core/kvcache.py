@@ -76,6 +76,7 @@ class HeadKVLayer(CacheLayerMixin):
         self.holding = full_prefill
         self.choosing = full_prefill and any(self.budgets.get(h, 0) > 0 for h in self.windowed)
         self.mid = {}  # window index -> (keys [b, 1, slots, d], values, positions [b, slots]; -1: empty slot)
+        self._mid_plan = None  # what decoding needs of `mid`, worked out once per change of it (_mid_layout)
         self._obs = None  # while choosing: (queries [b, window heads x group, <= select_window, d], their positions, scale)
         self._real = None  # while holding: [b, seen] which positions are real tokens
         self.seen = 0  # tokens this layer has been given, padding included (cache coordinates)
@@ -179,6 +180,25 @@ class HeadKVLayer(CacheLayerMixin):
         if self.holding and self.seen > 0:
             raise AttnkitError("rows of a fully prefilled cache can be joined, selected or trimmed only "
                                "after its prompt ended (end_prefill)")
+
+    @property
+    def mid(self) -> dict:
+        return self._mid
+
+    @mid.setter
+    def mid(self, value: dict) -> None:
+        self._mid, self._mid_plan = value, None
+
+    def _mid_layout(self, group: int, device):
+        """(query heads, KV heads) of the window heads without kept tokens, and per head with kept
+        tokens whether every slot is filled: index tensors and a host sync done once per change of
+        `mid`, not once per decoding step."""
+        if self._mid_plan is None or self._mid_plan[0] != device:
+            plain = [i for i in range(len(self.windowed)) if i not in self._mid]
+            idx = (_query_heads(plain, group, device), torch.tensor(plain, dtype=torch.long, device=device)) \
+                if plain else None
+            self._mid_plan = (device, idx, {i: bool((p >= 0).all()) for i, (_, _, p) in self._mid.items()})
+        return self._mid_plan[1], self._mid_plan[2]
 
     def _shift_mid(self, fn) -> None:
         self.mid = {i: (k, v, fn(p)) for i, (k, v, p) in self.mid.items()}
@@ -338,18 +358,17 @@ class HeadKVLayer(CacheLayerMixin):
         b, heads, q, d = query.shape
         group = heads // len(self.windowed)
         out = query.new_empty(b, q, heads, d)
-        plain = [i for i in range(len(self.windowed)) if i not in self.mid]
-        if plain:
-            q_idx = _query_heads(plain, group, query.device)
-            kv_idx = torch.tensor(plain, dtype=torch.long, device=query.device)
+        plain, filled_all = self._mid_layout(group, query.device)
+        if plain is not None:
+            q_idx, kv_idx = plain
             out[:, :, q_idx] = base_fn(module, query.index_select(1, q_idx), keys.index_select(1, kv_idx),
                                        values.index_select(1, kv_idx), mask, **kwargs)[0]
         low = torch.finfo(query.dtype).min
         for i, (mid_k, mid_v, mid_pos) in self.mid.items():
-            filled = (mid_pos >= 0)[:, None, None, :].expand(b, 1, q, -1)  # [b, 1, q, slots]
-            if mask is None and bool(filled.all()):
+            if mask is None and filled_all[i]:
                 m = None
             else:
+                filled = (mid_pos >= 0)[:, None, None, :].expand(b, 1, q, -1)  # [b, 1, q, slots]
                 m = mask if mask is not None else torch.ones(b, 1, q, keys.shape[2], dtype=torch.bool,
                                                              device=query.device)
                 m = m.expand(b, 1, q, -1)
@@ -407,6 +426,7 @@ class HeadKVLayer(CacheLayerMixin):
         pooled = torch.nn.functional.avg_pool1d(votes, k, stride=1, padding=k // 2) if k > 1 else votes  # [b, nw, n]
         middle = real & ~self.win_sink & (pos <= self.seen - self.window)  # [b, n]
         most = int(middle.sum(-1).max()) if n else 0
+        kept = {}
         for i, head in enumerate(self.windowed):
             if self.budgets.get(head, 0) == 0:
                 continue
@@ -415,8 +435,9 @@ class HeadKVLayer(CacheLayerMixin):
             idx = score.topk(slots, dim=-1).indices.sort(-1).values  # [b, slots]
             ok = middle.gather(1, idx)
             gather = idx[:, None, :, None].expand(-1, 1, -1, d)
-            self.mid[i] = (keys[:, i:i + 1].gather(2, gather), values[:, i:i + 1].gather(2, gather),
-                           torch.where(ok, pos.gather(1, idx), -1))
+            kept[i] = (keys[:, i:i + 1].gather(2, gather), values[:, i:i + 1].gather(2, gather),
+                       torch.where(ok, pos.gather(1, idx), -1))
+        self.mid = kept
         self._keep(keys, values, pos, self.win_sink, real)
 
     def kept_middle(self) -> dict[int, list[list[int]]]:

@@ -178,18 +178,6 @@ class Choice:
     def label(self, record) -> str:
         return label(self.name, record, self.settings)
 
-    def systems(self, record, model, task: str = "NIAH") -> list:
-        """The evaluation systems of this technique: the plain model alone (`task`), the entry's own
-        list, or one system named `task, label` whose rows carry the label."""
-        from attnkit.evals.systems import System
-
-        if self.name == "plain":
-            return [System(task)]
-        e, name = entry(self.name), self.label(record)
-        if e.systems is not None:
-            return e.systems(record, model, name)
-        return [System(f"{task}, {name}", {e.row_field: name}, record)]
-
     def report(self, record, summaries: dict) -> dict:
         e = entry(self.name)
         return {} if e.report is None else e.report(record, self.settings, summaries)
