@@ -12,9 +12,12 @@ that is not a 4xx in OpenAI's error shape.
 Throughput (`--throughput`): short valid streaming requests (max_tokens 16, greedy) at 1, 8, 32 and
 64 concurrent clients, the batching engine (`--max-batch 32`) against one request at a time
 (`--max-batch 1`) in the same run, per model and technique: requests/s, tokens/s, p50/p99 latency
-and time to first token, and the ratio batched / one at a time.
+and time to first token, and the ratio batched / one at a time. With `--vllm-python`, vLLM's own
+server (float32, the same threads) on each real model in the same run, and attnkit batched / vLLM.
 
     python benchmarks/serve_load.py --throughput --models embedded,smollm2-135m-instruct
+    python benchmarks/serve_load.py --throughput --models smollm2-135m-instruct --kv '' \
+        --vllm-python benchmarks/.vllm-venv/bin/python --record results/benchmarks/serve_vllm_cpu.jsonl
 """
 
 from __future__ import annotations
@@ -87,10 +90,43 @@ def start_server(model: str, *extra: str):
             time.sleep(0.2)
 
 
-def timed_stream(url: str, i: int) -> dict:
+def start_vllm(python: str, model: str):
+    """vLLM's OpenAI server on the same model (its own venv, `attnkit serve --engine vllm`'s command),
+    float32, on the same 2 threads as attnkit's server."""
+    from attnkit.core.loading import resolve_spec
+    from attnkit.serve import vllm
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = vllm.command(vllm.find_python(python), resolve_spec(model), model, "127.0.0.1", port, "float32")
+    env = {**vllm.environment(None), "OMP_NUM_THREADS": str(torch_threads()), "VLLM_CPU_KVCACHE_SPACE": "2"}
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            sys.exit(f"vLLM did not start: {model}")
+        time.sleep(1)
+
+
+def torch_threads() -> int:
+    import torch
+    return min(2, torch.get_num_threads())
+
+
+def timed_stream(url: str, i: int, model: str | None = None) -> dict:
     """One short greedy streaming request: latency, time to first token, completion tokens."""
     body = {"messages": [{"role": "user", "content": f"The lucky number of place {i} is"}], "max_tokens": 16,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
     t = time.perf_counter()
     first, tokens = None, 0
     with httpx.stream("POST", url, json=body, timeout=600) as r:
@@ -121,15 +157,21 @@ def throughput(args, rec) -> None:
             techniques["kv cache"] = args.kv.split()
         for technique, flags in techniques.items():
             rows = {}
-            for engine, batch in (("batched", str(args.max_batch)), ("one at a time", "1")):
-                server, base = start_server(model, "--max-batch", batch, *flags)
+            engines = [("batched", str(args.max_batch)), ("one at a time", "1")]
+            if args.vllm_python and technique == "plain" and model != "embedded":
+                engines.append(("vLLM", None))
+            for engine, batch in engines:
+                server, base = start_vllm(args.vllm_python, model) if batch is None else \
+                    start_server(model, "--max-batch", batch, *flags)
+                name = model if batch is None else None
                 try:
-                    timed_stream(base + "/v1/chat/completions", -1)  # warm-up
+                    timed_stream(base + "/v1/chat/completions", -1, name)  # warm-up
                     for c in levels:
                         n = max(args.min_requests, 2 * c)
                         t = time.perf_counter()
                         with ThreadPoolExecutor(c) as pool:
-                            res = list(pool.map(lambda i: timed_stream(base + "/v1/chat/completions", i), range(n)))
+                            res = list(pool.map(lambda i: timed_stream(base + "/v1/chat/completions", i, name),
+                                                range(n)))
                         wall = time.perf_counter() - t
                         good = [r for r in res if r["ok"]]
                         row = {"model": model, "technique": technique, "engine": engine, "clients": c, "requests": n,
@@ -140,6 +182,9 @@ def throughput(args, rec) -> None:
                         rows[(engine, c)] = row
                         if engine == "one at a time":
                             row["batched_over_one"] = round(rows[("batched", c)]["req_per_s"] / row["req_per_s"], 2)
+                        if engine == "vLLM":
+                            row["attnkit_batched_over_vllm"] = round(rows[("batched", c)]["req_per_s"] /
+                                                                     row["req_per_s"], 2)
                         rec.emit(row)
                 finally:
                     server.terminate()
@@ -173,6 +218,8 @@ def main():
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--min-requests", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--vllm-python", default=None, help="throughput: also vLLM's server on each real model, in the "
+                    "venv of this Python (bash scripts/vllm_venv.sh builds benchmarks/.vllm-venv)")
     ap.add_argument("--kv", default="--kv-choose none --kv-sink 16 --kv-window 128",
                     help="serve flags of the KV-cache rows ('' to leave them out)")
     add_record_option(ap, "serve_load")
@@ -180,7 +227,8 @@ def main():
     if args.throughput:
         args.model = "throughput"
         return throughput(args, Record(args, "serve_load", {"models": args.models, "levels": args.levels,
-                                                            "max_batch": args.max_batch, "kv": args.kv}))
+                                                            "max_batch": args.max_batch, "kv": args.kv,
+                                                            "vllm": bool(args.vllm_python)}))
     rec = Record(args, "serve_load", {"requests": args.requests, "concurrency": args.concurrency,
                                       "disconnect": args.disconnect, "seed": args.seed})
     server, base = start_server(args.model)

@@ -38,4 +38,7 @@ def report(cfg, s: dict, summaries: dict) -> dict:
 
 ENTRY = register(Entry("buckets", "Attention Buckets: several RoPE bases in parallel, outputs combined by "
                        "confidence", OPTIONS, build, label=lambda cfg, s: cfg.label, row_field="system",
-                       systems=systems, report=report))
+                       systems=systems, report=report,
+                       vllm="a request needs one model row per RoPE base, each row its own rotary base, and the "
+                            "rows' next-token logits combined before sampling; vLLM applies one rotary embedding "
+                            "to every sequence and samples each sequence on its own"))

@@ -68,6 +68,8 @@ class Entry:
     # evaluation runs (default: one, named by the label); Buckets: the model's own base beside it
     report: Callable[[Any, dict, dict], dict] | None = None  # (record, settings, summaries by system) ->
     # what `niah --json` adds to its summary
+    vllm: Callable[[Any, Any], dict] | str | None = None  # (record, model config) -> the `--hf-overrides` that
+    # run it inside vLLM (`serve --engine vllm`); a string: why it cannot run there
 
     def defaults(self) -> dict:
         return {o.name: o.default for o in self.options}

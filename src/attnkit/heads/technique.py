@@ -60,6 +60,29 @@ def report(kv, s: dict, summaries: dict) -> dict:
                       "chosen_by": chosen_by(s) if s["choose"] == "retrieval" else []}}
 
 
+def vllm_overrides(kv, model_config) -> dict:
+    """The `--hf-overrides` that load a Llama-architecture model in vLLM with the plugin's per-head split
+    (`heads/vllm_plugin.py`); a clear error for settings vLLM's window cannot hold."""
+    from attnkit.errors import AttnkitError
+    from attnkit.heads.vllm_plugin import ARCHITECTURE, BASES, PLAN_KEY
+
+    archs = tuple(getattr(model_config, "architectures", None) or ())
+    if not set(archs) & set(BASES):
+        raise AttnkitError(f"the KV cache through vLLM runs on Llama-architecture models ({', '.join(BASES)}); "
+                           f"this one is {', '.join(archs) or 'unnamed'}")
+    if kv.sink:
+        raise AttnkitError("vLLM's sliding-window cache frees every block before the window, the first tokens "
+                           "too: it cannot keep sink tokens; give --kv-sink 0 with --engine vllm")
+    if kv.prefill != "window":
+        raise AttnkitError("vLLM's window heads attend within their window during prefill too: give --kv-prefill "
+                           "window with --engine vllm")
+    if kv.compensate or kv.budgets:
+        raise AttnkitError("the compensation token and token budgets are not in vLLM's cache: leave them off "
+                           "with --engine vllm")
+    return {"architectures": [ARCHITECTURE],
+            PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window)}}
+
+
 ENTRY = register(Entry("kv-cache", "the retrieval-head KV cache: full cache for chosen KV heads, sink + window "
                        "(+ token budgets) for the rest", OPTIONS, build, finish, label, row_field="cache",
-                       report=report))
+                       report=report, vllm=vllm_overrides))

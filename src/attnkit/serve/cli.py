@@ -75,6 +75,12 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
           kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on "
                                                      "average (token budgets; needs --kv-prefill full)"),
           technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
+          engine: str = typer.Option("attnkit", help="attnkit (this process) or vllm (vLLM's server in its own venv; "
+                                                     "plain or --technique kv-cache)"),
+          vllm_python: Optional[str] = typer.Option(None, help="--engine vllm: the Python of vLLM's venv (default: "
+                                                               "$ATTNKIT_VLLM_PYTHON; bash scripts/vllm_venv.sh builds one)"),
+          vllm_arg: Optional[List[str]] = typer.Option(None, help="--engine vllm: one more argument for vLLM's "
+                                                                  "server, as it is (repeat)"),
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
@@ -85,8 +91,18 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
     if min(max_queue, max_batch, max_body, max_tokens) < 1 or upstream_timeout <= 0 or (max_kv_bytes or 1) < 1:
         raise AttnkitError("--max-queue, --max-batch, --max-kv-bytes, --max-body, --max-tokens and "
                            "--upstream-timeout must be positive")
+    if engine not in ("attnkit", "vllm"):
+        raise AttnkitError(f"--engine must be attnkit or vllm, got {engine!r}")
+    if engine == "vllm" and upstream:
+        raise AttnkitError("--engine vllm serves a --model; the S2A proxy (--upstream) runs in front of any server, "
+                           "a vLLM one included")
     api_key = _key(api_key_env, "--api-key-env")
     check_exposure(host, api_key, insecure)
+    choice = None if upstream else technique_choice(
+        technique, settings, kv_settings(kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk, kv_compensate,
+                                         kv_prefill, kv_recipe, kv_head_tokens), buckets_settings(bases, search, "paper"))
+    if engine == "vllm":
+        return serve_vllm(model, choice, vllm_python, host, port, dtype, api_key, tuple(vllm_arg or ()))
     if upstream:
         from attnkit.s2a.prompts import VARIANTS
         from attnkit.serve.proxy import proxy_app
@@ -95,16 +111,28 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
         app = proxy_app(upstream, s2a, _key(upstream_key_env, "--upstream-key-env"), api_key, upstream_timeout, max_body)
         what = f"S2A proxy ({s2a}) for {upstream}"
     else:
-        choice = technique_choice(technique, settings, kv_settings(kv_scores, kv_choose, kv_full, kv_sink, kv_window,
-                                                                    kv_chunk, kv_compensate, kv_prefill, kv_recipe,
-                                                                    kv_head_tokens), buckets_settings(bases, search, "paper"))
-        engine = build_engine(model, choice, device, dtype, max_queue, device_map, max_batch, max_kv_bytes)
+        runner = build_engine(model, choice, device, dtype, max_queue, device_map, max_batch, max_kv_bytes)
         from attnkit.serve.app import local_app
-        app = local_app(engine, Path(model).name or model, api_key, max_body, max_tokens)
-        what = f"{model} ({engine.describe()['technique']})"
+        app = local_app(runner, Path(model).name or model, api_key, max_body, max_tokens)
+        what = f"{model} ({runner.describe()['technique']})"
     console.print(f"attnkit serve: {what} at http://{host}:{port}/v1 "
                   f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def serve_vllm(model: str, choice, python: str | None, host: str, port: int, dtype: str, api_key: str | None,
+               extra: tuple[str, ...]) -> None:
+    """Hand over to vLLM's OpenAI server in its own venv (this process becomes it)."""
+    from attnkit.core.loading import resolve_spec
+    from attnkit.serve import vllm
+
+    python = vllm.find_python(python)
+    path = resolve_spec(model)
+    quiet_transformers()
+    argv = vllm.command(python, path, Path(model).name or model, host, port, dtype, vllm.overrides(choice, model),
+                        extra=extra)
+    console.print(f"attnkit serve --engine vllm: {' '.join(argv[1:])}", highlight=False, soft_wrap=True)
+    os.execve(python, argv, vllm.environment(api_key))
 
 
 def build_engine(model: str, choice=None, device: str = "cpu", dtype: str = "auto", max_queue: int = 256,

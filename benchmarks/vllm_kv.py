@@ -1,0 +1,160 @@
+"""The retrieval-head KV cache inside vLLM (attnkit's plugin) against vLLM's own full cache, and the
+same plan in attnkit's HF cache, on the same prompts (the same token ids for every system).
+
+    bash scripts/vllm_venv.sh      # once: vLLM's venv, with attnkit's plugin
+    python benchmarks/vllm_kv.py --model smollm2-135m-instruct --length 4096
+
+The plan: the full-cache KV heads by copy + echo + induction scores (the recipe), as many as fit
+--target of the model's own cache at --length, the other heads a --window token window without sink
+tokens and attending within the window in prefill (the form vLLM's sliding window holds; attnkit's
+default keeps 16 sink tokens, also run here on the same heads). Both vLLM servers start with the same
+KV memory (VLLM_CPU_KVCACHE_SPACE); the rows carry vLLM's own figures from its start-up log (KV cache
+tokens, maximum concurrency at --length tokens per request) and their ratio, recall on the number
+needles (6 needles x depths, ROUGE-1 recall as attnkit's NIAH scores it, bootstrap 95%), and how many
+prompts vLLM with the plugin decodes token for token as attnkit's HF cache with the same plan does
+(greedy, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from _common import Record, add_record_option
+from kv_vs_kvpress import answer_of, count_for, prompts_for
+
+from attnkit.core.decode import eos_ids
+from attnkit.core.generate import Stopper, generate
+from attnkit.core.loading import load_model, resolve_spec
+from attnkit.evals import niah as N
+from attnkit.evals import stats
+from attnkit.heads.kvplan import choosable, plan
+from attnkit.heads.patterns import pattern_scores
+from attnkit.heads.scores import load_scores
+from attnkit.heads.technique import vllm_overrides
+from attnkit.serve import vllm
+
+HERE = Path(__file__).resolve().parent
+LOG_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+
+
+def start_vllm(python: str, path: Path, overrides: dict | None, args, log: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = vllm.command(python, path, "model", "127.0.0.1", port, "float32", overrides, args.length + args.max_new_tokens,
+                        ("--max-num-batched-tokens", str(args.batched_tokens), "--max-num-seqs", "64"))
+    env = {**vllm.environment(None), "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
+    fh = open(log, "w")
+    server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + args.start_timeout
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            sys.exit(f"vLLM did not start; its log: {log}")
+        time.sleep(1)
+    found = LOG_LINE.search(log.read_text())
+    figures = {"kv_tokens": int(found.group(1).replace(",", "")),
+               "max_concurrency": float(found.group(3))} if found else {}
+    return server, base, figures
+
+
+def ask_vllm(base: str, ids: list[int], max_new: int) -> list[int]:
+    body = {"model": "model", "prompt": ids, "max_tokens": max_new, "temperature": 0, "return_token_ids": True}
+    r = httpx.post(base + "/v1/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--depths", default="25,75")
+    ap.add_argument("--target", type=float, default=0.30, help="KV memory of the plan, a fraction of the full cache")
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--scores", type=Path, default=None, help="copy scores (default: the study's for the model)")
+    ap.add_argument("--kv-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE of both vLLM servers")
+    ap.add_argument("--batched-tokens", type=int, default=512, help="vLLM's --max-num-batched-tokens (prefill chunk)")
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
+    ap.add_argument("--start-timeout", type=float, default=600)
+    add_record_option(ap, "vllm_kv")
+    args = ap.parse_args()
+    args.dtype = "float32"
+    python = vllm.find_python(args.vllm_python)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    model, tok = load_model(args.model, dtype=torch.float32)
+    folder = Path(args.scores).parent if args.scores else HERE.parent / "results" / "study" / args.model
+    copy = load_scores(args.scores or folder / "head_scores.json")
+    if (folder / "echo.json").is_file() and (folder / "induction.json").is_file():
+        echo, induction = load_scores(folder / "echo.json"), load_scores(folder / "induction.json")
+    else:
+        echo, induction = pattern_scores(model, tok)
+    n = count_for(model.config, args.target, args.length, 0, args.window)
+    kv0 = plan([copy, echo, induction], model.config, "retrieval", count=n, sink=0, window=args.window,
+               prefill_chunk=2048, prefill_mode="window")
+    kv16 = plan([copy, echo, induction], model.config, "retrieval", count=n, sink=16, window=args.window,
+                prefill_chunk=2048, prefill_mode="window")
+    overrides = vllm_overrides(kv0, model.config)
+
+    chat = N.use_chat_template(tok, None)
+    haystack = N.load_haystack(None)
+    prompts = prompts_for(tok, "number", args.length, [float(d) for d in args.depths.split(",")], haystack, chat)
+    stopper = Stopper(tok, eos_ids(model, tok), "clean")
+    rec = Record(args, "vllm_kv", {"length": args.length, "target": args.target, "window": args.window,
+                                   "full_heads": len(kv0.full), "kv_heads": len(choosable(model.config)),
+                                   "kv_gib": args.kv_gib, "batched_tokens": args.batched_tokens,
+                                   "prompts": len(prompts), "vllm": subprocess.run(
+                                       [python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                                       text=True).stdout.strip()})
+
+    outputs: dict[str, list[list[int]]] = {}
+    for name, technique in (("attnkit full cache", None), ("attnkit plan, no sink", kv0),
+                            ("attnkit plan, 16 sink tokens", kv16)):
+        outputs[name] = [generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
+                                  stop_rule="eos").ids[0] for q in prompts]
+    del model
+    figures = {}
+    logs = Path(rec.path or "/tmp/vllm_kv").with_suffix("")
+    logs.mkdir(parents=True, exist_ok=True)
+    for name, ov in (("vLLM full cache", None), ("vLLM + attnkit plugin, plan", overrides)):
+        server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args,
+                                                 logs / f"{name.split(',')[0].replace(' ', '_')}.log")
+        try:
+            outputs[name] = [ask_vllm(base, q["input_ids"], args.max_new_tokens) for q in prompts]
+        finally:
+            server.terminate()
+            server.wait(30)
+    full = figures.get("vLLM full cache", {})
+    for name, outs in outputs.items():
+        recalls = [100 * N.recall(answer_of(tok, stopper, ids), q["reference"]) for ids, q in zip(outs, prompts)]
+        row = {"system": name, "n": len(prompts), "recall": stats.bootstrap_mean(recalls).as_dict(),
+               "answers": [answer_of(tok, stopper, ids) for ids in outs[:3]]}
+        if name.startswith("vLLM"):
+            row.update(figures[name])
+            if full.get("max_concurrency") and figures[name].get("max_concurrency"):
+                row["concurrency_over_full"] = round(figures[name]["max_concurrency"] / full["max_concurrency"], 2)
+        same = {"vLLM + attnkit plugin, plan": "attnkit plan, no sink", "vLLM full cache": "attnkit full cache"}
+        if name in same:
+            row["same_tokens_as"] = same[name]
+            row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same[name]]))
+        rec.emit(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""vLLM as attnkit's second engine: `serve --engine vllm`, the retrieval-head KV cache as a vLLM plugin,
+and the S2A proxy and `s2a eval --backend openai` against a real vLLM server.
+
+The checks of what attnkit decides (the plan's vLLM form, the refusals, the command line) run
+everywhere. The ones against vLLM need its venv (`bash scripts/vllm_venv.sh`, or $ATTNKIT_VLLM_PYTHON)
+and skip with that reason without it; they start vLLM on SmolLM2 through `attnkit serve --engine vllm`.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from attnkit.cli import app
+from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.core.registry import choice
+from attnkit.errors import AttnkitError
+from attnkit.heads.technique import vllm_overrides
+from attnkit.heads.vllm_plugin import ARCHITECTURE, PLAN_KEY, _head_letters
+from attnkit.serve import vllm
+from conftest import result_lines, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get(vllm.PYTHON_ENV) or str(ROOT / "benchmarks" / ".vllm-venv" / "bin" / "python")
+needs_vllm = pytest.mark.skipif(not Path(VLLM_PYTHON).is_file(),
+                                reason="no vLLM venv (bash scripts/vllm_venv.sh, or set ATTNKIT_VLLM_PYTHON)")
+
+
+def test_the_plan_in_vllm_form_and_what_it_refuses():
+    config = tiny_config("llama")
+    config.architectures = ["LlamaForCausalLM"]
+    kv = HeadKVConfig(frozenset({(2, 1), (0, 0)}), sink=0, window=32, prefill="window")
+    found = vllm_overrides(kv, config)
+    assert found == {"architectures": [ARCHITECTURE], PLAN_KEY: {"full": [[0, 0], [2, 1]], "window": 32}}
+    json.dumps(found)  # travels as --hf-overrides
+    refused = {"sink tokens": HeadKVConfig(kv.full, sink=16, window=32, prefill="window"),
+               "--kv-prefill window": HeadKVConfig(kv.full, sink=0, window=32, prefill="full"),
+               "compensation": HeadKVConfig(kv.full, sink=0, window=32, prefill="window", compensate=True),
+               "token budgets": HeadKVConfig(kv.full, sink=0, window=32, prefill="full", budgets={(1, 0): 8})}
+    for why, cfg in refused.items():
+        with pytest.raises(AttnkitError, match="vLLM"):
+            vllm_overrides(cfg, config)
+    qwen = tiny_config("qwen2")
+    qwen.architectures = ["Qwen2ForCausalLM"]
+    with pytest.raises(AttnkitError, match="Llama-architecture.*Qwen2ForCausalLM"):
+        vllm_overrides(kv, qwen)
+
+
+def test_vllm_reads_one_integer_from_every_split_layer_name():
+    names = [_head_letters(h) for h in range(800)]  # vLLM takes a layer's index from the one integer in its name
+    assert len(set(names)) == 800
+    assert all(re.findall(r"\d+", f"model.layers.17.self_attn.attn_{n}") == ["17"] for n in names)
+
+
+def test_buckets_and_the_proxy_do_not_start_vllm(tmp_path):
+    with pytest.raises(AttnkitError, match="buckets does not run inside vLLM: a request needs one model row per RoPE"):
+        vllm.overrides(choice("buckets", given={"bases": ["10000", "20000"], "search": False}), "embedded")
+    assert vllm.overrides(choice(None), "embedded") is None
+    def refused(*args, env=None) -> str:  # the command's one-line error (cli.main prints it)
+        r = CliRunner().invoke(app, ["serve", "--engine", "vllm", *args], env=env)
+        assert isinstance(r.exception, AttnkitError), r.output
+        return str(r.exception)
+
+    assert "the S2A proxy (--upstream) runs in front of any server" in refused("--upstream", "http://127.0.0.1:9/v1")
+    assert "no such file" in refused("--model", "embedded", "--vllm-python", str(tmp_path / "py"))
+    assert "vLLM is not installed there" in refused("--model", "embedded", "--vllm-python", sys.executable)
+    assert "scripts/vllm_venv.sh" in refused("--model", "embedded", env={vllm.PYTHON_ENV: ""})
+    assert "--engine must be attnkit or vllm" in CliRunner().invoke(
+        app, ["serve", "--engine", "tgi", "--model", "embedded"]).exception.args[0]
+
+
+def test_the_command_keeps_the_key_out_of_the_arguments(tmp_path):
+    argv = vllm.command("/py", tmp_path, "m", "127.0.0.1", 8011, "fp32", {"a": [1]}, 4096, ("--enforce-eager",))
+    assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--max-model-len") + 1] == "4096"
+    assert json.loads(argv[argv.index("--hf-overrides") + 1]) == {"a": [1]} and argv[-1] == "--enforce-eager"
+    env = vllm.environment("sk-1")
+    assert env["VLLM_API_KEY"] == "sk-1" and "sk-1" not in " ".join(argv)
+    with pytest.raises(AttnkitError, match="unknown --dtype"):
+        vllm.command("/py", tmp_path, "m", "h", 1, "int8")
+
+
+# ----------------------------------------------------------------------------- against a real vLLM
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """`attnkit serve --engine vllm ...` in a process of its own, until /health answers."""
+
+    def __init__(self, tmp: Path, *flags: str):
+        self.port, self.log = _port(), tmp / f"vllm_{len(flags)}.log"
+        cmd = [sys.executable, "-m", "attnkit.cli", "serve", "--engine", "vllm", "--vllm-python", VLLM_PYTHON,
+               "--model", "smollm2-135m-instruct", "--port", str(self.port), "--dtype", "float32",
+               "--vllm-arg=--enforce-eager", "--vllm-arg=--max-model-len=2048", *flags]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.process = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.time() + 600
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"vLLM did not start: {self.log.read_text()[-3000:]}")
+            time.sleep(1)
+
+    def served(self) -> int:
+        """Requests vLLM has finished, from its own metrics."""
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        return int(sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} ([\d.e+]+)$", text, re.M)))
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def plain_vllm(tmp_path_factory, smollm2):
+    server = VLLMServer(tmp_path_factory.mktemp("vllm"))
+    yield server
+    server.stop()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
+    from test_s2a_pipeline import write_sycophancy
+    from test_serve import LOUVRE, Running, client
+
+    from attnkit.serve.proxy import proxy_app
+
+    before = plain_vllm.served()
+    proxy = Running(proxy_app(plain_vllm.url, "s2a"))
+    try:
+        r = client(proxy.url).chat.completions.create(model="smollm2-135m-instruct", messages=LOUVRE, max_tokens=48,
+                                                      temperature=0)
+    finally:
+        proxy.stop()
+    info = r.model_extra["s2a"]
+    assert info["variant"] == "s2a" and r.choices[0].message.content.strip()
+    assert r.system_fingerprint and r.system_fingerprint.startswith("vllm")  # vLLM answered, through the proxy
+    assert plain_vllm.served() - before == 2  # the rewrite, then the answer from the rewrite alone
+    write_sycophancy(tmp_path / "answer.jsonl", n=2)
+    out = tmp_path / "rows.jsonl"
+    r = CliRunner().invoke(app, ["s2a", "eval", "sycophancy", "--data", str(tmp_path / "answer.jsonl"),
+                                 "--backend", "openai", "--base-url", plain_vllm.url, "--model", "smollm2-135m-instruct",
+                                 "--templates", "suggest-incorrect", "--variants", "baseline,s2a",
+                                 "--max-tokens", "24", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in result_lines(out) if "variant" in x]
+    assert len(rows) == 4 and all(row["tokens"]["completion"] > 0 for row in rows)
+    for row in rows:  # scored from vLLM's answers by the task's rule
+        assert row["score"] == float("paris" in row["answer"].lower().split())
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
+    """vLLM with the per-head split against attnkit's HF cache with the same plan (no sink, window
+    prefill), greedy in float32, on a prompt of about 900 tokens (the window is 64)."""
+    from attnkit.core.generate import generate
+    from attnkit.evals import niah as N
+
+    model, tok = smollm2
+    full = sorted({(layer, 0) for layer in range(0, 30, 2)} | {(5, 2), (23, 1)})
+    flags = ["--kv-choose", "random", "--kv-sink", "0", "--kv-window", "64", "--kv-prefill", "window"]
+    kv = HeadKVConfig(frozenset(full), sink=0, window=64, prefill="window")
+    builder = N.prompt_builder("clean", tok, N.load_haystack(None), True, 900)
+    needle = N.passkey_needles()[0]
+    ids = builder.build(needle, 900, 50).input_ids
+    want = generate(model, tok, ids, None, kv, 24, stop_rule="eos").ids[0]
+    plain = generate(model, tok, ids, None, None, 24, stop_rule="eos").ids[0]
+    assert want != plain, "the window heads change nothing here: the comparison could not fail"
+    scores = tmp_path / "scores.json"  # the plan's full heads as a score file: exactly those are chosen
+    scores.write_text(json.dumps({f"{layer}-{q}": [1.0 if (layer, q // 3) in full else 0.0]
+                                  for layer in range(30) for q in range(9)}))  # 9 query heads, 3 per KV head
+    flags = ["--kv-scores", str(scores), "--kv-full", str(len(full) / 90), "--no-kv-recipe", *flags[2:]]
+    server = VLLMServer(tmp_path, *flags)
+    try:
+        r = httpx.post(server.url + "/completions", json={"model": "smollm2-135m-instruct", "prompt": ids[0].tolist(),
+                                                           "max_tokens": 24, "temperature": 0, "return_token_ids": True},
+                       timeout=300)
+        got = r.json()["choices"][0]["token_ids"]
+        log = server.log.read_text()
+    finally:
+        server.stop()
+    assert "AttnkitHeadSplitLlama" in log
+    assert got == want, (tok.decode(got), tok.decode(want))
