@@ -18,6 +18,8 @@ prompts vLLM with the plugin decodes token for token as attnkit's HF cache with 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import socket
 import subprocess
@@ -87,7 +89,7 @@ def main():
     ap.add_argument("--target", type=float, default=0.30, help="KV memory of the plan, a fraction of the full cache")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--scores", type=Path, default=None, help="copy scores (default: the study's for the model)")
-    ap.add_argument("--kv-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE of both vLLM servers")
+    ap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of both vLLM servers")
     ap.add_argument("--batched-tokens", type=int, default=512, help="vLLM's --max-num-batched-tokens (prefill chunk)")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
@@ -123,15 +125,26 @@ def main():
                                        [python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                        text=True).stdout.strip()})
 
+    logs = HERE / ".vllm-logs"  # vLLM's start-up logs (the rows carry its figures) and attnkit's answers
+    logs.mkdir(exist_ok=True)
+    key = hashlib.sha1(json.dumps([args.model, args.max_new_tokens, sorted(kv0.full), kv0.window,
+                                   [q["id"] for q in prompts]]).encode()).hexdigest()[:12]
+    done = logs / f"attnkit_{key}.jsonl"  # one line per finished (system, prompt): a rerun resumes
     outputs: dict[str, list[list[int]]] = {}
+    finished = {(d["system"], d["prompt"]): d["ids"] for d in map(json.loads, done.read_text().splitlines())} \
+        if done.is_file() else {}
     for name, technique in (("attnkit full cache", None), ("attnkit plan, no sink", kv0),
                             ("attnkit plan, 16 sink tokens", kv16)):
-        outputs[name] = [generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
-                                  stop_rule="eos").ids[0] for q in prompts]
+        for q in prompts:
+            if (name, q["id"]) not in finished:
+                ids = generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
+                               stop_rule="eos").ids[0]
+                finished[(name, q["id"])] = ids
+                with done.open("a") as fh:
+                    fh.write(json.dumps({"system": name, "prompt": q["id"], "ids": ids}) + "\n")
+        outputs[name] = [finished[(name, q["id"])] for q in prompts]
     del model
     figures = {}
-    logs = Path(rec.path or "/tmp/vllm_kv").with_suffix("")
-    logs.mkdir(parents=True, exist_ok=True)
     for name, ov in (("vLLM full cache", None), ("vLLM + attnkit plugin, plan", overrides)):
         server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args,
                                                  logs / f"{name.split(',')[0].replace(' ', '_')}.log")

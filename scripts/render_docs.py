@@ -230,8 +230,8 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu") ->
     return "\n".join(lines)
 
 
-def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu") -> str:
-    path = RESULTS / "benchmarks" / f"mdqa_{model}_{device}.jsonl"
+def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu", variant: str = "") -> str:
+    path = RESULTS / "benchmarks" / f"mdqa_{model}{variant}_{device}.jsonl"
     head, rows = read_jsonl(path)
     positions = head["positions"]
     body = [[r["system"], r["docs"], r["tokens"], *[_est(r["accuracy"].get(str(p))) for p in positions],
@@ -253,6 +253,50 @@ def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu") -> str
     lines += ["", f"*Accuracy (%) [Wilson 95%], n questions per position ({head['questions']} NQ-open questions, "
                   f"the same at every position); the gold passage among answer-free passages of other questions; "
                   f"scored by the paper's best-subspan match on the answer's first line.*"]
+    return "\n".join(lines)
+
+
+def mdqa_search(model: str = "smollm2-135m-instruct") -> str:
+    """One line per committed curve of the model: documents, tokens, ends minus middle and the verdict."""
+    out = []
+    for path in sorted((RESULTS / "benchmarks").glob(f"mdqa_{model}*_cpu.jsonl")):
+        try:
+            head, rows = read_jsonl(path)
+        except MissingResults:  # a run still going
+            continue
+        for r in rows:
+            dip = r["ends_minus_middle"]
+            verdict = "a middle dip" if dip and dip["ci95"][0] > 0 else "no middle dip shown"
+            out.append(f"* {STUDY_MODELS.get(model, model)}, {r['docs']} documents (about {r['tokens']} tokens), "
+                       f"{r['system']}: ends minus middle {_est(dip, signed=True)} (accuracy points; n questions): "
+                       f"{verdict} ([`{_rel(path)}`]({_rel(path)}))")
+    if not out:
+        raise MissingResults(f"no mdqa result file of {model}")
+    return "\n".join(out)
+
+
+def bench_vllm_kv(model: str = "smollm2-135m-instruct") -> str:
+    path = RESULTS / "benchmarks" / f"vllm_kv_{model}_cpu.jsonl"
+    head, rows = read_jsonl(path)
+    body = [[r["system"], _est(r["recall"]), r.get("kv_tokens", ""), _ratio(r.get("max_concurrency")),
+             _ratio(r.get("concurrency_over_full")),
+             f"{r['same_tokens']} of {r['n']} ({r['same_tokens_as']})" if "same_tokens" in r else ""] for r in rows]
+    plugin = next((r for r in rows if "plugin" in r["system"]), {})
+    ref = next((r for r in rows if r["system"] == "attnkit plan, no sink"), {})
+    ratio = plugin.get("concurrency_over_full")
+    lines = [provenance(head, path), ""] + _table(
+        ["system", "recall (%)", "vLLM KV cache (tokens)", f"max concurrency at {head['length']} tokens",
+         "over vLLM's full cache", "same tokens as"], body)
+    if ratio is not None and ref:
+        lines += ["", f"Target (the 0.30x plan: >= 2.5x the concurrent sequences of vLLM's full cache at the same KV "
+                      f"memory, recall within the HF cache's): concurrency {ratio:.2f}x, "
+                      f"**{'met' if ratio >= 2.5 else 'not met'}**; recall {_est(plugin['recall'])} against "
+                      f"{_est(ref['recall'])} for attnkit's HF cache with the same plan."]
+    lines += ["", f"*{head['prompts']} prompts ({head['length']}-token number needles), greedy, float32; the plan: "
+                  f"{head['full_heads']} of {head['kv_heads']} KV heads full, the others a {head['window']}-token "
+                  f"window without sink tokens; vLLM {head['vllm']}, VLLM_CPU_KVCACHE_SPACE={head['kv_gib']:g} GiB and "
+                  f"--max-num-batched-tokens {head['batched_tokens']} for both servers; vLLM's figures from its "
+                  f"start-up log.*"]
     return "\n".join(lines)
 
 
@@ -330,6 +374,9 @@ BLOCKS = {
     "bench-kv-cache-smollm2": lambda: bench_kv_cache("smollm2-135m-instruct", target=0.6),
     "bench-kv-ruler-smollm2": bench_kv_ruler,
     "bench-mdqa-smollm2": bench_mdqa,
+    "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),
+    "mdqa-search-smollm2": mdqa_search,
+    "bench-vllm-kv-smollm2": bench_vllm_kv,
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
     "bench-startup": bench_startup,

@@ -250,3 +250,68 @@ def test_s2a_is_not_measurable_where_the_model_does_not_rewrite():
     assert claims["S2A beats the baseline (sycophancy)"].word == V.NOT_MEASURABLE
     assert "16.7%" in claims["S2A beats the baseline (sycophancy)"].why
     assert claims["S2A beats the baseline (gsm-ic)"].word == V.HOLDS
+
+
+def _mdqa_result(single: list, ours: list, docs: int = 10) -> dict:
+    """The buckets step's multi-document QA part, computed from per-(question, position) outcomes."""
+    from attnkit.evals import mdqa as Q
+
+    positions = [0, 4, 9]
+    rows = [{"index": i, "n_docs": docs, "position": p, "system": name, "correct": bool(v[i * 3 + k]), "tokens": 1500}
+            for name, v in (("one base", single), ("buckets", ours)) for i in range(len(single) // 3)
+            for k, p in enumerate(positions)]
+    return {"docs": docs, "positions": positions, "questions": len(single) // 3, "tokens": 1500, "curve": Q.curve(rows),
+            "correct": {"one base": single, "buckets": ours}}
+
+
+def test_buckets_are_judged_on_multi_document_qa_only_where_the_middle_dips(tmp_path):
+    def step(single, ours):
+        kvr = {"accuracy": {"single": {"0": 0.0}, "buckets": {"0": 0.0}}, "mean": {}, "positions": [0], "examples": 2}
+        return {"bases": [1e4, 2e4], "own_base": 1e4, "grid": [1e4, 3e4, 500], "distances": [500, 2000], "message": "",
+                "niah_names": ["one base", "buckets"], "kv_retrieval": kvr, "niah_trials": {}, "kv_retrieval_trials": {},
+                "mdqa": _mdqa_result(single, ours)}
+
+    n = 30  # questions; outcomes in (question, position) order, positions first / middle / last
+    dipped = [100.0, 0.0, 100.0] * n  # right at both ends, wrong in the middle
+    flat = [100.0 if (i // 3) % 2 else 0.0 for i in range(3 * n)]  # the same at every position
+    fixed = [100.0] * (3 * n)
+    _write(tmp_path, "buckets", step(dipped, fixed))
+    text = build_report(tmp_path).read_text()
+    assert "| holds (" in _row(text, "| the model loses the middle")
+    assert "| holds (" in _row(text, "| buckets raise multi-document QA")
+    _write(tmp_path, "buckets", step(flat, fixed))
+    text = build_report(tmp_path).read_text()
+    assert "does not hold" in _row(text, "| the model loses the middle")
+    assert "not measurable (no middle dip shown" in _row(text, "| buckets raise multi-document QA")
+    few = step(dipped[:30], fixed[:30])  # 10 questions
+    _write(tmp_path, "buckets", few)
+    assert "too few to say" in _row(build_report(tmp_path).read_text(), "| the model loses the middle")
+
+
+def test_the_buckets_step_runs_multi_document_qa_with_data(tmp_path, embedded):
+    import gzip
+
+    from attnkit.buckets import BucketsConfig, single_vs_buckets
+    from conftest import result_lines
+    from test_mdqa import _questions
+
+    model, tok = embedded
+    data = tmp_path / "data"
+    (data / "lost_in_the_middle").mkdir(parents=True)
+    with gzip.open(data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz", "wt") as fh:
+        for q in _questions():
+            fh.write(json.dumps({"question": q.question, "answers": q.answers,
+                                 "ctxs": [{"title": q.title, "text": q.text, "isgold": True}]}) + "\n")
+    settings = replace(MICRO, mdqa_docs=4, mdqa_questions=2, mdqa_positions=3)
+    study = ST.Study("embedded", model, tok, tmp_path / "out", settings, data=data, quiet=True)
+    study.out.mkdir()
+    systems = single_vs_buckets(model, BucketsConfig([10000.0, 20000.0]))
+    m = ST.buckets_mdqa(study, systems)
+    assert m["positions"] == [0, 2, 3] and m["docs"] == 4
+    assert {len(v) for v in m["correct"].values()} == {2 * 3}  # every question at every position, per system
+    trials = [json.loads(x) for x in result_lines(study.out / "buckets_mdqa.jsonl") if '"position"' in x]
+    assert len(trials) == 2 * 3 * 2 and (study.out / "mdqa.png").is_file()
+    for system in systems:  # the rows the curve and the pairs come from
+        mine = sorted((r for r in trials if r["system"] == system.name), key=lambda r: (r["index"], r["position"]))
+        assert m["correct"][system.name] == [100.0 * r["correct"] for r in mine]
+    assert "skipped" in ST.buckets_mdqa(replace(study, data=None), systems)

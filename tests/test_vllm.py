@@ -167,8 +167,8 @@ def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in result_lines(out) if "variant" in x]
     assert len(rows) == 4 and all(row["tokens"]["completion"] > 0 for row in rows)
-    for row in rows:  # scored from vLLM's answers by the task's rule
-        assert row["score"] == float("paris" in row["answer"].lower().split())
+    for row in rows:  # scored from vLLM's answers by the task's rule (the alias among the answer's words)
+        assert row["score"] == float("paris" in re.findall(r"[a-z]+", row["answer"].lower()))
 
 
 @needs_vllm

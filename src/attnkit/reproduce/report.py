@@ -121,7 +121,28 @@ def buckets_claims(r: dict) -> list[dict]:
              "ours": f"{stats.proportion(hits.get('single', [])).text()} -> "
                      f"{stats.proportion(hits.get('buckets', [])).text()} (Wilson); gain {_diff(d_kv)}; McNemar "
                      f"p={test['p']} ({test['only_a']} only one base, {test['only_b']} only buckets)",
-             "verdict": v_kv}]
+             "verdict": v_kv}] + mdqa_claims(res)
+
+
+def mdqa_claims(res: dict) -> list[dict]:
+    """Multi-document QA: does the model lose the middle at all (one base), and do buckets win there."""
+    m = res.get("mdqa") or {}
+    if "curve" not in m:
+        return []
+    single, buckets = res["niah_names"]
+    raw = m["curve"][single][str(m["docs"])]["ends_minus_middle"]  # None with fewer than 3 positions
+    dip_est = stats.Estimate.from_dict(raw) if raw else stats.Estimate(None, None, None, 0)
+    dip = V.middle_dip(dip_est)
+    v_gain, d_gain = V.gain_where_dip(dip, m["correct"].get(single, []), m["correct"].get(buckets, []))
+    where = f"{m['docs']} documents (about {m['tokens']} tokens), gold at {len(m['positions'])} positions"
+    return [{"claim": "the model loses the middle of its context (one base)", "paper": "a U-shaped curve (Liu et al.)",
+             "source": V.PAPER["middle-dip"]["source"],
+             "ours": f"{where}: ends minus middle {_diff(dip_est)} points", "verdict": dip},
+            {"claim": "buckets raise multi-document QA accuracy", "paper": "gains on retrieval-augmented QA",
+             "source": V.PAPER["buckets"]["source"],
+             "ours": f"{stats.proportion(m['correct'].get(single, [])).text()} -> "
+                     f"{stats.proportion(m['correct'].get(buckets, [])).text()} (Wilson, every position); "
+                     f"gain {_diff(d_gain)}", "verdict": v_gain}]
 
 
 def s2a_claims(r: dict) -> list[dict]:
@@ -245,7 +266,19 @@ def buckets_section(r: dict) -> list[str]:
               "position): " + "; ".join(f"{s}: " + ", ".join(f"{p}: {v}" for p, v in by_pos[s].items())
                                         for s in by_pos) + ".", "",
               "![waveform](waveform.png)", "", "![key-value retrieval](kv_retrieval.png)", ""]
+    m = res.get("mdqa") or {}
+    if "skipped" in m:
+        lines += [f"Multi-document QA: skipped ({m['skipped']}).", ""]
+    elif "curve" in m:
+        lines += [f"Multi-document QA accuracy by gold position ({m['questions']} questions per position, "
+                  f"{m['docs']} documents): " + "; ".join(
+                      f"{s}: " + ", ".join(f"{int(p) + 1}: {_est_text(a)}" for p, a in by[str(m['docs'])]["accuracy"].items())
+                      for s, by in m["curve"].items()) + ".", "", "![multi-document QA](mdqa.png)", ""]
     return lines
+
+
+def _est_text(d: dict) -> str:
+    return stats.Estimate.from_dict(d).text()
 
 
 def s2a_section(r: dict) -> list[str]:

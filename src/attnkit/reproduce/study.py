@@ -12,8 +12,9 @@ with other settings into the same folder is refused):
 * `kv`: the retrieval-head KV cache: recall against KV memory for full / retrieval-chosen /
   random-chosen / all-window at several budgets, on the same prompts;
 * `buckets`: Attention Buckets (Chen et al.): the model's waveform, bases searched over a range
-  derived from its trained base, one base against the buckets on NIAH and on key-value retrieval
-  (gold position swept), with 95% intervals;
+  derived from its trained base, one base against the buckets on NIAH, on key-value retrieval
+  (gold position swept) and, with `--data`, on multi-document QA (Liu et al.'s lost-in-the-middle
+  curve: whether the model has a middle dip at all, and what buckets change there), with 95% intervals;
 * `s2a`: System 2 Attention (Weston & Sukhbaatar): baseline / S2A / oracle on opinion-laden factual
   QA built from NaturalQuestions-Open and on GSM-IC-style problems built from GSM8K (needs `--data`).
 
@@ -60,6 +61,9 @@ class StudySettings:
     buckets_n: int = 3
     kvr_examples: int = 2
     kvr_pairs: int = 6
+    mdqa_docs: int = 10  # multi-document QA (needs --data): documents per prompt
+    mdqa_questions: int = 6  # the same questions at every gold position
+    mdqa_positions: int = 3  # gold positions from the first document to the last
     s2a_examples: int = 6
     s2a_max_tokens: int = 64
     chat_template: bool | None = None
@@ -69,7 +73,7 @@ QUICK = StudySettings()  # about 10 minutes on 2 CPU cores for SmolLM2-135M; cel
 # every compared cell (detection runs included): 8 needles x 3 depths = 24 prompts, the fewest the verdicts decide from
 FULL = StudySettings(lengths=(512, 1024, 2048), depths=(10.0, 50.0, 90.0), needles=8, eval_needles=8,
                      single_heads=3, kv_seeds=2, buckets_depths=(10.0, 50.0, 90.0), buckets_n=4, kvr_examples=8,
-                     kvr_pairs=10, s2a_examples=24, s2a_max_tokens=128)
+                     kvr_pairs=10, mdqa_questions=50, mdqa_positions=5, s2a_examples=24, s2a_max_tokens=128)
 
 
 def settings_from_file(path: Path, base: StudySettings) -> StudySettings:
@@ -336,7 +340,30 @@ def step_buckets(study: Study) -> dict:
     return {"bases": bases, "own_base": arch.rope_base, "grid": list(grid_range), "distances": [m0, m1],
             "message": found.message, "niah": niah, "niah_names": [single_name, buckets_name],
             "kv_retrieval": kvr,
-            "niah_trials": trials, "kv_retrieval_trials": hits}
+            "niah_trials": trials, "kv_retrieval_trials": hits, "mdqa": buckets_mdqa(study, systems)}
+
+
+def buckets_mdqa(study: Study, systems: list) -> dict:
+    """Multi-document QA with the gold passage swept over the documents, one base and buckets on the
+    same prompts: the curve per system, and per system the correct answers (0/100) in (question,
+    position) order, paired across systems."""
+    from attnkit.evals import mdqa as Q
+    from attnkit.evals.plots import position_curve
+
+    st = study.settings
+    path = None if study.data is None else study.data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz"
+    if path is None or not path.is_file():
+        return {"skipped": "no --data folder with lost_in_the_middle/nq-open-oracle.jsonl.gz"}
+    positions = Q.positions_for(st.mdqa_docs, st.mdqa_positions)
+    rows = Q.evaluate_mdqa(study.model, study.tokenizer, Q.load_nq(path), list(range(st.mdqa_questions)), st.mdqa_docs,
+                           positions, systems, study.out / "buckets_mdqa.jsonl", quiet=study.quiet,
+                           chat_template=st.chat_template)
+    curve = Q.curve(rows)
+    position_curve(curve, study.out / "mdqa.png", f"{study.model_name}: multi-document QA, {st.mdqa_docs} documents")
+    rows.sort(key=lambda r: (r["index"], r["position"]))
+    correct = {s.name: [100.0 * r["correct"] for r in rows if r["system"] == s.name] for s in systems}
+    return {"docs": st.mdqa_docs, "positions": positions, "questions": st.mdqa_questions,
+            "tokens": round(sum(r["tokens"] for r in rows) / len(rows)), "curve": curve, "correct": correct}
 
 
 # ---------------------------------------------------------------- System 2 Attention

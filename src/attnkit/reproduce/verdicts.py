@@ -24,6 +24,9 @@ PAPER = {
                 "masked, recall collapses; as many random heads masked, it barely moves"},
     "buckets": {"source": "Chen et al. 2024 (arXiv 2312.04455): gains on tool use (ToolBench) and retrieval-"
                 "augmented QA with Llama-2-7B; no NIAH or key-value figure is given"},
+    "middle-dip": {"source": "Liu et al. 2023 (arXiv 2307.03172), multi-document QA over NaturalQuestions-Open "
+                   "(10-30 documents): accuracy highest with the answer's document first or last, lowest in the "
+                   "middle (a U-shaped curve)"},
     "s2a-sycophancy": {**S2A_PAPER["sycophancy"], "source": "Weston & Sukhbaatar 2023 (arXiv 2311.11829), factual QA with opinions: "
                                  "TriviaQA questions in SycophancyEval's opinion templates, answers judged by "
                                  "GPT-4, LLaMA-2-70B-chat"},
@@ -88,6 +91,26 @@ def gain(before: list, after: list) -> tuple[Verdict, stats.Estimate]:
         return Verdict(HOLDS, "paired 95% interval above 0"), diff
     return Verdict(FAILS, "paired 95% interval " + ("below 0" if diff.high is not None and diff.high < 0
                                                     else "includes 0")), diff
+
+
+def middle_dip(ends_minus_middle: stats.Estimate) -> Verdict:
+    """A lost-in-the-middle dip: the paired interval of (mean of the end positions - the middle
+    position) above 0, from at least MIN_N questions."""
+    d = ends_minus_middle
+    if d.n is None or d.n < MIN_N:
+        return Verdict(TOO_FEW, f"n={d.n or 0} questions, fewer than {MIN_N}")
+    if d.low is not None and d.low > 0:
+        return Verdict(HOLDS, "paired 95% interval of ends minus middle above 0")
+    return Verdict(FAILS, "paired 95% interval of ends minus middle " + ("below 0" if d.high is not None and d.high < 0
+                                                                         else "includes 0"))
+
+
+def gain_where_dip(dip: Verdict, before: list, after: list) -> tuple[Verdict, stats.Estimate]:
+    """`gain`, decided only where the model has a middle dip to fix: without one, not measurable."""
+    verdict, diff = gain(before, after)
+    if dip.word != HOLDS and verdict.word in (HOLDS, FAILS):
+        return Verdict(NOT_MEASURABLE, "no middle dip shown on this model: nothing for buckets to fix"), diff
+    return verdict, diff
 
 
 def ablation(none: list, top: list, random_by_seed: list[list]) -> tuple[Verdict, stats.Estimate]:
