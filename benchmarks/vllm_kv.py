@@ -47,12 +47,12 @@ HERE = Path(__file__).resolve().parent
 LOG_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
-def start_vllm(python: str, path: Path, overrides: dict | None, args, log: Path):
+def start_vllm(python: str, path: Path, overrides: dict | None, chunk: int, args, log: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = vllm.command(python, path, "model", "127.0.0.1", port, "float32", overrides, args.length + args.max_new_tokens,
-                        ("--max-num-batched-tokens", str(args.batched_tokens), "--max-num-seqs", "64"))
+                        ("--max-num-batched-tokens", str(chunk), "--max-num-seqs", "64"))
     env = {**vllm.environment(None), "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
     fh = open(log, "w")
     server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--scores", type=Path, default=None, help="copy scores (default: the study's for the model)")
     ap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of both vLLM servers")
-    ap.add_argument("--batched-tokens", type=int, default=512, help="vLLM's --max-num-batched-tokens (prefill chunk)")
+    ap.add_argument("--batched-tokens", default="512,256", help="vLLM's --max-num-batched-tokens (its prefill chunk, "
+                    "which a window head's blocks must also hold): a plugin row per value")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     ap.add_argument("--start-timeout", type=float, default=600)
@@ -120,7 +121,7 @@ def main():
     stopper = Stopper(tok, eos_ids(model, tok), "clean")
     rec = Record(args, "vllm_kv", {"length": args.length, "target": args.target, "window": args.window,
                                    "full_heads": len(kv0.full), "kv_heads": len(choosable(model.config)),
-                                   "kv_gib": args.kv_gib, "batched_tokens": args.batched_tokens,
+                                   "kv_gib": args.kv_gib, "batched_tokens": args.batched_tokens, "max_new_tokens": args.max_new_tokens,
                                    "prompts": len(prompts), "vllm": subprocess.run(
                                        [python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                        text=True).stdout.strip()})
@@ -145,9 +146,12 @@ def main():
         outputs[name] = [finished[(name, q["id"])] for q in prompts]
     del model
     figures = {}
-    for name, ov in (("vLLM full cache", None), ("vLLM + attnkit plugin, plan", overrides)):
-        server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args,
-                                                 logs / f"{name.split(',')[0].replace(' ', '_')}.log")
+    chunks = [int(x) for x in args.batched_tokens.split(",")]
+    servers = [("vLLM full cache", None, chunks[0])] + [(f"vLLM + attnkit plugin, plan, prefill chunk {c}", overrides, c)
+                                                        for c in chunks]
+    for name, ov, chunk in servers:
+        server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, chunk, args,
+                                                 logs / f"{'plugin' if ov else 'full'}_{chunk}.log")
         try:
             outputs[name] = [ask_vllm(base, q["input_ids"], args.max_new_tokens) for q in prompts]
         finally:
@@ -155,17 +159,17 @@ def main():
             server.wait(30)
     full = figures.get("vLLM full cache", {})
     for name, outs in outputs.items():
-        recalls = [100 * N.recall(answer_of(tok, stopper, ids), q["reference"]) for ids, q in zip(outs, prompts)]
+        recalls = [N.recall(answer_of(tok, stopper, ids), q["reference"]) for ids, q in zip(outs, prompts)]
         row = {"system": name, "n": len(prompts), "recall": stats.bootstrap_mean(recalls).as_dict(),
                "answers": [answer_of(tok, stopper, ids) for ids in outs[:3]]}
         if name.startswith("vLLM"):
             row.update(figures[name])
             if full.get("max_concurrency") and figures[name].get("max_concurrency"):
                 row["concurrency_over_full"] = round(figures[name]["max_concurrency"] / full["max_concurrency"], 2)
-        same = {"vLLM + attnkit plugin, plan": "attnkit plan, no sink", "vLLM full cache": "attnkit full cache"}
-        if name in same:
-            row["same_tokens_as"] = same[name]
-            row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same[name]]))
+        same = "attnkit full cache" if name == "vLLM full cache" else "attnkit plan, no sink" if "plugin" in name else None
+        if same:
+            row["same_tokens_as"] = same
+            row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same]))
         rec.emit(row)
 
 
