@@ -103,17 +103,10 @@ def start_vllm(python: str, model: str):
     env = {**vllm.environment(None), "OMP_NUM_THREADS": str(torch_threads()), "VLLM_CPU_KVCACHE_SPACE": "2"}
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return server, base
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            server.kill()
-            sys.exit(f"vLLM did not start: {model}")
-        time.sleep(1)
+    if not vllm.wait_until_healthy(server, base, 900):
+        server.kill()
+        sys.exit(f"vLLM did not start: {model}")
+    return server, base
 
 
 def torch_threads() -> int:

@@ -24,7 +24,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -57,17 +56,9 @@ def start_vllm(python: str, path: Path, overrides: dict | None, chunk: int, args
     fh = open(log, "w")
     server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + args.start_timeout
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            server.kill()
-            sys.exit(f"vLLM did not start; its log: {log}")
-        time.sleep(1)
+    if not vllm.wait_until_healthy(server, base, args.start_timeout):
+        server.kill()
+        sys.exit(f"vLLM did not start; its log: {log}")
     found = LOG_LINE.search(log.read_text())
     figures = {"kv_tokens": int(found.group(1).replace(",", "")),
                "max_concurrency": float(found.group(3))} if found else {}

@@ -235,16 +235,17 @@ def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu", varian
     head, rows = read_jsonl(path)
     positions = head["positions"]
     body = [[r["system"], r["docs"], r["tokens"], *[_est(r["accuracy"].get(str(p))) for p in positions],
-             _est(r["ends_minus_middle"], signed=True)] for r in rows]
+             _est(r["ends_minus_middle"], signed=True), _est(r.get("first_minus_middle"), signed=True),
+             _est(r.get("last_minus_middle"), signed=True), r.get("seconds_per_example", "")] for r in rows]
     lines = [provenance(head, path), ""] + _table(
         ["system", "documents", "prompt tokens (mean)", *[f"gold at {p + 1}" for p in positions],
-         "ends minus middle (paired)"], body)
+         "ends minus middle (paired)", "first minus middle", "last minus middle", "s per example (same run)"], body)
     for r in rows:
         dip = r["ends_minus_middle"]
         if dip and dip.get("n"):
             low = dip["ci95"][0]
             verdict = ("a middle dip: the interval excludes 0" if low > 0 else
-                       "no middle dip shown: the interval reaches 0 or below")
+                       "no middle dip shown: the interval reaches 0 or below") + _which_end(r)
             lines += ["", f"{r['system']}, {r['docs']} documents: ends minus middle "
                           f"{_est(dip, signed=True)}: {verdict}."]
         if r.get("minus_one_base"):
@@ -254,6 +255,19 @@ def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu", varian
                   f"the same at every position); the gold passage among answer-free passages of other questions; "
                   f"scored by the paper's best-subspan match on the answer's first line.*"]
     return "\n".join(lines)
+
+
+def _which_end(r: dict) -> str:
+    """Which end lifts ends-minus-middle: both (Liu et al.'s U), or one alone."""
+    first, last = r.get("first_minus_middle"), r.get("last_minus_middle")
+    if not first or not last:
+        return ""
+    up = [name for name, d in (("first", first), ("last", last)) if d["ci95"][0] > 0]
+    if len(up) == 2:
+        return " (both ends above the middle: a U)"
+    if up:
+        return f" (only the {up[0]} position above the middle: {'primacy' if up[0] == 'first' else 'recency'}, not a U)"
+    return " (neither end alone above the middle)"
 
 
 def mdqa_search(model: str = "smollm2-135m-instruct") -> str:
@@ -266,7 +280,7 @@ def mdqa_search(model: str = "smollm2-135m-instruct") -> str:
             continue
         for r in rows:
             dip = r["ends_minus_middle"]
-            verdict = "a middle dip" if dip and dip["ci95"][0] > 0 else "no middle dip shown"
+            verdict = ("a middle dip" if dip and dip["ci95"][0] > 0 else "no middle dip shown") + _which_end(r)
             out.append(f"* {STUDY_MODELS.get(model, model)}, {r['docs']} documents (about {r['tokens']} tokens), "
                        f"{r['system']}: ends minus middle {_est(dip, signed=True)} (accuracy points; n questions): "
                        f"{verdict} ([`{_rel(path)}`]({_rel(path)}))")
@@ -403,6 +417,7 @@ BLOCKS = {
     "bench-kv-ruler-smollm2": bench_kv_ruler,
     "bench-mdqa-smollm2": bench_mdqa,
     "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),
+    "bench-mdqa-smollm2-20-buckets": lambda: bench_mdqa(variant="_20docs_buckets"),
     "mdqa-search-smollm2": mdqa_search,
     "bench-vllm-kv-smollm2": bench_vllm_kv,
     "bench-serve-throughput": bench_serve_throughput,

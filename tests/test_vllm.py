@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -88,6 +87,16 @@ def test_the_command_keeps_the_key_out_of_the_arguments(tmp_path):
         vllm.command("/py", tmp_path, "m", "h", 1, "int8")
 
 
+
+def test_waiting_for_a_server_that_died_ends_at_once():
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    t = time.time()
+    assert not vllm.wait_until_healthy(dead, f"http://127.0.0.1:{_port()}", timeout=120)
+    assert time.time() - t < 30
+
+
 # ----------------------------------------------------------------------------- against a real vLLM
 
 def _port() -> int:
@@ -107,17 +116,9 @@ class VLLMServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
         self.process = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.time() > deadline:
-                self.stop()
-                pytest.fail(f"vLLM did not start: {self.log.read_text()[-3000:]}")
-            time.sleep(1)
+        if not vllm.wait_until_healthy(self.process, f"http://127.0.0.1:{self.port}", 600):
+            self.stop()
+            pytest.fail(f"vLLM did not start: {self.log.read_text()[-3000:]}")
 
     def served(self) -> int:
         """Requests vLLM has finished, from its own metrics."""

@@ -171,7 +171,8 @@ def evaluate_mdqa(model, tokenizer, questions: list[Question], indices: list[int
 def curve(rows: list[dict]) -> dict:
     """Per system and document count: accuracy per gold position (Wilson 95%), and ends minus middle
     (the mean of the first and last positions' accuracy minus the middle position's, paired per
-    question, bootstrap 95%): above 0 is a middle dip."""
+    question, bootstrap 95%): above 0 is a middle dip; first and last minus middle apart say whether
+    both ends make it (Liu et al.'s U) or one does (primacy or recency alone)."""
     from attnkit.evals import stats
 
     out: dict = {}
@@ -188,6 +189,12 @@ def curve(rows: list[dict]) -> dict:
                     and (i, middle) in by]
             mids = [by[(i, middle)] for i in idx if (i, pos[0]) in by and (i, pos[-1]) in by and (i, middle) in by]
             dip = stats.paired_difference([100 * m for m in mids], [100 * e for e in ends]) if len(pos) >= 3 else None
+            sides = {}
+            if len(pos) >= 3:  # which end makes the dip: a U has both, a recency effect the last alone
+                both = [i for i in idx if all((i, p) in by for p in (pos[0], middle, pos[-1]))]
+                for name, p in (("first_minus_middle", pos[0]), ("last_minus_middle", pos[-1])):
+                    sides[name] = stats.paired_difference([100 * by[(i, middle)] for i in both],
+                                                          [100 * by[(i, p)] for i in both]).as_dict()
             out.setdefault(system, {})[str(n)] = {"accuracy": {str(p): a for p, a in acc.items()},
-                                                  "ends_minus_middle": dip.as_dict() if dip else None}
+                                                  "ends_minus_middle": dip.as_dict() if dip else None, **sides}
     return out

@@ -88,3 +88,21 @@ def environment(api_key: str | None) -> dict:
         env["VLLM_API_KEY"] = api_key
     return env
 
+
+
+def wait_until_healthy(process, base: str, timeout: float) -> bool:
+    """Poll `base`/health until it answers 200 (True), or the server process exits or `timeout`
+    seconds pass (False). vLLM on CPU compiles its graphs at start-up, which takes minutes."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
