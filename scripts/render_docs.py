@@ -419,6 +419,8 @@ BLOCKS = {
     "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),
     "bench-mdqa-smollm2-20-buckets": lambda: bench_mdqa(variant="_20docs_buckets"),
     "mdqa-search-smollm2": mdqa_search,
+    "mdqa-search-gemma": lambda: mdqa_search("gemma-3-270m"),
+    "bench-mdqa-gemma": lambda: bench_mdqa("gemma-3-270m"),
     "bench-vllm-kv-smollm2": bench_vllm_kv,
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
