@@ -26,8 +26,6 @@ from attnkit.errors import AttnkitError
 
 PYTHON_ENV = "ATTNKIT_VLLM_PYTHON"
 BUILD_HINT = "bash scripts/vllm_venv.sh (in attnkit's source tree) builds one"
-DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 def find_python(given: str | None) -> str:
@@ -70,10 +68,13 @@ def overrides(choice, model: str) -> dict | None:
 def command(python: str, model_path: Path, name: str, host: str, port: int, dtype: str = "auto",
             overrides: dict | None = None, max_model_len: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The vLLM server's command line. An API key travels in the environment (VLLM_API_KEY), not here."""
-    if dtype not in DTYPES:
+    from attnkit.core.loading import DTYPES  # the names --dtype takes everywhere
+
+    name_of = {"auto": "auto", **DTYPES}
+    if dtype.lower() not in name_of:
         raise AttnkitError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-            "--served-model-name", name, "--host", host, "--port", str(port), "--dtype", DTYPES[dtype]]
+            "--served-model-name", name, "--host", host, "--port", str(port), "--dtype", name_of[dtype.lower()]]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if overrides:
