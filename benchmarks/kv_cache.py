@@ -27,7 +27,8 @@ from transformers import DynamicCache
 
 from attnkit.core.family import architecture
 from attnkit.core.generate import prefill
-from attnkit.core.kvcache import HeadKVCache, HeadKVConfig, head_kv
+from attnkit.core.kvcache import HeadKVCache, head_kv
+from attnkit.core.kvconfig import HeadKVConfig
 
 
 def choose(model, fraction: float, seed: int, scores_path: str | None) -> frozenset:

@@ -6,6 +6,13 @@ same count, every head windowed, and token budgets inside the window heads, on t
         --tasks niah_single_1,niah_multikey_1 --lengths 4096 --samples 24 --no-all-window \
         --haystack ../shared/data/retrieval_head/PaulGrahamEssays
 
+`--kvpress PRESS,...` adds NVIDIA kvpress's presses on the same token ids at each `--kvpress-targets`
+memory (compression ratio 1 - target), run in kvpress's own venv (created once, see
+kv_vs_kvpress.py); `AdaKVPress(SnapKVPress)` wraps a scorer, `DuoAttentionPress` is given attnkit's
+combined head scores with attnkit's sink and window. Every cache of a prompt, attnkit's and
+kvpress's alike, shares that prompt's one prefill (`core.kvfork`, and the worker's shared mode):
+each compresses the same whole-prompt forward pass, so the answers equal separate prefills.
+
 Heads are chosen by the copy scores of --scores combined with echo and induction scores measured on the
 model (the recipe, `--no-recipe`: the file alone), the cache trimmed after a whole-prompt prefill.
 `--token-budgets RATIO:FULL:SPLIT,...` adds caches at RATIO of the model's own KV memory (at the longest
@@ -85,6 +92,12 @@ def main() -> None:
                     "e.g. ../shared/data/retrieval_head/PaulGrahamEssays); default: attnkit's filler prose")
     ap.add_argument("--no-all-window", action="store_true", help="leave out the every-head-windowed row")
     ap.add_argument("--no-recipe", action="store_true", help="choose by the score file alone")
+    ap.add_argument("--kvpress", default="", help="kvpress presses on the same prompts, e.g. "
+                    "SnapKVPress,StreamingLLMPress,AdaKVPress(SnapKVPress),DuoAttentionPress")
+    ap.add_argument("--kvpress-targets", default="0.3,0.15", help="KV memory of the presses (fractions of the full cache)")
+    ap.add_argument("--kvpress-samples", type=int, default=None, help="the first N examples per task and length for "
+                    "the presses (default: --samples); their paired differences use those prompts only")
+    ap.add_argument("--kvpress-venv", type=Path, default=Path(__file__).resolve().parent / ".kvpress-venv")
     ap.add_argument("--trials", type=Path, default=None, help="JSONL of every answer (default: beside the record)")
     ap.add_argument("--device", default="cpu")
     add_record_option(ap, "kv_ruler")
@@ -113,6 +126,9 @@ def main() -> None:
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(args.haystack) if args.haystack else None
     rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays)
+    press_rows = []
+    if args.kvpress:
+        press_rows = kvpress_rows(model, tok, args, tasks, lengths, essays, trials)
     pairs = [c for c in chosen if c[1] is not None and c[1].full and not c[1].budgets]  # recipe, then its random
     controls = {a[0].name: b[0].name for a, b in zip(pairs, pairs[1:]) if b[0].name.startswith("random")
                 and not a[0].name.startswith("random")}
@@ -147,8 +163,121 @@ def main() -> None:
                          **({"minus_full_heads_same_memory": {"vs": same_memory[system.name], **stats.paired_difference(
                              [scores_of(same_memory[system.name]).get(k) for k in keys],
                              [by_key[k] for k in keys]).as_dict()}} if system.name in same_memory else {})})
+        emit_presses(record, rows, press_rows, chosen, model.config, L, tasks)
     if record.path is not None:
         plot(record.rows, record.path.with_suffix(".png"), args.model)
+
+
+def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]:
+    """kvpress's presses on the RULER prompts attnkit answered (the same token ids), one prefill per
+    prompt for all presses (the worker's shared mode); rows {task, length, index, system, target,
+    kv_ratio, answer, score}. The worker's answers resume from the file beside --trials, which holds
+    rows of one prompt set and decoding only (a marker file says which)."""
+    import os
+    import subprocess
+
+    from kv_vs_kvpress import count_for, ensure_kvpress_venv
+
+    from attnkit.core.decode import eos_ids, use_chat_template
+    from attnkit.core.family import architecture
+    from attnkit.core.generate import answer_text, encode_prompts
+    from attnkit.core.kvconfig import native_kv_bytes
+    from attnkit.core.models import pulled_path
+    from attnkit.evals.runner import digest
+    from attnkit.heads.kvplan import combine
+
+    arch = architecture(model.config)
+    chat = use_chat_template(tok, None)
+    stop = () if chat else ("\n",)
+    examples, prompts = {}, []
+    for t in tasks:
+        for L in lengths:
+            for i in range(min(args.samples, args.kvpress_samples or args.samples)):
+                ex = R.make_example(t, tok, L, i, essays, 0)
+                ids = encode_prompts(tok, [ex.prompt(chat)], chat)[0][0].tolist()
+                key = f"{t}-{L}-{i}-{digest(ids)}"  # rows never mix prompts
+                examples[key] = (t, L, i, ex, len(ids))
+                prompts.append({"id": key, "input_ids": ids, "max_new_tokens": R.ANSWER_TOKENS.get(t, 128)})
+    targets = [float(x) for x in args.kvpress_targets.split(",")]
+    sets = load_score_sets(args.scores) + ([] if args.no_recipe else list(pattern_scores(model, tok)))
+    kv = combine(sets, arch.layers, arch.query_heads, arch.kv_heads)
+    duo = [[kv[(l, g)] if arch.layer_types[l] == "full" else 0.0 for g in range(arch.kv_heads)] for l in range(arch.layers)]
+    presses, target_of = [], {}
+    tokens = max(lengths)
+    for t in targets:
+        for name in args.kvpress.split(","):
+            if name == "DuoAttentionPress":  # the streaming share of heads that lands on the target
+                n = count_for(model.config, t, tokens, args.sink, args.window)
+                ratio = round(1 - n / (arch.layers * arch.kv_heads), 4)
+            else:
+                ratio = round(1 - t, 4)
+            presses.append({"name": name, "ratio": ratio})
+            target_of[(name, ratio)] = t
+    out = trials.with_name(trials.stem + "_kvpress.jsonl")
+    marker = out.with_suffix(".settings.json")
+    mine = {"model": args.model, "sink": args.sink, "window": args.window, "stop": "eos" if chat else "clean",
+            "chat_template": chat, "essays": digest(essays) if essays else "built-in prose"}
+    if marker.is_file() and json.loads(marker.read_text()) != mine:
+        raise SystemExit(f"{out} holds kvpress rows of other settings ({marker.read_text().strip()}): move it away")
+    marker.write_text(json.dumps(mine))
+    python = ensure_kvpress_venv(args.kvpress_venv)
+    job = {"model": str(pulled_path(args.model)), "eos": sorted(eos_ids(model, tok)), "sink": args.sink,
+           "window": args.window, "max_new_tokens": 128, "duo_scores": duo, "presses": presses,
+           "threads": torch.get_num_threads(), "stop": mine["stop"], "shared_prefill": True, "prompts": prompts}
+    job_path = out.with_suffix(".job.json")
+    job_path.write_text(json.dumps(job))
+    subprocess.run([python, Path(__file__).resolve().parent / "kvpress_worker.py", job_path, out], check=True,
+                   env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    job_path.unlink()
+    rows = []
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        if r["prompt"] not in examples or (r["press"], r["ratio"]) not in target_of:
+            continue  # another run's presses or prompts: left in the file, unused
+        t, L, i, ex, n = examples[r["prompt"]]
+        text = answer_text(tok, r["ids"], stop)
+        rows.append({"task": t, "length": L, "index": i, "system": f"kvpress {r['press']}",
+                     "target": target_of[(r["press"], r["ratio"])], "answer": text, "score": R.score(text, ex.answers),
+                     "kv_ratio": r["kv_bytes"] / native_kv_bytes(arch, n, bytes_per_value=4),
+                     "decode_ms": r["decode_ms"]})
+    return rows
+
+
+def emit_presses(record, rows, press_rows, chosen, model_config, L, tasks) -> None:
+    """Summary rows of the presses at length L, and each attnkit cache against the best press at its
+    memory (the press target nearest its own ratio, within 0.03x), paired over the same prompts."""
+    if not press_rows:
+        return
+    def key(r):
+        return r["task"], r["index"]
+    full = {key(r): r["score"] for r in rows if r["system"] == "full cache" and r["length"] == L}
+    best = {}
+    for name, target in dict.fromkeys((r["system"], r["target"]) for r in press_rows if r["length"] == L):
+        mine = [r for r in press_rows if (r["system"], r["target"], r["length"]) == (name, target, L)]
+        by_key = {key(r): r["score"] for r in mine}
+        keys = sorted(by_key)
+        niah = stats.bootstrap_mean([by_key[k] for k in keys if k[0] in R.NIAH_TASKS])
+        record.emit({"length": L, "system": f"{name} {target:g}", "press": name, "target": target,
+                     "kv_ratio": round(sum(r["kv_ratio"] for r in mine) / len(mine), 4),
+                     "tasks": {t: stats.bootstrap_mean([r["score"] for r in mine if r["task"] == t]).as_dict()
+                               for t in tasks},
+                     "niah_average": niah.as_dict(),
+                     "minus_full": stats.paired_difference([full.get(k) for k in keys], [by_key[k] for k in keys]).as_dict()})
+        if niah.mean is not None and (target not in best or niah.mean > best[target][0]):
+            best[target] = (niah.mean, name, by_key)
+    for system, cfg in chosen:
+        if cfg is None:
+            continue
+        ratio = kv_ratio(cfg, model_config, L)
+        target = min(best, key=lambda t: abs(t - ratio))
+        if abs(target - ratio) > 0.03:
+            continue
+        _, name, theirs = best[target]
+        mine = {key(r): r["score"] for r in rows if r["system"] == system.name and r["length"] == L}
+        keys = sorted(k for k in mine if k[0] in R.NIAH_TASKS)
+        record.emit({"length": L, "system": system.name, "against_best_press": {
+            "press": f"{name} {target:g}", **stats.paired_difference([theirs.get(k) for k in keys],
+                                                                      [mine[k] for k in keys]).as_dict()}})
 
 
 def family(row: dict) -> str:
@@ -156,6 +285,8 @@ def family(row: dict) -> str:
     name = row["system"]
     if name == "full cache":
         return "full cache"
+    if name.startswith("kvpress "):
+        return row["press"]
     if name.startswith("random"):
         return "random heads full (same count)"
     if name.endswith(" evenly"):
@@ -172,10 +303,11 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     for L in sorted({r["length"] for r in rows}):
         points = [{"family": family(r), "kv_ratio": r["kv_ratio"], "mean": r["niah_average"]["mean"],
                    "low": r["niah_average"]["ci95"][0], "high": r["niah_average"]["ci95"][1]}
-                  for r in rows if r["length"] == L]
+                  for r in rows if r["length"] == L and "niah_average" in r]
         out = path if len({r["length"] for r in rows}) == 1 else path.with_name(f"{path.stem}_{L}.png")
+        ns = sorted({r["niah_average"]["n"] for r in rows if r["length"] == L and "niah_average" in r}, reverse=True)
         memory_curve(points, out, title=f"{model}, {L} tokens: RULER NIAH average against KV memory "
-                                        f"(n={rows[0]['niah_average']['n']} per point)")
+                                        f"(n={' or '.join(map(str, ns))} per point)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Runs kvpress presses on token ids exported by kv_vs_kvpress.py; executed in kvpress's own venv.
+"""Runs kvpress presses on token ids exported by kv_vs_kvpress.py or kv_ruler.py; executed in kvpress's
+own venv.
 
 It imports no attnkit (kvpress 0.5.5 pins transformers < 5.3, attnkit tracks the latest): it reads a
 job file (model folder, prompts as token ids, presses), and for every (press, ratio, prompt) not
 yet in the output JSONL prefills the prompt under the press, decodes greedily without it, and
 appends {press, ratio, prompt, ids, kv_bytes, prefill_s, decode_ms}. Decoding ends by attnkit's clean
-rule (EOS, or a newline once the answer has begun), rebuilt here from the tokenizer; the caller
-applies attnkit's own stopper to the ids again and scores them.
+rule (EOS, or a newline once the answer has begun), rebuilt here from the tokenizer, or at EOS alone
+(job "stop": "eos"); the caller applies attnkit's own rule to the ids again and scores them. With
+job "shared_prefill", every press of a prompt compresses one prefill (`run_shared`: the same
+answers, tested, at one prefill per prompt instead of one per press); a prompt may carry its own
+"max_new_tokens".
 
     venv/bin/python benchmarks/kvpress_worker.py JOB.json OUT.jsonl
 """
@@ -27,6 +31,8 @@ def make_press(name: str, ratio: float, job: dict):
 
     if name == "none":
         return None
+    if name.startswith("AdaKVPress(") and name.endswith(")"):  # AdaKV's head-wise budgets over a scorer
+        return kvpress.AdaKVPress(getattr(kvpress, name[len("AdaKVPress("):-1])(compression_ratio=ratio))
     if name == "DuoAttentionPress":  # heads from the caller's scores, sink and window as attnkit's cache
         press = kvpress.DuoAttentionPress(head_compression_ratio=ratio)
         scores = np.array(job["duo_scores"], dtype=np.float32)  # [layers, kv heads]
@@ -112,6 +118,98 @@ def run_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict
             "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None}
 
 
+def _decode(model, cache, logits, n_prompt: int, eos: set[int], max_new: int, stops, stop: str) -> tuple[list, list]:
+    """Greedy decoding from a prefilled cache; ends by attnkit's clean rule or (stop "eos") at EOS only."""
+    generated, steps, begun = [], [], False
+    newline, blank = stops
+    nxt = logits[0, -1].argmax().item()
+    with torch.no_grad():
+        for _ in range(max_new):
+            generated.append(nxt)
+            if nxt in eos or (stop == "clean" and begun and nxt in newline):
+                break
+            begun = begun or nxt not in blank
+            t = time.perf_counter()
+            position = torch.tensor([[n_prompt + len(generated) - 1]])  # the token's own position (see run_one)
+            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True, position_ids=position)
+            steps.append(time.perf_counter() - t)
+            nxt = out.logits[0, -1].argmax().item()
+    return generated, steps
+
+
+def run_shared(model, ids: list[int], specs: list[dict], presses: list, eos: set[int], max_new: int, job: dict,
+               stops) -> list[dict]:
+    """Every press of `presses` from one prefill of the prompt. A press compresses a layer's keys and
+    values after that layer's attention has read the whole prompt, so the prefill's forward pass is
+    the same under every press; a forward hook hands each layer's keys and values to every press's
+    own `compress` (kvpress's public method, as its hook calls it) and keeps each result apart.
+    Presses that mask keys instead of dropping them (DuoAttentionPress, AdaKVPress) leave
+    `masked_key_indices` on the module, which is kept per press and set back before its decoding."""
+    import copy
+
+    from kvpress.presses.base_press import is_prefilling
+    from transformers import DynamicCache
+
+    x = torch.tensor([ids])
+    cache = DynamicCache(config=model.config)
+    lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    kept: list[dict] = [{} for _ in presses]  # per press: layer -> (keys, values, masked key indices)
+    timing = [0.0 for _ in presses]
+
+    def hook(module, _input, kwargs, output):
+        hidden = kwargs["hidden_states"]
+        if not is_prefilling(kwargs["cache_position"], hidden.shape[1]):
+            return output
+        layer = cache.layers[module.layer_idx]
+        for i, press in enumerate(presses):
+            if press is None:
+                continue
+            module.masked_key_indices = None
+            t = time.perf_counter()
+            k, v = press.compress(module, hidden, layer.keys, layer.values, output[1], kwargs)
+            timing[i] += time.perf_counter() - t
+            kept[i][module.layer_idx] = (k, v, getattr(module, "masked_key_indices", None))
+        module.masked_key_indices = None
+        return output
+
+    for press in presses:
+        if press is not None:
+            press.post_init_from_model(model)
+    hooks = []
+    for layer in lm.layers:
+        layer.self_attn.rotary_emb = lm.rotary_emb
+        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - started - sum(timing)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    attn = {layer.self_attn.layer_idx: layer.self_attn for layer in lm.layers}
+    for i, (spec, press) in enumerate(zip(specs, presses)):
+        mine = copy.deepcopy(cache)  # the prompt's full cache; the press's layers replace their own
+        masked = 0
+        for idx, (k, v, indices) in kept[i].items():
+            mine.layers[idx].keys, mine.layers[idx].values = k, v
+            attn[idx].masked_key_indices = indices
+            masked += 0 if indices is None else len(indices[0])
+        held = [t for layer in mine.layers for t in (layer.keys, layer.values) if t is not None]
+        # a masked key (and its value) is still in memory under kvpress; counted as freed, as a real
+        # head-wise cache would free it
+        size = sum(t.numel() * t.element_size() for t in held) - 2 * masked * held[0].shape[-1] * held[0].element_size()
+        generated, steps = _decode(model, mine, out.logits, len(ids), eos, spec.get("max_new_tokens", max_new), stops,
+                                   job.get("stop", "clean"))
+        for m in attn.values():
+            m.masked_key_indices = None
+        rows.append({"ids": generated, "kv_bytes": size, "prefill_s": round(prefill_s, 4),
+                     "compress_s": round(timing[i], 4), "prefill_shared_by": len(presses),
+                     "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None})
+    return rows
+
+
 def main(job_path: str, out_path: str) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -135,6 +233,20 @@ def main(job_path: str, out_path: str) -> None:
     todo = [(p["name"], p["ratio"], q) for p in job["presses"] for q in job["prompts"]
             if (p["name"], p["ratio"], q["id"]) not in done]
     print(f"kvpress worker: {len(todo)} runs to do, {len(done)} done", flush=True)
+    if job.get("shared_prefill"):  # one prefill per prompt for all of its presses still to do
+        with out.open("a") as f:
+            for n, prompt in enumerate(job["prompts"]):
+                specs = [p for p in job["presses"] if (p["name"], p["ratio"], prompt["id"]) not in done]
+                if not specs:
+                    continue
+                specs = [{**p, "max_new_tokens": prompt.get("max_new_tokens", job["max_new_tokens"])} for p in specs]
+                presses = [make_press(p["name"], p["ratio"], job) for p in specs]
+                for p, row in zip(specs, run_shared(model, prompt["input_ids"], specs, presses, eos,
+                                                    job["max_new_tokens"], job, stops)):
+                    f.write(json.dumps({"press": p["name"], "ratio": p["ratio"], "prompt": prompt["id"], **row}) + "\n")
+                f.flush()
+                print(f"kvpress worker: prompt {n + 1}/{len(job['prompts'])}", flush=True)
+        return
     with out.open("a") as f:
         for i, (name, ratio, prompt) in enumerate(todo):
             row = run_one(model, prompt["input_ids"], make_press(name, ratio, job), eos, job["max_new_tokens"], job, stops)

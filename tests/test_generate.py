@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_kvcache import _reference_logits
 
 from attnkit.buckets import BucketedModel, BucketsConfig, combine
-from attnkit.core.generate import PLAIN, Sampling, Session, generate
+from attnkit.core.generate import PLAIN, Sampling, Session, answer_text, generate
 from attnkit.core.hook import HeadMask, Intervention, Probe, intervene
 from attnkit.core.kvconfig import HeadKVConfig
 
@@ -148,3 +148,23 @@ def test_a_new_technique_is_one_session_subclass():
     plain = generate(model, _Tok(), p, max_new_tokens=6, stop_rule="eos").ids[0]
     banned = generate(model, _Tok(), p, technique=Banned(plain[:2]), max_new_tokens=6, stop_rule="eos").ids[0]
     assert not set(plain[:2]) & set(banned) and banned != plain
+
+
+def test_one_stop_string_rule_for_the_loop_and_the_server(embedded):
+    from attnkit.core.generate import first_stop
+    from attnkit.serve.engine import Engine, Job, Params, Row
+
+    assert first_stop("\n\nParis\nLondon", ["\n"]) == 7  # the opening newlines never end an answer
+    assert first_stop("ab STOP cd END", ["END", "STOP"]) == 3  # the earliest of several
+    assert first_stop("ab STOP cd STOP", ["STOP"], start=4) == 11 and first_stop("  ", ["\n"]) == -1
+    model, tok = embedded
+    newline, word = tok.encode("\n", add_special_tokens=False), tok.encode("Paris", add_special_tokens=False)
+    events = []
+    engine = Engine(model, tok, max_batch=1)
+    try:
+        row = Row(Job([1, 2], Params(max_new_tokens=20, stop=["\n"]), events.append), tok, "cpu")
+        taken = [engine._take(row, t) for t in newline + word + newline]
+    finally:
+        engine.close(wait=5)
+    assert taken[:-1] == [None] * (len(taken) - 1) and taken[-1] == "stop"  # the server cuts where the loop does
+    assert row.text.strip() == "Paris" and row.text.lstrip() == answer_text(tok, newline + word + newline, ("\n",))

@@ -134,3 +134,31 @@ def test_bad_heads_and_unwrappable_implementation():
             pass
     with pytest.raises(AttnkitError, match="mode"):
         HeadMask({(0, 0)}, mode="bogus")
+
+
+def test_attention_swaps_refuse_each_other_with_one_message():
+    """The three techniques that replace the attention function (head mask / probe, KV cache, gate
+    training) refuse to stack, each naming the other; the model is its own again afterwards."""
+    from contextlib import ExitStack
+
+    from attnkit.core.family import architecture
+    from attnkit.core.hook import HeadMask, intervene
+    from attnkit.core.kvcache import head_kv
+    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.heads.gates import Gates, gated
+    from conftest import tiny_model
+
+    model = tiny_model("llama", 2)
+    swaps = {"a head mask or probe": lambda: intervene(model, HeadMask({(0, 0)})),
+             "the retrieval-head KV cache": lambda: head_kv(model, HeadKVConfig(frozenset({(0, 0)}))),
+             "gate training": lambda: gated(model, Gates(architecture(model.config), 2, 8))}
+    for outer, enter_outer in swaps.items():
+        for inner, enter_inner in swaps.items():
+            with ExitStack() as stack:
+                stack.enter_context(enter_outer())
+                with pytest.raises(AttnkitError) as e:
+                    stack.enter_context(enter_inner())
+                said = str(e.value)
+                assert said.startswith(inner) and "do not stack" in said
+                assert ("already active" in said) if inner == outer else (outer in said)
+            assert model.config._attn_implementation == "sdpa"

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from attnkit.cli import app
 from attnkit.core.family import architecture
 from attnkit.core.loading import load_config
-from attnkit.core.kvcache import HeadKVConfig, native_kv_bytes
+from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.heads import kvplan as P
 from attnkit.heads import scores as S

@@ -9,7 +9,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from attnkit.core.hook import HeadMask, intervene
 from attnkit.core.family import architecture
-from attnkit.core.kvcache import HeadKVConfig, head_kv, native_kv_bytes
+from attnkit.core.kvcache import head_kv
+from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from conftest import tiny_model
 

@@ -12,7 +12,8 @@ import torch
 from attnkit.core import models as M
 from attnkit.core.generate import greedy_decode
 from attnkit.core.family import architecture, end_of_turn_ids
-from attnkit.core.kvcache import HeadKVConfig, head_kv, native_kv_bytes
+from attnkit.core.kvcache import head_kv
+from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from conftest import run_cli

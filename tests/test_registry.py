@@ -156,3 +156,26 @@ def test_the_older_options_and_the_registry_choose_the_same_cache(tmp_path, embe
     assert json.loads(old.stdout)["cache"] == json.loads(new.stdout)["cache"]
     a, b = (json.loads(result_lines(tmp_path / f)[0]) for f in ("a.jsonl", "b.jsonl"))
     assert a["cache"] == b["cache"] and a["answer"] == b["answer"]
+
+
+def test_the_demo_runs_a_registered_technique_beside_the_plain_model(toy, embedded, tmp_path, monkeypatch):
+    """`attnkit demo --technique NAME --set K=V`: the settings are checked before any step runs; the
+    fifth step answers the same passkey prompts with the technique and without."""
+    import attnkit.demo as D
+
+    monkeypatch.setattr(D, "run", lambda *a, **k: pytest.fail("the demo ran before its settings were checked"))
+    r = CliRunner().invoke(app, ["demo", "--technique", "logit-bias", "--set", "bias=high"])
+    assert isinstance(r.exception, AttnkitError) and "not a float" in str(r.exception)
+    monkeypatch.undo()
+    model, tok = embedded
+    needles, hay = N.passkey_needles()[:1], N.load_haystack()
+    first, plain = _first_answer_tokens(model, tok, needles, hay)
+    choice = registry.choice("logit-bias", [f"tokens={','.join(map(str, first))}"])
+    D.technique_step(model, tok, choice, choice.build(model.config), needles, hay, tmp_path)
+    rows = [json.loads(x) for x in result_lines(tmp_path / "technique.jsonl")]
+    ours = [r for r in rows if r.get("technique") == f"bias {len(first)} tokens"]
+    theirs = [r for r in rows if "technique" not in r]
+    assert len(ours) == len(theirs) == 9  # 3 lengths x 3 depths, one needle, each system
+    key = lambda r: (r["length"], r["depth"])  # noqa: E731
+    pairs = [(t["answer"], o["answer"]) for t, o in zip(sorted(theirs, key=key), sorted(ours, key=key))]
+    assert sum(a != b for a, b in pairs) >= len(pairs) // 2  # the banned first token changes the answers

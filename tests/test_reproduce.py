@@ -113,6 +113,14 @@ def test_finished_steps_are_kept_and_other_settings_refused(tmp_path):
     other = ST.Study("test", None, None, tmp_path, replace(MICRO, seeds=5), identity=IDENT, quiet=True)
     with pytest.raises(AttnkitError, match="other settings"):
         ST.run_study(other, ("heads",))
+    # a file written before a setting existed resumes while that setting keeps its default, and only then
+    older = json.loads((tmp_path / "heads.json").read_text())
+    del older["settings"]["kv_head_tokens"]
+    (tmp_path / "heads.json").write_text(json.dumps(older))
+    assert ST.run_study(study, ("heads",))["heads"]["result"]["summary"]["above_threshold"] == 3
+    with pytest.raises(AttnkitError, match="other settings"):
+        ST.run_study(ST.Study("test", None, None, tmp_path, replace(MICRO, kv_head_tokens=64), identity=IDENT,
+                              quiet=True), ("heads",))
     with pytest.raises(AttnkitError, match="unknown study step"):
         ST.run_study(study, ("nope",))
     with pytest.raises(AttnkitError, match="needs the retrieval scores"):

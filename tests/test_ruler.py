@@ -102,3 +102,30 @@ def test_the_command(embedded, tmp_path):
     assert set(summary["full cache"]["tasks"]) == {"niah_single_1", "vt"}
     bad = run_cli("eval", "ruler", "--model", "embedded", "--tasks", "niah_single_9")
     assert bad.returncode == 2 and "unknown task niah_single_9" in bad.stderr
+
+
+def test_one_prefill_per_prompt_gives_the_answers_of_one_prefill_per_system(embedded):
+    from attnkit.core.family import architecture
+    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.evals.systems import System
+
+    model, tok = embedded
+    arch = architecture(model.config)
+    heads = [(l, h) for l in arch.full_layers for h in range(arch.kv_heads)]
+    budgets = tuple((k, 40) for k in heads[2:])
+    systems = [System("full cache", {}),
+               System("two heads full", {}, HeadKVConfig(frozenset(heads[:2]), sink=4, window=16, prefill="full")),
+               System("budgets", {}, HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full",
+                                                  budgets=budgets))]
+    args = (model, tok, ["niah_single_1", "niah_multikey_1"], [512], 2, systems)
+    shared = R.evaluate_ruler(*args, quiet=True)  # several shareable systems: shared by default
+    alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False)
+    assert [r["answer"] for r in shared] == [r["answer"] for r in alone]
+    by_system = {}
+    for r in alone:
+        by_system.setdefault(r["system"], []).append(r["answer"])
+    assert len({str(v) for v in by_system.values()}) > 1  # the caches answer differently: equality means something
+    with pytest.raises(AttnkitError, match="shared prefill"):
+        R.evaluate_ruler(model, tok, ["niah_single_1"], [512], 1,
+                         [System("window prefill", {}, HeadKVConfig(frozenset(heads[:1])))], quiet=True,
+                         share_prefill=True)

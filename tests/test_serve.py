@@ -387,7 +387,7 @@ def _run_engine(engine, ids, params):
 
 def test_served_buckets_and_kv_cache_equal_the_library(embedded):
     from attnkit.buckets import BucketedModel, BucketsConfig
-    from attnkit.core.kvcache import HeadKVConfig
+    from attnkit.core.kvconfig import HeadKVConfig
     from attnkit.serve.engine import Params
 
     model, tok = embedded

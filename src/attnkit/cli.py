@@ -355,12 +355,17 @@ def _estimate_text(d: dict | None) -> str:
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots and results go")):
-    """Every technique on the embedded model: NIAH, retrieval heads and their ablation, Attention Buckets."""
+def demo(out_dir: Path = typer.Option(Path("attnkit-demo"), help="where plots and results go"),
+         technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS):
+    """Every technique on the embedded model: NIAH, retrieval heads and their ablation, Attention Buckets;
+    with `--technique NAME --set K=V`, that technique beside the model as it is."""
     from attnkit import demo as D
+    from attnkit.core.loading import load_config
 
+    choice = technique_choice(technique, settings)
+    record = choice.build(load_config("embedded"))  # checked before anything runs
     quiet_transformers()
-    D.run(out_dir)
+    D.run(out_dir, choice, record)
 
 
 app.add_typer(models_app, name="models")

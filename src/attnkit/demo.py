@@ -8,6 +8,8 @@
    against random heads at the same memory and all heads windowed;
 4. Attention Buckets: the searched bases' waveforms, and passkey recall far from the question in a
    2,000-token prompt, one RoPE base vs the buckets.
+With `--technique NAME --set K=V` (any registered technique, yours included) a fifth step runs it
+beside the model as it is on passkey NIAH.
 Every step writes its rows or plots under the output folder; a rerun resumes finished trials.
 """
 
@@ -26,7 +28,9 @@ from .evals import niah as N
 say = Console().print
 
 
-def run(out_dir: Path) -> None:
+def run(out_dir: Path, choice=None, record=None) -> None:
+    """The four steps, then `choice` (a `core.registry.Choice` and its record built from the embedded
+    model's config, already validated) when given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     facts = model_info("embedded")
     say(f"[bold]embedded model[/bold]: {facts['parameters']:,} parameters, {facts['layers']} layers x "
@@ -39,6 +43,33 @@ def run(out_dir: Path) -> None:
     heads_step(model, tok, needle_sets["passkey needles"], haystack, out_dir)
     kv_step(model, tok, needle_sets["passkey needles"], haystack, out_dir)
     buckets_step(model, tok, needle_sets, haystack, out_dir)
+    if choice is not None and choice.name != "plain":
+        technique_step(model, tok, choice, record, needle_sets["passkey needles"], haystack, out_dir)
+
+
+def technique_step(model, tok, choice, record, needles, haystack, out_dir: Path) -> None:
+    """The chosen technique against the model as it is, on the same passkey NIAH prompts."""
+    from .evals.systems import System, technique_systems
+
+    record = choice.finish(record, model, tok)
+    said = getattr(record, "describe", dict)()
+    say(f"\n[bold]5. Your technique[/bold]: {choice.name} ({', '.join(f'{k} {v}' for k, v in said.items()) or 'defaults'})")
+    systems = [System("model as it is")] + [s for s in technique_systems(choice, record, model, "passkey NIAH")
+                                            if s.technique is not None]
+    lengths = [512, 1024, 2048]
+    summaries = N.compare_systems(model, tok, N.Grid(needles, haystack, lengths, [10, 50, 90]), systems,
+                                  out_dir / "technique.jsonl")
+    table = Table(title="passkey needles, depths 10/50/90%: mean ROUGE-1 recall")
+    table.add_column("system")
+    for L in lengths:
+        table.add_column(str(L), justify="right")
+    table.add_column("mean", justify="right")
+    for name, summary in summaries.items():
+        cells = N.grid_map(summary["grid"])  # {(length, depth): recall}
+        per_length = [[r for (L, _), r in cells.items() if L == length] for length in lengths]
+        table.add_row(name, *[f"{sum(v) / len(v):.1f}" if v else "-" for v in per_length],
+                      f"{summary['mean_recall']:.1f}")
+    say(table)
 
 
 def niah_step(model, tok, needle_sets: dict, haystack, out_dir: Path) -> None:

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Literal, Protocol
 import torch
 
 from attnkit.core.decode import cache_kwarg, eos_ids, is_newline, last_logits_only, sample_token
+from attnkit.errors import AttnkitError
 
 StopRule = Literal["clean", "authors", "eos"]
 STOP_RULES = ("clean", "authors", "eos")
@@ -95,6 +96,14 @@ GREEDY = Sampling()
 
 
 @dataclass
+class Prefilled:
+    """A prompt already run into a cache (see `core.kvfork`): `decode_steps` starts from it instead of
+    prefilling. `logits` [rows, vocab] are the prompt's last-position logits."""
+    cache: object
+    logits: torch.Tensor
+
+
+@dataclass
 class Step:
     tokens: torch.Tensor  # [prompts] the token chosen for each prompt
     info: object = None  # what the technique reports (buckets: base weights [prompts, bases])
@@ -102,30 +111,53 @@ class Step:
 
 @torch.no_grad()
 def decode_steps(model, session: Session, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 sampling: Sampling = GREEDY, prefill_chunk: int | None = None) -> Iterator[Step]:
+                 sampling: Sampling = GREEDY, prefill_chunk: int | None = None,
+                 prefilled: Prefilled | None = None) -> Iterator[Step]:
     """Yield one `Step` per generated position, without end; the chosen tokens are fed back.
 
     input_ids [prompts, n], left-padded when `attention_mask` [prompts, n] marks padding. Without a
     mask the model builds its own positions and causal mask (exactly what it does without attnkit);
-    with one, positions count real tokens only, so each row sees what it would see alone."""
+    with one, positions count real tokens only, so each row sees what it would see alone. With
+    `prefilled` (the same prompts already in a cache) the prefill is skipped."""
     device = next(model.parameters()).device
     ids = session.expand(input_ids.to(device))
     mask = session.expand(attention_mask.to(device)) if attention_mask is not None else None
     positions = (mask.cumsum(-1) - 1).clamp_min(0) if mask is not None else None
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = session.new_cache()
-    passes_cache = cache_kwarg(model, cache)
-    out = prefill(model, ids, mask, cache, prefill_chunk or session.prefill_chunk)
+    if prefilled is not None:
+        if prefilled.logits.shape[0] != ids.shape[0]:
+            raise AttnkitError(f"the prefilled cache holds {prefilled.logits.shape[0]} rows, this technique "
+                               f"runs {ids.shape[0]}: a shared prefill serves one row per prompt")
+        cache, logits = prefilled.cache, prefilled.logits
+    else:
+        cache = session.new_cache()
+        logits = prefill(model, ids, mask, cache, prefill_chunk or session.prefill_chunk).logits[:, -1]
     while True:
-        scores, info = session.scores(out.logits[:, -1])
+        scores, info = session.scores(logits)
         chosen = sample_token(scores, sampling.temperature, sampling.top_p, gen)  # [prompts]
         yield Step(chosen, info)
-        extra = {}
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
-            extra = {"attention_mask": mask, "position_ids": positions}
-        out = model(input_ids=session.expand(chosen.to(device)).view(-1, 1), use_cache=True, **passes_cache, **extra)
+        logits = step_logits(model, session, cache, chosen.to(device), mask,
+                             None if positions is None else positions[:, 0])
+
+
+@torch.no_grad()
+def step_logits(model, session: Session, cache, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding forward: each prompt's token [prompts] in, the model rows' next-token logits
+    [prompts * rows, vocab] out. With padded rows, `mask` [model rows, positions] is the batch's 2D
+    mask (this step's column included) and `positions` [model rows] each row's position; without,
+    the model counts positions from the cache. `decode_steps` and the server's continuously
+    batched engine both step through here."""
+    extra = {}
+    if mask is not None:
+        extra["attention_mask"] = mask
+    if positions is not None:
+        extra["position_ids"] = positions.view(-1, 1)
+    out = model(input_ids=session.expand(tokens).view(-1, 1), use_cache=True, **cache_kwarg(model, cache), **extra)
+    return out.logits[:, -1]
 
 
 @torch.no_grad()
@@ -184,13 +216,21 @@ class Stopper:
         return hit or bool(self.strings and holds_stop_string(self.tok, ids, self.strings))
 
 
+def first_stop(text: str, stops, start: int = 0) -> int:
+    """Where the first of the stop strings begins in an answer's `text`, searching from `start` (a
+    stream searches only what may hold a new one) and never inside the whitespace the answer starts
+    with (instruct models often open with a newline, which must not end a "\n"-stopped answer);
+    -1 when none does. The one stop-string rule of the loop, `answer_text` and the server."""
+    start = max(start, len(text) - len(text.lstrip()))
+    return min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+
+
 def holds_stop_string(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
-    """A stop string in the answer so far, not counting the whitespace it starts with. The last tokens
-    are checked first; the whole answer is decoded only when they hold a stop string."""
+    """A stop string in the answer so far (`first_stop`). The last tokens are checked first; the
+    whole answer is decoded only when they hold a stop string."""
     if not any(s in tokenizer.decode(ids[-8:], skip_special_tokens=True) for s in stops):
         return False
-    text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-    return any(s in text for s in stops)
+    return first_stop(tokenizer.decode(ids, skip_special_tokens=True), stops) >= 0
 
 
 @contextmanager
@@ -205,13 +245,14 @@ def _session(model, technique):
 def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              technique=None, max_new_tokens: int | list[int] = 50, stop_rule: StopRule = "clean",
              stop_strings: tuple[str, ...] = (), sampling: Sampling = GREEDY, prefill_chunk: int | None = None,
-             cancel: Callable[[], bool] | None = None) -> Generated:
+             cancel: Callable[[], bool] | None = None, prefilled: Prefilled | None = None) -> Generated:
     """Generate for every prompt of a (left-padded) batch until each stops or spends its budget.
 
     `technique`: a technique record (prepared for this call), a `Session` the caller prepared, or
     None for the plain model. `max_new_tokens` is one budget or one per prompt. `cancel()` is asked
     before every step; True ends the prompts still running with finish "cancelled". Prompts that
-    finish early keep feeding their last token until the batch is done (their output is ignored)."""
+    finish early keep feeding their last token until the batch is done (their output is ignored).
+    `prefilled`: the prompts already in a cache of this technique (`core.kvfork.SharedPrefill.start`)."""
     prompts = input_ids.shape[0]
     budgets = [max_new_tokens] * prompts if isinstance(max_new_tokens, int) else list(max_new_tokens)
     stopper = Stopper(tokenizer, eos_ids(model, tokenizer), stop_rule, stop_strings)
@@ -221,7 +262,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
     if not running:
         return result
     with _session(model, technique) as session:
-        steps = decode_steps(model, session, input_ids, attention_mask, sampling, prefill_chunk)
+        steps = decode_steps(model, session, input_ids, attention_mask, sampling, prefill_chunk, prefilled)
         try:
             while running:
                 if cancel is not None and cancel():
@@ -266,7 +307,5 @@ def answer_text(tokenizer, ids: list[int], stop_strings: tuple[str, ...] = ()) -
     """The answer as text: special tokens dropped, cut at the first stop string (leading whitespace is
     not searched), whitespace stripped at both ends."""
     text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-    for s in stop_strings:
-        if s in text:
-            text = text[:text.index(s)]
-    return text.strip()
+    cut = first_stop(text, stop_strings)
+    return (text if cut < 0 else text[:cut]).strip()

@@ -32,6 +32,23 @@ from attnkit.errors import AttnkitError
 WRAPPABLE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 PREFIX = "attnkit_"
 KV_PREFIX = PREFIX + "kv_"  # the retrieval-head KV cache's wrappers (core/kvcache.py)
+GATE_PREFIX = PREFIX + "gate_"  # learned gates' attention (heads/gates.py)
+# every attention function attnkit puts in a model's place, by the name it registers: what it does
+SWAPS = {KV_PREFIX: "the retrieval-head KV cache", GATE_PREFIX: "gate training (heads gates)",
+         PREFIX: "a head mask or probe (intervene)"}
+
+
+def own_attention(model, wanted: str) -> str:
+    """The model's own attention implementation, which `wanted` is about to replace; one error, naming
+    both, when another of attnkit's attention swaps holds the model already. They do not stack: each
+    replaces the attention function with its own (the registry's combination table says the same)."""
+    base = model.config._attn_implementation
+    for prefix, what in SWAPS.items():  # the longer prefixes first
+        if base.startswith(prefix):
+            again = "is already active on this model" if what == wanted else \
+                f"cannot be combined with {what}, which is active on this model"
+            raise AttnkitError(f"{wanted} {again}: attnkit's attention swaps do not stack")
+    return base
 
 
 @dataclass(frozen=True)
@@ -247,12 +264,7 @@ def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None, o
             model.generate(...)
         ctl.positions()  # [steps, layers, batch, heads, k]
     """
-    base = model.config._attn_implementation
-    if base.startswith(KV_PREFIX):
-        raise AttnkitError("a head mask or probe cannot be combined with the retrieval-head KV cache "
-                           "(head_kv() is active on this model)")
-    if base.startswith(PREFIX):
-        raise AttnkitError("intervene() is already active on this model")
+    base = own_attention(model, SWAPS[PREFIX])
     check_wrappable(base)
     ctl = Controller(model, probe=probe, observer=observer)
     ctl.set_mask(mask)

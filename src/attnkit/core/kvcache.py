@@ -45,8 +45,7 @@ from transformers.cache_utils import CacheLayerMixin
 from attnkit.core.decode import cache_kwarg
 from attnkit.core.family import architecture
 from attnkit.core.generate import Session
-from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes  # noqa: F401 (defined there, torch-free)
-from attnkit.core.hook import KV_PREFIX, base_function
+from attnkit.core.hook import KV_PREFIX, SWAPS, base_function, own_attention
 from attnkit.errors import AttnkitError
 
 SUPPORTED_BASES = ("sdpa", "eager")
@@ -632,12 +631,7 @@ class HeadKV(Session):
 @contextmanager
 def head_kv(model, config: HeadKVConfig):
     """Inside the block the model's attention understands `HeadKVCache`; other caches work as before."""
-    base = model.config._attn_implementation
-    if base.startswith(KV_PREFIX):
-        raise AttnkitError("head_kv() is already active on this model")
-    if base.startswith("attnkit_"):
-        raise AttnkitError("the retrieval-head KV cache cannot be combined with a head mask or probe "
-                           "(intervene() is active on this model)")
+    base = own_attention(model, SWAPS[KV_PREFIX])
     name = register(base)
     config.check(architecture(model.config))
     model.set_attn_implementation(name)

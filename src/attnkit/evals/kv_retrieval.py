@@ -84,14 +84,19 @@ def is_correct(answer: str, value: str) -> bool:
     return value in answer
 
 
-def answer(model, tokenizer, prompt: str, max_new_tokens: int, technique=None, chat_template: bool = False) -> str:
+def answer(model, tokenizer, prompt: str, max_new_tokens: int, technique=None, chat_template: bool = False,
+           shared=None) -> str:
     """Greedy answer to one prompt. A raw prompt's answer is cut at the first newline once it has
-    begun; with `chat_template` the prompt is one user turn and the answer runs to the end of the turn."""
+    begun; with `chat_template` the prompt is one user turn and the answer runs to the end of the turn.
+    `shared`: this prompt already prefilled once for several caches (`core.kvfork.prefill_once` of
+    `encode_prompts(tokenizer, [prompt], chat_template)`)."""
     from ..core.generate import answer_text, encode_prompts, generate
 
     stop = () if chat_template else ("\n",)
     ids, mask = encode_prompts(tokenizer, [prompt], chat_template)
-    out = generate(model, tokenizer, ids, mask, technique, max_new_tokens, stop_rule="eos", stop_strings=stop)
+    start = shared.start(model, technique) if shared is not None else None
+    out = generate(model, tokenizer, ids, mask, technique, max_new_tokens, stop_rule="eos", stop_strings=stop,
+                   prefilled=start)
     return answer_text(tokenizer, out.ids[0], stop)
 
 

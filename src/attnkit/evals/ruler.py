@@ -254,11 +254,16 @@ def _frequent_words(tokenizer, length: int, rng: random.Random) -> RulerExample:
 
 def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: int, systems: list,
                    out=None, quiet: bool = False, chat_template: bool | None = None, essays: str | None = None,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, share_prefill: bool | None = None) -> list[dict]:
     """Rows {task, length, index, system, answer, score} for every (task, length, sample, system),
-    through the one generation loop; rows go to `out` as they finish and a rerun resumes."""
+    through the one generation loop; rows go to `out` as they finish and a rerun resumes.
+    `share_prefill` (None: when there are several systems and each can): one prefill per prompt
+    for every system (`core.kvfork`: the full cache and full-prefill KV caches), the same answers
+    at a fraction of the time on long prompts."""
     from ..core.decode import use_chat_template
     from ..core.family import architecture
+    from ..core.generate import encode_prompts
+    from ..core.kvfork import can_share, prefill_once
     from ..core.loading import model_identity
     from .kv_retrieval import answer
     from .runner import digest, run_grid
@@ -273,16 +278,29 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     chat = use_chat_template(tokenizer, chat_template)
     by_name = {s.name: s for s in systems}
     cells = [{"task": t, "length": L, "index": i, "system": s} for t in tasks for L in lengths
-             for i in range(samples) for s in by_name]
+             for i in range(samples) for s in by_name]  # a prompt's systems run one after another
+    shareable = all(can_share(s.technique) for s in systems)
+    if share_prefill and not shareable:
+        raise AttnkitError("a shared prefill serves the full cache and KV caches with prefill 'full' only")
+    share = shareable and len(systems) > 1 if share_prefill is None else share_prefill
+    select = max([s.technique.select_window for s in systems if getattr(s.technique, "budgets", ())] or [1])
     examples: dict = {}
+    prefilled: dict = {}  # the current prompt's shared prefill (one at a time)
 
     def work(cell):
         key = (cell["task"], cell["length"], cell["index"])
         if key not in examples:
             examples[key] = make_example(key[0], tokenizer, key[1], key[2], essays, seed)
         ex = examples[key]
+        shared = None
+        if share:
+            if key not in prefilled:
+                prefilled.clear()
+                ids, mask = encode_prompts(tokenizer, [ex.prompt(chat)], chat)
+                prefilled[key] = prefill_once(model, ids, mask, select_window=select)
+            shared = prefilled[key]
         text = answer(model, tokenizer, ex.prompt(chat), ANSWER_TOKENS.get(ex.task, 128),
-                      by_name[cell["system"]].technique, chat)
+                      by_name[cell["system"]].technique, chat, shared)
         return {"answer": text, "answers": ex.answers, "score": score(text, ex.answers)}
 
     settings = None if out is None else {

@@ -29,7 +29,6 @@ from attnkit.core.family import architecture
 from attnkit.core.hook import base_function
 from attnkit.errors import AttnkitError
 
-GATE_PREFIX = "attnkit_gate_"
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,9 @@ def gated(model, gates: Gates):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from attnkit.core.hook import attention_modules
+    from attnkit.core.hook import GATE_PREFIX, SWAPS, attention_modules, own_attention
 
-    base = model.config._attn_implementation
+    base = own_attention(model, SWAPS[GATE_PREFIX])
     if base not in ("sdpa", "eager"):
         raise AttnkitError(f"gate training runs on sdpa or eager attention, not '{base}'")
     name = GATE_PREFIX + base

@@ -95,8 +95,10 @@ def kv_claims(r: dict) -> list[dict]:
             verdict, diff = V.gain(stats.mean_over(rand.get("recalls_by_seed") or [[]]), x.get("recalls", []))
         count = x.get("full_heads")
         of = f"{count} of {total} KV heads full, " if count is not None and total else ""
-        claims.append({"claim": f"KV cache, budget {x['full']:g} of KV heads full by {x['importance']}: keeps recall "
-                                "that random heads lose",
+        tokens = res.get("head_tokens") or 0  # token budgets: the window heads keep middle tokens too
+        budgets = f", the rest {tokens} middle tokens each on average" if tokens else ""
+        claims.append({"claim": f"KV cache, budget {x['full']:g} of KV heads full by {x['importance']}{budgets}: "
+                                "keeps recall that random heads lose",
                        "paper": "(attnkit's own claim)",
                        "ours": f"{of}{_recall(x.get('recalls', []))} at {x['kv_ratio']}x"
                        + (f"; minus random {_diff(diff)}" if diff else ""), "verdict": verdict,

@@ -56,6 +56,7 @@ class StudySettings:
     kv_importance: tuple[str, ...] = ("copy", "copy+echo+induction")  # a row per choice; see heads/kvplan.py
     kv_prefill: str = "full"  # window heads trimmed after the prompt (RazorAttention / kvpress); or "window"
     kv_compensate: bool = False
+    kv_head_tokens: int = 0  # middle tokens per window head on average (token budgets; needs kv_prefill "full")
     buckets_length: int = 1024
     buckets_depths: tuple[float, ...] = (0.0, 50.0)
     buckets_n: int = 3
@@ -140,6 +141,18 @@ def _record(study: Study, step: str) -> dict:
     return json.loads(json.dumps(record))
 
 
+def _with_new_defaults(old: dict) -> dict:
+    """A step file as if written today: settings added since it was written take their defaults, which
+    keep the earlier behaviour (so a folder of an earlier version still resumes)."""
+    from dataclasses import fields
+
+    settings = old.get("settings")
+    if isinstance(settings, dict):
+        added = {f.name: f.default for f in fields(StudySettings) if f.name not in settings}
+        old = {**old, "settings": {**settings, **json.loads(json.dumps(added))}}
+    return old
+
+
 def run_facts(study: Study) -> dict:
     """Where and with what a step ran: versions, date, machine, the command line."""
     import platform
@@ -169,7 +182,7 @@ def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
         path = study.out / f"{step}.json"
         record = _record(study, step)
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = _with_new_defaults(json.loads(path.read_text()))
             if {k: old.get(k) for k in record} != record:
                 raise AttnkitError(f"{path} was written by a study with other settings (model, options or data); "
                                    "give another --out")
@@ -287,10 +300,11 @@ def step_kv(study: Study) -> dict:
     results = compare_caches(study.model, study.tokenizer, sources, list(st.kv_budgets),
                              study.grid(st.kv_length, st.depths), settings,
                              seeds=st.kv_seeds, out=study.out / "kv_trials.jsonl", quiet=study.quiet,
-                             chat_template=st.chat_template)
+                             chat_template=st.chat_template, head_tokens=st.kv_head_tokens)
     kv_tradeoff(results, study.out / "kv_cache.png", f"{study.model_name}: recall against KV memory "
                                                      f"({st.kv_length} tokens)")
-    return {"results": results, "tokens": st.kv_length, "prefill": st.kv_prefill, "compensate": st.kv_compensate}
+    return {"results": results, "tokens": st.kv_length, "prefill": st.kv_prefill, "compensate": st.kv_compensate,
+            "head_tokens": st.kv_head_tokens}
 
 
 # ---------------------------------------------------------------- Attention Buckets

@@ -27,9 +27,9 @@ from typing import Callable
 import torch
 
 from attnkit.core import batching
-from attnkit.core.decode import cache_kwarg, eos_ids, sample_token
+from attnkit.core.decode import eos_ids, sample_token
 from attnkit.core.family import architecture
-from attnkit.core.generate import PLAIN, prefill
+from attnkit.core.generate import PLAIN, first_stop, prefill, step_logits
 
 
 @dataclass
@@ -289,13 +289,11 @@ class Engine:
         tokens = torch.tensor([r.last for r in self.rows], device=self.device)
         positions = torch.tensor([r.position + 1 for r in self.rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], 1)
-        out = self.model(input_ids=session.expand(tokens).view(-1, 1), attention_mask=self._mask,
-                         position_ids=session.expand(positions).view(-1, 1), use_cache=True,
-                         **cache_kwarg(self.model, self._cache))
+        logits = step_logits(self.model, session, self._cache, tokens, self._mask, session.expand(positions))
         for r in self.rows:
             r.position += 1
         self.stats["steps"] += 1
-        scores, _ = session.scores(out.logits[:, -1])
+        scores, _ = session.scores(logits)
         self._advance(list(self.rows), scores)
 
     def choose(self, row: Row, scores: torch.Tensor) -> int:
@@ -336,8 +334,7 @@ class Engine:
         before = len(row.text)
         row.text += row.stream.push(token)
         if row.p.stop:
-            start = max(0, before - row.hold)
-            cut = min((i for i in (row.text.find(x, start) for x in row.p.stop) if i >= 0), default=-1)
+            cut = first_stop(row.text, row.p.stop, max(0, before - row.hold))
             if cut >= 0:
                 row.text = row.text[:cut]
                 self._send(row, len(row.text))

@@ -1,0 +1,49 @@
+"""The kvpress worker's shared prefill (benchmarks/kvpress_worker.py) decodes what one prefill per press
+decodes. It runs in kvpress's own venv (kvpress pins an older transformers): skipped without it."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+KVPRESS_PYTHON = os.environ.get("ATTNKIT_KVPRESS_PYTHON") or str(ROOT / "benchmarks" / ".kvpress-venv" / "bin" / "python")
+needs_kvpress = pytest.mark.skipif(not Path(KVPRESS_PYTHON).is_file(), reason="no kvpress venv (python "
+                                   "benchmarks/kv_vs_kvpress.py builds benchmarks/.kvpress-venv, or set ATTNKIT_KVPRESS_PYTHON)")
+
+
+@needs_kvpress
+def test_one_prefill_for_every_press_decodes_what_one_prefill_per_press_decodes(tmp_path):
+    model = tiny_model("llama", 2)
+    model.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"id": f"p{i}", "input_ids": torch.randint(3, 97, (100,), generator=g).tolist()} for i in range(2)]
+    presses = [{"name": n, "ratio": r} for n in ("SnapKVPress", "StreamingLLMPress", "KnormPress",
+                                                 "AdaKVPress(SnapKVPress)", "DuoAttentionPress") for r in (0.5, 0.75)]
+    presses.insert(0, {"name": "none", "ratio": 0.0})
+    duo = torch.rand(3, 2, generator=g).tolist()
+    job = {"model": str(tmp_path / "model"), "eos": [], "sink": 2, "window": 8, "max_new_tokens": 10,
+           "duo_scores": duo, "presses": presses, "threads": 2, "stop": "eos", "prompts": prompts}
+    outs = {}
+    for shared in (False, True):
+        path = tmp_path / f"job_{shared}.json"
+        path.write_text(json.dumps({**job, "shared_prefill": shared}))
+        out = tmp_path / f"rows_{shared}.jsonl"
+        r = subprocess.run([KVPRESS_PYTHON, ROOT / "benchmarks" / "kvpress_worker.py", path, out],
+                           capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[shared] = {(x["press"], x["ratio"], x["prompt"]): x for x in map(json.loads, out.read_text().splitlines())}
+    assert outs[True].keys() == outs[False].keys() and len(outs[True]) == len(presses) * len(prompts)
+    for k, alone in outs[False].items():
+        assert outs[True][k]["ids"] == alone["ids"], k
+    # the presses decode differently, so the equality above is no accident of one answer
+    assert len({str(x["ids"]) for x in outs[True].values()}) > 2
+    # dropped keys are freed: a stronger press holds less
+    held = {k[:2]: v["kv_bytes"] for k, v in outs[True].items() if k[2] == "p0"}
+    assert held[("SnapKVPress", 0.75)] < held[("SnapKVPress", 0.5)] < held[("none", 0.0)]
+    assert held[("AdaKVPress(SnapKVPress)", 0.75)] < held[("AdaKVPress(SnapKVPress)", 0.5)] < held[("none", 0.0)]
