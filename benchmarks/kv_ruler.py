@@ -176,7 +176,7 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     import os
     import subprocess
 
-    from kv_vs_kvpress import count_for, ensure_kvpress_venv
+    from kv_vs_kvpress import count_for, duo_scores, ensure_kvpress_venv
 
     from attnkit.core.decode import eos_ids, use_chat_template
     from attnkit.core.family import architecture
@@ -184,7 +184,6 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     from attnkit.core.kvconfig import native_kv_bytes
     from attnkit.core.models import pulled_path
     from attnkit.evals.runner import digest
-    from attnkit.heads.kvplan import combine
 
     arch = architecture(model.config)
     chat = use_chat_template(tok, None)
@@ -200,8 +199,7 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
                 prompts.append({"id": key, "input_ids": ids, "max_new_tokens": R.ANSWER_TOKENS.get(t, 128)})
     targets = [float(x) for x in args.kvpress_targets.split(",")]
     sets = load_score_sets(args.scores) + ([] if args.no_recipe else list(pattern_scores(model, tok)))
-    kv = combine(sets, arch.layers, arch.query_heads, arch.kv_heads)
-    duo = [[kv[(l, g)] if arch.layer_types[l] == "full" else 0.0 for g in range(arch.kv_heads)] for l in range(arch.layers)]
+    duo = duo_scores(sets, arch)
     presses, target_of = [], {}
     tokens = max(lengths)
     for t in targets:

@@ -141,6 +141,15 @@ def count_for(model_config, target: float, length: int, sink: int, window: int, 
     return best
 
 
+def duo_scores(sets: list[dict], arch) -> list[list[float]]:
+    """attnkit's combined head importance as DuoAttentionPress takes it: [layers, KV heads], 0 in sliding layers."""
+    from attnkit.heads.kvplan import combine
+
+    kv = combine(sets, arch.layers, arch.query_heads, arch.kv_heads)
+    return [[kv[(l, g)] if arch.layer_types[l] == "full" else 0.0 for g in range(arch.kv_heads)]
+            for l in range(arch.layers)]
+
+
 VARIANTS = "copy:window,copy+echo+induction:window,copy+echo+induction:full,gates:full," \
            "copy+echo+induction:full:compensated,random:full"
 
@@ -263,10 +272,7 @@ def main():
     if not args.skip_kvpress:
         python = ensure_kvpress_venv(args.kvpress_venv)
         from attnkit.core.models import pulled_path
-        from attnkit.heads.kvplan import combine
-        kv = combine(sources["copy"] + sources["echo"] + sources["induction"], arch.layers, arch.query_heads, arch.kv_heads)
-        duo = [[kv[(l, g)] if arch.layer_types[l] == "full" else 0.0 for g in range(arch.kv_heads)]
-               for l in range(arch.layers)]
+        duo = duo_scores(sources["copy"] + sources["echo"] + sources["induction"], arch)
         presses = [{"name": "none", "ratio": 0.0}]
         for t in targets:
             for name in args.presses.split(","):

@@ -94,22 +94,7 @@ def run_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict
     is_duo = press is not None and type(press).__name__ == "DuoAttentionPress"
     size = kv_bytes(cache, press.streaming_mask.float().mean().item() if is_duo else None,
                     job["sink"] + job["window"])
-    generated, steps, begun = [], [], False
-    newline, blank = stops
-    nxt = out.logits[0, -1].argmax().item()
-    with torch.no_grad():
-        for _ in range(max_new):
-            generated.append(nxt)
-            if nxt in eos or (begun and nxt in newline):
-                break
-            begun = begun or nxt not in blank
-            t = time.perf_counter()
-            # the position is the token's own: a pruned cache is shorter than the sequence, so the
-            # model must not derive positions from the cache's length (kvpress's pipeline does the same)
-            position = torch.tensor([[len(ids) + len(generated) - 1]])
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True, position_ids=position)
-            steps.append(time.perf_counter() - t)
-            nxt = out.logits[0, -1].argmax().item()
+    generated, steps = _decode(model, cache, out.logits, len(ids), eos, max_new, stops, job.get("stop", "clean"))
     if press is not None:
         for m in model.modules():  # DuoAttentionPress leaves key masks on the modules for decoding
             if hasattr(m, "masked_key_indices"):

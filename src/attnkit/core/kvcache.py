@@ -194,7 +194,7 @@ class HeadKVLayer(CacheLayerMixin):
         `mid`, not once per decoding step."""
         if self._mid_plan is None or self._mid_plan[0] != device:
             plain = [i for i in range(len(self.windowed)) if i not in self._mid]
-            idx = (_query_heads(plain, group, device), torch.tensor(plain, dtype=torch.long, device=device)) \
+            idx = (query_heads(plain, group, device), torch.tensor(plain, dtype=torch.long, device=device)) \
                 if plain else None
             self._mid_plan = (device, idx, {i: bool((p >= 0).all()) for i, (_, _, p) in self._mid.items()})
         return self._mid_plan[1], self._mid_plan[2]
@@ -279,8 +279,8 @@ class HeadKVLayer(CacheLayerMixin):
         if not self.windowed:
             return base_fn(module, query, keys, values, attention_mask, **kwargs)
         if self._query_index is None or self._query_index[1].device != query.device:
-            self._query_index = (_query_heads(self.full, group, query.device),
-                                 _query_heads(self.windowed, group, query.device))
+            self._query_index = (query_heads(self.full, group, query.device),
+                                 query_heads(self.windowed, group, query.device))
         full_heads, window_heads = self._query_index
         out = query.new_empty(b, q, n_heads, d)
         if self.full:
@@ -508,7 +508,7 @@ def _join_slots(a, b):
     return tuple(torch.cat([x, y]) for x, y in zip(a, b))
 
 
-def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
+def query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
     return torch.tensor([h * group + i for h in kv_heads for i in range(group)], dtype=torch.long, device=device)
 
 
@@ -529,7 +529,7 @@ def _allowed(attention_mask, positions: torch.Tensor, first_query: int, q: int) 
 class HeadKVCache(Cache):
     """A transformers `Cache` of `HeadKVLayer`s; usable only where `head_kv(model, ...)` is active."""
 
-    def __init__(self, model, config: HeadKVConfig):
+    def __init__(self, model, config):  # config: a kvconfig.HeadKVConfig (kvconfig imports this module)
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
         arch = architecture(model.config)
@@ -604,7 +604,7 @@ class HeadKV(Session):
     """What `head_kv` yields: the session of `core.generate` for this cache (a fresh `HeadKVCache` per
     generation, prefill in chunks), plus prefill and `model.generate` by hand."""
 
-    def __init__(self, model, config: HeadKVConfig):
+    def __init__(self, model, config):  # config: a kvconfig.HeadKVConfig (kvconfig imports this module)
         super().__init__(model)
         self.config, self.prefill_chunk = config, config.prefill_chunk
 
@@ -629,7 +629,7 @@ class HeadKV(Session):
 
 
 @contextmanager
-def head_kv(model, config: HeadKVConfig):
+def head_kv(model, config):  # config: a kvconfig.HeadKVConfig (kvconfig imports this module)
     """Inside the block the model's attention understands `HeadKVCache`; other caches work as before."""
     base = own_attention(model, SWAPS[KV_PREFIX])
     name = register(base)

@@ -29,7 +29,7 @@ import torch
 
 from attnkit.core.family import architecture
 from attnkit.core.generate import Plain, Prefilled, prefill
-from attnkit.core.kvcache import HeadKVCache, HeadKVLayer, _query_heads, head_kv
+from attnkit.core.kvcache import HeadKVCache, HeadKVLayer, query_heads, head_kv
 from attnkit.core.kvconfig import HeadKVConfig
 from attnkit.errors import AttnkitError
 
@@ -80,7 +80,7 @@ class SharedPrefill:
         cache = DynamicCache(config=model.config)
         for i, seen in enumerate(self.cache.layers):
             if isinstance(seen, HeadKVLayer):
-                cache.layers[i].update(seen.win_keys.clone(), seen.win_values.clone())
+                cache.layers[i].update(seen.win_keys, seen.win_values)  # update concatenates: a copy of its own
             else:
                 cache.layers[i] = copy.deepcopy(seen)
         return cache
@@ -113,7 +113,7 @@ def _fill(layer: HeadKVLayer, seen: HeadKVLayer, group: int) -> None:
     layer._real = real.clone()
     if layer.choosing:
         queries, positions, scale = seen._obs  # queries of every query head, in head order
-        idx = _query_heads(layer.windowed, group, queries.device)
+        idx = query_heads(layer.windowed, group, queries.device)
         w = layer.select_window
         layer._obs = (queries.index_select(1, idx)[:, :, -w:], positions[-w:], scale)
 
