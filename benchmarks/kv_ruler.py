@@ -13,6 +13,11 @@ combined head scores with attnkit's sink and window. Every cache of a prompt, at
 kvpress's alike, shares that prompt's one prefill (`core.kvfork`, and the worker's shared mode):
 each compresses the same whole-prompt forward pass, so the answers equal separate prefills.
 
+`--question-after` prefills and compresses each prompt's context before its question arrives
+(query-agnostic, kvpress's own pipeline setting), for attnkit's caches and kvpress's presses alike;
+KVzipPress (query-agnostic by design: it scores keys by reconstructing the context) runs its own
+passes per prompt.
+
 Heads are chosen by the copy scores of --scores combined with echo and induction scores measured on the
 model (the recipe, `--no-recipe`: the file alone), the cache trimmed after a whole-prompt prefill.
 `--token-budgets RATIO:FULL:SPLIT,...` adds caches at RATIO of the model's own KV memory (at the longest
@@ -36,6 +41,7 @@ from _common import Record, add_record_option
 
 from attnkit.core.kvconfig import HeadKVConfig
 from attnkit.core.loading import load_model
+from attnkit.errors import AttnkitError
 from attnkit.evals import ruler as R
 from attnkit.evals import stats
 from attnkit.evals.systems import System
@@ -63,7 +69,11 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
         out.append((System(name, {"cache": name}, chosen), chosen))
         if random_at is not None and full not in random_at:
             continue
-        rand = plan(sets, model.config, "random", full, len(chosen.full), seed=0, **options)
+        try:
+            rand = plan(sets, model.config, "random", full, len(chosen.full), seed=0, **options)
+        except AttnkitError as e:  # e.g. Gemma-3: every global layer's one KV head is a retrieval head
+            print(f"no random-heads control at {full:g}: {e}")
+            continue
         name = label("random", full, rand, heads=len(chosen.full))
         out.append((System(name, {"cache": name}, rand), rand))
     for ratio, full, split in token_budgets:
@@ -84,7 +94,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096")
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--budgets", default="0.25", help="fractions of KV heads with the full cache")
-    ap.add_argument("--random-at", default=None, help="fractions of --budgets with a random-heads row (default: all)")
+    ap.add_argument("--random-at", default=None, help="fractions of --budgets with a random-heads row (default: all; 'none')")
     ap.add_argument("--token-budgets", default="", help="RATIO:FULL:SPLIT,... caches with token budgets (see above)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=128)
@@ -98,6 +108,10 @@ def main() -> None:
     ap.add_argument("--kvpress-samples", type=int, default=None, help="the first N examples per task and length for "
                     "the presses (default: --samples); their paired differences use those prompts only")
     ap.add_argument("--kvpress-venv", type=Path, default=Path(__file__).resolve().parent / ".kvpress-venv")
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward, every "
+                    "system (0: the whole prompt at once; chunks spare a hybrid model's sliding layers)")
+    ap.add_argument("--question-after", action="store_true", help="compress each context before its question "
+                    "arrives (query-agnostic, kvpress's default); default: the question inside the compressed prompt")
     ap.add_argument("--trials", type=Path, default=None, help="JSONL of every answer (default: beside the record)")
     ap.add_argument("--device", default="cpu")
     add_record_option(ap, "kv_ruler")
@@ -105,7 +119,8 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     budgets = [float(x) for x in args.budgets.split(",")]
-    random_at = None if args.random_at is None else [float(x) for x in args.random_at.split(",")]
+    random_at = None if args.random_at is None else [] if args.random_at == "none" else \
+        [float(x) for x in args.random_at.split(",")]
     token_budgets = []
     for spec in filter(None, (x.strip() for x in args.token_budgets.split(","))):
         try:
@@ -119,13 +134,17 @@ def main() -> None:
                                        "scores": args.scores, "recipe": not args.no_recipe, "all_window": not args.no_all_window,
                                        "budgets": budgets, "random_at": random_at, "token_budgets": token_budgets, "sink": args.sink,
                                        "window": args.window, "prefill": "full (the whole prompt, then trimmed)",
+                                       "prefill_chunk": args.prefill_chunk or "whole prompt",
+                                       "question": "after compression (query-agnostic)" if args.question_after
+                                       else "in the compressed prompt (query-aware)",
                                        "haystack": args.haystack.name if args.haystack else "attnkit filler prose"})
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
-    chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, max(lengths) + 256,
+    chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, args.prefill_chunk or max(lengths) + 256,
                          not args.no_recipe, not args.no_all_window, random_at, token_budgets, max(lengths))
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(args.haystack) if args.haystack else None
-    rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays)
+    rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays,
+                            prefill_chunk=args.prefill_chunk or None, question_after=args.question_after)
     press_rows = []
     if args.kvpress:
         press_rows = kvpress_rows(model, tok, args, tasks, lengths, essays, trials)
@@ -196,7 +215,8 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
                 ids = encode_prompts(tok, [ex.prompt(chat)], chat)[0][0].tolist()
                 key = f"{t}-{L}-{i}-{digest(ids)}"  # rows never mix prompts
                 examples[key] = (t, L, i, ex, len(ids))
-                prompts.append({"id": key, "input_ids": ids, "max_new_tokens": R.ANSWER_TOKENS.get(t, 128)})
+                prompts.append({"id": key, "input_ids": ids, "max_new_tokens": R.ANSWER_TOKENS.get(t, 128),
+                                **({"question_from": R.question_start(tok, ex, chat)} if args.question_after else {})})
     targets = [float(x) for x in args.kvpress_targets.split(",")]
     sets = load_score_sets(args.scores) + ([] if args.no_recipe else list(pattern_scores(model, tok)))
     duo = duo_scores(sets, arch)
@@ -214,7 +234,8 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     out = trials.with_name(trials.stem + "_kvpress.jsonl")
     marker = out.with_suffix(".settings.json")
     mine = {"model": args.model, "sink": args.sink, "window": args.window, "stop": "eos" if chat else "clean",
-            "chat_template": chat, "essays": digest(essays) if essays else "built-in prose"}
+            "chat_template": chat, "essays": digest(essays) if essays else "built-in prose",
+            **({"question": "after compression"} if args.question_after else {})}
     if marker.is_file() and json.loads(marker.read_text()) != mine:
         raise SystemExit(f"{out} holds kvpress rows of other settings ({marker.read_text().strip()}): move it away")
     marker.write_text(json.dumps(mine))
@@ -227,17 +248,22 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     subprocess.run([python, Path(__file__).resolve().parent / "kvpress_worker.py", job_path, out], check=True,
                    env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     job_path.unlink()
-    rows = []
+    rows, failed = [], {}
     for line in out.read_text().splitlines():
         r = json.loads(line)
         if r["prompt"] not in examples or (r["press"], r["ratio"]) not in target_of:
             continue  # another run's presses or prompts: left in the file, unused
+        if "error" in r:  # counted and left out of the press's rows (its n says how many it answered)
+            failed.setdefault((r["press"], r["ratio"], r["error"]), []).append(r["prompt"])
+            continue
         t, L, i, ex, n = examples[r["prompt"]]
         text = answer_text(tok, r["ids"], stop)
         rows.append({"task": t, "length": L, "index": i, "system": f"kvpress {r['press']}",
                      "target": target_of[(r["press"], r["ratio"])], "answer": text, "score": R.score(text, ex.answers),
                      "kv_ratio": r["kv_bytes"] / native_kv_bytes(arch, n, bytes_per_value=4),
                      "decode_ms": r["decode_ms"]})
+    for (press, ratio, error), which in failed.items():
+        print(f"kvpress {press} at ratio {ratio}: {len(which)} of {len(examples)} prompts skipped: {error}")
     return rows
 
 
@@ -290,7 +316,8 @@ def family(row: dict) -> str:
     if name.endswith(" evenly"):
         return "no full heads, token budgets evenly (SnapKV layout)"
     if "middle tokens" in name:
-        return "recipe heads full + token budgets by importance"
+        return ("no full heads, token budgets by importance" if name.startswith("all-window")
+                else "recipe heads full + token budgets by importance")
     return "recipe heads full, the rest sink + window"
 
 
@@ -299,9 +326,12 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     from attnkit.evals.plots import memory_curve
 
     for L in sorted({r["length"] for r in rows}):
-        points = [{"family": family(r), "kv_ratio": r["kv_ratio"], "mean": r["niah_average"]["mean"],
-                   "low": r["niah_average"]["ci95"][0], "high": r["niah_average"]["ci95"][1]}
-                  for r in rows if r["length"] == L and "niah_average" in r]
+        points = []
+        for r in rows:
+            if r["length"] == L and "niah_average" in r:
+                mean, ci = r["niah_average"]["mean"], r["niah_average"]["ci95"]  # no interval from one prompt
+                points.append({"family": family(r), "kv_ratio": r["kv_ratio"], "mean": mean,
+                               "low": ci[0] if ci else mean, "high": ci[1] if ci else mean})
         out = path if len({r["length"] for r in rows}) == 1 else path.with_name(f"{path.stem}_{L}.png")
         ns = sorted({r["niah_average"]["n"] for r in rows if r["length"] == L and "niah_average" in r}, reverse=True)
         memory_curve(points, out, title=f"{model}, {L} tokens: RULER NIAH average against KV memory "

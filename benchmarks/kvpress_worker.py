@@ -4,12 +4,16 @@ own venv.
 It imports no attnkit (kvpress 0.5.5 pins transformers < 5.3, attnkit tracks the latest): it reads a
 job file (model folder, prompts as token ids, presses), and for every (press, ratio, prompt) not
 yet in the output JSONL prefills the prompt under the press, decodes greedily without it, and
-appends {press, ratio, prompt, ids, kv_bytes, prefill_s, decode_ms}. Decoding ends by attnkit's clean
+appends {press, ratio, prompt, ids, kv_bytes, prefill_s, decode_ms} (or {press, ratio, prompt, error,
+kv_bytes} where kvpress raised on that prompt). Decoding ends by attnkit's clean
 rule (EOS, or a newline once the answer has begun), rebuilt here from the tokenizer, or at EOS alone
 (job "stop": "eos"); the caller applies attnkit's own rule to the ids again and scores them. With
 job "shared_prefill", every press of a prompt compresses one prefill (`run_shared`: the same
 answers, tested, at one prefill per prompt instead of one per press); a prompt may carry its own
-"max_new_tokens".
+"max_new_tokens", and "question_from": the index where its question starts, which then reaches the
+cache only after the press compressed the tokens before it (query-agnostic, kvpress's own pipeline
+setting). Presses that run passes of their own over the context (KVzipPress reconstructs it) run one
+prefill each, also in the shared mode.
 
     venv/bin/python benchmarks/kvpress_worker.py JOB.json OUT.jsonl
 """
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+OWN_PASS = {"KVzipPress"}  # presses whose compression is more than one look at the prefill's keys
 
 
 def make_press(name: str, ratio: float, job: dict):
@@ -78,10 +84,21 @@ def stop_sets(tokenizer) -> tuple[set[int], set[int]]:
     return newline, blank
 
 
-def run_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict, stops=(set(), set())) -> dict:
+def ask(model, cache, ids: list[int], split: int | None, logits):
+    """The question [split:] through the compressed cache, at its own positions (the cache is shorter
+    than the context it holds); without a split the prompt's own last logits."""
+    if not split:
+        return logits
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids[split:]]), past_key_values=cache, use_cache=True, logits_to_keep=1,
+                     position_ids=torch.arange(split, len(ids))[None]).logits
+
+
+def run_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict, stops=(set(), set()),
+            split: int | None = None) -> dict:
     from transformers import DynamicCache
 
-    x = torch.tensor([ids])
+    x = torch.tensor([ids[:split] if split else ids])
     cache = DynamicCache(config=model.config)
     started = time.perf_counter()
     with torch.no_grad():
@@ -94,11 +111,16 @@ def run_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict
     is_duo = press is not None and type(press).__name__ == "DuoAttentionPress"
     size = kv_bytes(cache, press.streaming_mask.float().mean().item() if is_duo else None,
                     job["sink"] + job["window"])
-    generated, steps = _decode(model, cache, out.logits, len(ids), eos, max_new, stops, job.get("stop", "clean"))
-    if press is not None:
-        for m in model.modules():  # DuoAttentionPress leaves key masks on the modules for decoding
-            if hasattr(m, "masked_key_indices"):
-                m.masked_key_indices = None
+    try:
+        logits = ask(model, cache, ids, split, out.logits)
+        generated, steps = _decode(model, cache, logits, len(ids), eos, max_new, stops, job.get("stop", "clean"))
+    except ValueError as e:  # kvpress's masking finds no key that every question query ignores
+        return {"error": str(e).splitlines()[0], "kv_bytes": size}
+    finally:
+        if press is not None:
+            for m in model.modules():  # DuoAttentionPress leaves key masks on the modules for decoding
+                if hasattr(m, "masked_key_indices"):
+                    m.masked_key_indices = None
     return {"ids": generated, "kv_bytes": size, "prefill_s": round(prefill_s, 4),
             "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None}
 
@@ -123,7 +145,7 @@ def _decode(model, cache, logits, n_prompt: int, eos: set[int], max_new: int, st
 
 
 def run_shared(model, ids: list[int], specs: list[dict], presses: list, eos: set[int], max_new: int, job: dict,
-               stops) -> list[dict]:
+               stops, split: int | None = None) -> list[dict]:
     """Every press of `presses` from one prefill of the prompt. A press compresses a layer's keys and
     values after that layer's attention has read the whole prompt, so the prefill's forward pass is
     the same under every press; a forward hook hands each layer's keys and values to every press's
@@ -135,7 +157,7 @@ def run_shared(model, ids: list[int], specs: list[dict], presses: list, eos: set
     from kvpress.presses.base_press import is_prefilling
     from transformers import DynamicCache
 
-    x = torch.tensor([ids])
+    x = torch.tensor([ids[:split] if split else ids])
     cache = DynamicCache(config=model.config)
     lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
     kept: list[dict] = [{} for _ in presses]  # per press: layer -> (keys, values, masked key indices)
@@ -185,10 +207,16 @@ def run_shared(model, ids: list[int], specs: list[dict], presses: list, eos: set
         # a masked key (and its value) is still in memory under kvpress; counted as freed, as a real
         # head-wise cache would free it
         size = sum(t.numel() * t.element_size() for t in held) - 2 * masked * held[0].shape[-1] * held[0].element_size()
-        generated, steps = _decode(model, mine, out.logits, len(ids), eos, spec.get("max_new_tokens", max_new), stops,
-                                   job.get("stop", "clean"))
-        for m in attn.values():
-            m.masked_key_indices = None
+        try:
+            logits = ask(model, mine, ids, split, out.logits)
+            generated, steps = _decode(model, mine, logits, len(ids), eos, spec.get("max_new_tokens", max_new), stops,
+                                       job.get("stop", "clean"))
+        except ValueError as e:  # kvpress's masking finds no key that every question query ignores
+            rows.append({"error": str(e).splitlines()[0], "kv_bytes": size})
+            continue
+        finally:
+            for m in attn.values():
+                m.masked_key_indices = None
         rows.append({"ids": generated, "kv_bytes": size, "prefill_s": round(prefill_s, 4),
                      "compress_s": round(timing[i], 4), "prefill_shared_by": len(presses),
                      "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None})
@@ -224,17 +252,23 @@ def main(job_path: str, out_path: str) -> None:
                 specs = [p for p in job["presses"] if (p["name"], p["ratio"], prompt["id"]) not in done]
                 if not specs:
                     continue
-                specs = [{**p, "max_new_tokens": prompt.get("max_new_tokens", job["max_new_tokens"])} for p in specs]
-                presses = [make_press(p["name"], p["ratio"], job) for p in specs]
-                for p, row in zip(specs, run_shared(model, prompt["input_ids"], specs, presses, eos,
-                                                    job["max_new_tokens"], job, stops)):
+                budget, split = prompt.get("max_new_tokens", job["max_new_tokens"]), prompt.get("question_from")
+                specs = [{**p, "max_new_tokens": budget} for p in specs]
+                shared = [p for p in specs if p["name"] not in OWN_PASS]
+                presses = [make_press(p["name"], p["ratio"], job) for p in shared]
+                rows = list(zip(shared, run_shared(model, prompt["input_ids"], shared, presses, eos,
+                                                   job["max_new_tokens"], job, stops, split))) if shared else []
+                rows += [(p, run_one(model, prompt["input_ids"], make_press(p["name"], p["ratio"], job), eos, budget,
+                                     job, stops, split)) for p in specs if p["name"] in OWN_PASS]
+                for p, row in rows:
                     f.write(json.dumps({"press": p["name"], "ratio": p["ratio"], "prompt": prompt["id"], **row}) + "\n")
                 f.flush()
                 print(f"kvpress worker: prompt {n + 1}/{len(job['prompts'])}", flush=True)
         return
     with out.open("a") as f:
         for i, (name, ratio, prompt) in enumerate(todo):
-            row = run_one(model, prompt["input_ids"], make_press(name, ratio, job), eos, job["max_new_tokens"], job, stops)
+            row = run_one(model, prompt["input_ids"], make_press(name, ratio, job), eos,
+                          prompt.get("max_new_tokens", job["max_new_tokens"]), job, stops, prompt.get("question_from"))
             f.write(json.dumps({"press": name, "ratio": ratio, "prompt": prompt["id"], **row}) + "\n")
             f.flush()
             if (i + 1) % 10 == 0 or i + 1 == len(todo):

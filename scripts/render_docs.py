@@ -204,10 +204,12 @@ def _est(d: dict | None, signed: bool = False) -> str:
 
 
 def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", variant: str = "",
-                   targets: tuple = ()) -> str:
+                   targets: tuple = (), within: tuple = ()) -> str:
     """The RULER table of one record: attnkit's caches and kvpress's presses (where the run had them),
     paired differences, and for each (memory, share of the full cache) target whether the best attnkit
-    cache at that memory meets it and stands at or above every press."""
+    cache at that memory meets it and stands at or above every press; for each (memory, points) of
+    `within`, whether an attnkit cache at or below that memory scores within that many points of the
+    full cache."""
     from attnkit.evals.ruler import NIAH_TASKS as NIAH
     path = RESULTS / "benchmarks" / f"kv_ruler_{model}{variant}_{device}.jsonl"
     head, rows = read_jsonl(path)
@@ -236,7 +238,7 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", va
     full = {r["length"]: r["niah_average"]["mean"] for r in rows if r["system"] == "full cache"}
     ours = [r for r in rows if r["system"] != "full cache" and not r["system"].startswith("random")
             and "press" not in r and full.get(r["length"])]
-    if not targets:
+    if not targets and not within:
         for r in ours:
             share = 100 * r["niah_average"]["mean"] / full[r["length"]]
             lines += ["", f"At {r['length']} tokens, {r['system']} at {r['kv_ratio']:.2f}x of the KV memory keeps "
@@ -265,23 +267,88 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", va
                          f"heads), {top['press']}, scores {_est(top['niah_average'])}")
         lines += ["", f"**Target at {memory:.2f}x**: the best attnkit cache there, {best['system']} "
                       f"({best['kv_ratio']:.3f}x), " + "; ".join(parts) + "."]
-    how = (" kvpress's presses compress the same whole-prompt prefill (compression ratio 1 - target; DuoAttentionPress "
+    for memory, points in within:
+        under = [r for r in ours if r["kv_ratio"] <= memory + 0.005]
+        if not under:
+            lines += ["", f"Target at or below {memory:.2f}x: no attnkit cache of this run lands there."]
+            continue
+        best = max(under, key=lambda r: (r["niah_average"]["mean"], -r["kv_ratio"]))
+        gap = best["niah_average"]["mean"] - full[best["length"]]
+        low = best["minus_full"]["ci95"][0] if best["minus_full"].get("ci95") else None
+        bound = ("" if low is None else f"; the paired interval's lower end, {low:+.1f}, is "
+                 + ("within" if low >= -points else "past") + f" {points:g} points")
+        lines += ["", f"**Target at or below {memory:.2f}x of the model's own cache, within {points:g} points of it**: "
+                      f"the best attnkit cache there, {best['system']} ({best['kv_ratio']:.3f}x), scores "
+                      f"{_est(best['niah_average'])} against the full cache's {full[best['length']]:.1f}, paired "
+                      f"{_est(best['minus_full'], signed=True)}: {gap:+.1f} points "
+                      f"({'met' if gap >= -points else 'not met'}){bound}."]
+    after = str(head.get("question", "")).startswith("after")
+    kvzip = " KVzipPress runs its own passes that reconstruct the context;" if any(
+        "KVzip" in r.get("press", "") for r in rows) else ""
+    how = (f" kvpress's presses compress the same {'context' if after else 'whole-prompt'} prefill (compression "
+           f"ratio 1 - target;{kvzip} DuoAttentionPress "
            "given attnkit's combined head scores, sink and window); their KV memory is measured (a key AdaKV or "
            "DuoAttention masks counts as freed)." if presses else "")
     lines += ["", f"*Mean RULER score (0-100, RULER's string match) [95% bootstrap interval], n prompts; haystack "
                   f"{head.get('haystack')}; heads chosen by {'copy + echo + induction' if head.get('recipe') else 'copy'} "
-                  f"scores, full prefill then trimmed; token budgets chosen by the prompt's last 64 queries "
-                  f"(query-aware: the question ends the prompt); the same generated prompts for every cache.{how}*"]
+                  f"scores, full prefill{_chunks(head)} then trimmed; token budgets chosen by the "
+                  f"{_question(head)}; the same generated prompts for every cache.{how}*"]
     return "\n".join(lines)
 
 
-def kv_choice(model: str = "smollm2-135m-instruct", variants: tuple = ("", "_8k")) -> str:
+def question_placement(model: str = "smollm2-135m-instruct", aware: str = "_8k", after: str = "_8k_question_after"
+                       ) -> str:
+    """Each cache of the query-agnostic run against the same cache on the same prompts with the question
+    inside the compressed prompt (the query-aware run's trials), paired by prompt."""
+    from attnkit.evals import stats
+    from attnkit.evals.ruler import NIAH_TASKS as NIAH
+
+    path = RESULTS / "benchmarks" / f"kv_ruler_{model}{after}_cpu.jsonl"
+    head, rows = read_jsonl(path)
+
+    def scores(variant):
+        _, trials = read_jsonl(RESULTS / "benchmarks" / f"kv_ruler_{model}{variant}_cpu_trials.jsonl")
+        return {(r["system"], r["task"], r["length"], r["index"]): r["score"] for r in trials if r["task"] in NIAH}
+
+    before, later = scores(aware), scores(after)
+    body = []
+    for r in sorted((r for r in rows if "niah_average" in r), key=lambda r: -r["kv_ratio"]):
+        keys = sorted(k for k in later if k[0] == r["system"] and k in before)
+        if not keys:
+            continue
+        body.append([r["system"], _ratio(r["kv_ratio"]), _est(stats.bootstrap_mean([before[k] for k in keys]).as_dict()),
+                     _est(stats.bootstrap_mean([later[k] for k in keys]).as_dict()),
+                     _est(stats.paired_difference([before[k] for k in keys], [later[k] for k in keys]).as_dict(),
+                          signed=True)])
+    aware_path = RESULTS / "benchmarks" / f"kv_ruler_{model}{aware}_cpu_trials.jsonl"
+    return "\n".join([provenance(head, path), ""] + _table(
+        ["cache", "KV memory", "question in the compressed prompt (query-aware)",
+         "question after compression (query-agnostic)", "after minus in (paired)"], body) + [
+        "", f"*RULER NIAH average over the same prompts (the query-aware answers from [`{_rel(aware_path)}`]"
+            f"({_rel(aware_path)})); mean [95% bootstrap interval], n prompts.*"])
+
+
+def _chunks(head: dict) -> str:
+    chunk = head.get("prefill_chunk")
+    return f" in {chunk}-token chunks" if isinstance(chunk, int) else ""
+
+
+def _question(head: dict) -> str:
+    if str(head.get("question", "")).startswith("after"):
+        return ("context's last 64 queries before the question arrives (query-agnostic: the context is compressed, "
+                "then the question is read through what was kept)")
+    return "prompt's last 64 queries (query-aware: the question ends the prompt)"
+
+
+def kv_choice(model: str = "smollm2-135m-instruct", variants: tuple = ("", "_8k"), name: str = "SmolLM2-135M-Instruct"
+              ) -> str:
     """Per committed RULER record of the model and per memory band, the attnkit cache that kept the most
     NIAH average (the README's "which choice" table), beside the best kvpress press where the run had them."""
-    body = []
+    body, tasks = [], set()
     for variant in variants:
         path = RESULTS / "benchmarks" / f"kv_ruler_{model}{variant}_cpu.jsonl"
         head, rows = read_jsonl(path)
+        tasks.update(head["tasks"])
         rows = [r for r in rows if "niah_average" in r]
         full = {r["length"]: r["niah_average"] for r in rows if r["system"] == "full cache"}
         ours = [r for r in rows if r["system"] != "full cache" and not r["system"].startswith("random")
@@ -291,16 +358,19 @@ def kv_choice(model: str = "smollm2-135m-instruct", variants: tuple = ("", "_8k"
             best = max(near, key=lambda r: r["niah_average"]["mean"])
             presses = [r for r in rows if "press" in r and abs(r["kv_ratio"] - best["kv_ratio"]) <= 0.03]
             top = max(presses, key=lambda r: r["niah_average"]["mean"]) if presses else None
-            heads = f"{best['full_heads']} full KV heads" + (f" + {best['head_tokens']} middle tokens per other head"
-                                                             if best.get("head_tokens") else ", the rest sink + window")
+            n = best["full_heads"]
+            heads = (f"no full KV head, {best['head_tokens']} middle tokens per head" if not n and best.get("head_tokens")
+                     else f"{n} full KV head{'s' if n != 1 else ''}" + (
+                         f" + {best['head_tokens']} middle tokens per other head" if best.get("head_tokens")
+                         else ", the rest sink + window"))
             body.append([best["length"], _ratio(best["kv_ratio"]), heads, _est(best["niah_average"]),
                          _est(full[best["length"]]),
                          f"{top['press']}: {_est(top['niah_average'])}" if top else "not run",
                          f"[{_rel(path)}]({_rel(path)})"])
     return "\n".join(_table(["context", "KV memory", "best attnkit cache there", "RULER NIAH average",
                               "full cache", "best kvpress press at that memory", "record"], body) +
-                      ["", "*SmolLM2-135M-Instruct, niah_single_1 + niah_multikey_1 (24 prompts each), heads by copy + "
-                           "echo + induction, full prefill; mean [95% bootstrap interval], n prompts.*"])
+                      ["", f"*{name}, {' + '.join(sorted(tasks))}, heads by copy + echo + induction, full prefill, "
+                           "the question in the compressed prompt; mean [95% bootstrap interval], n prompts.*"])
 
 
 def bench_mdqa(model: str = "smollm2-135m-instruct", device: str = "cpu", variant: str = "") -> str:
@@ -357,6 +427,16 @@ def mdqa_search(model: str = "smollm2-135m-instruct") -> str:
             out.append(f"* {STUDY_MODELS.get(model, model)}, {r['docs']} documents (about {r['tokens']} tokens), "
                        f"{r['system']}: ends minus middle {_est(dip, signed=True)} (accuracy points; n questions): "
                        f"{verdict} ([`{_rel(path)}`]({_rel(path)}))")
+            if r.get("minus_one_base"):  # buckets on the same prompts as one base, per gold position
+                diffs = r["minus_one_base"]
+                below = [p for p, d in diffs.items() if d["ci95"][1] < 0]
+                above = [p for p, d in diffs.items() if d["ci95"][0] > 0]
+                word = ("**holds** (above one base where the interval excludes 0, nowhere below)" if above and not below
+                        else "**does not hold**" + (" (below one base at gold position " +
+                                                    ", ".join(str(int(p) + 1) for p in below) + ")" if below else
+                                                    " (no position's interval excludes 0)"))
+                out.append(f"  * buckets minus one base, paired per gold position: " + "; ".join(
+                    f"{int(p) + 1}: {_est(d, signed=True)}" for p, d in diffs.items()) + f": the Buckets claim {word}")
     if not out:
         raise MissingResults(f"no mdqa result file of {model}")
     return "\n".join(out)
@@ -491,6 +571,12 @@ BLOCKS = {
     "bench-kv-ruler-smollm2": bench_kv_ruler,
     "kv-choice-smollm2": kv_choice,
     "bench-kv-ruler-smollm2-8k": lambda: bench_kv_ruler(variant="_8k", targets=((0.30, 0.9), (0.15, 0.0))),
+    "bench-kv-ruler-smollm2-8k-question-after": lambda: bench_kv_ruler(variant="_8k_question_after",
+                                                                       targets=((0.30, 0.9), (0.15, 0.0))),
+    "question-placement-smollm2-8k": question_placement,
+    "bench-kv-ruler-gemma-16k": lambda: bench_kv_ruler("gemma-3-270m", variant="_16k", within=((0.5, 5.0),)),
+    "bench-kv-ruler-gemma-32k": lambda: bench_kv_ruler("gemma-3-270m", variant="_32k", within=((0.5, 5.0),)),
+    "kv-choice-gemma": lambda: kv_choice("gemma-3-270m", ("_16k",), "Gemma-3-270M"),
     "bench-mdqa-smollm2": bench_mdqa,
     "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),
     "bench-mdqa-smollm2-20-buckets": lambda: bench_mdqa(variant="_20docs_buckets"),

@@ -17,6 +17,17 @@ needs_kvpress = pytest.mark.skipif(not Path(KVPRESS_PYTHON).is_file(), reason="n
                                    "benchmarks/kv_vs_kvpress.py builds benchmarks/.kvpress-venv, or set ATTNKIT_KVPRESS_PYTHON)")
 
 
+def run_worker(tmp_path: Path, job: dict, shared: bool) -> list[dict]:
+    """The worker's rows for `job`, with one prefill per prompt (`shared`) or one per press."""
+    path = tmp_path / f"job_{shared}.json"
+    path.write_text(json.dumps({**job, "shared_prefill": shared}))
+    out = tmp_path / f"rows_{shared}.jsonl"
+    r = subprocess.run([KVPRESS_PYTHON, ROOT / "benchmarks" / "kvpress_worker.py", path, out],
+                       capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 @needs_kvpress
 def test_one_prefill_for_every_press_decodes_what_one_prefill_per_press_decodes(tmp_path):
     model = tiny_model("llama", 2)
@@ -29,15 +40,8 @@ def test_one_prefill_for_every_press_decodes_what_one_prefill_per_press_decodes(
     duo = torch.rand(3, 2, generator=g).tolist()
     job = {"model": str(tmp_path / "model"), "eos": [], "sink": 2, "window": 8, "max_new_tokens": 10,
            "duo_scores": duo, "presses": presses, "threads": 2, "stop": "eos", "prompts": prompts}
-    outs = {}
-    for shared in (False, True):
-        path = tmp_path / f"job_{shared}.json"
-        path.write_text(json.dumps({**job, "shared_prefill": shared}))
-        out = tmp_path / f"rows_{shared}.jsonl"
-        r = subprocess.run([KVPRESS_PYTHON, ROOT / "benchmarks" / "kvpress_worker.py", path, out],
-                           capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-        assert r.returncode == 0, r.stderr[-2000:]
-        outs[shared] = {(x["press"], x["ratio"], x["prompt"]): x for x in map(json.loads, out.read_text().splitlines())}
+    outs = {shared: {(x["press"], x["ratio"], x["prompt"]): x for x in run_worker(tmp_path, job, shared)}
+            for shared in (False, True)}
     assert outs[True].keys() == outs[False].keys() and len(outs[True]) == len(presses) * len(prompts)
     for k, alone in outs[False].items():
         assert outs[True][k]["ids"] == alone["ids"], k
@@ -47,3 +51,26 @@ def test_one_prefill_for_every_press_decodes_what_one_prefill_per_press_decodes(
     held = {k[:2]: v["kv_bytes"] for k, v in outs[True].items() if k[2] == "p0"}
     assert held[("SnapKVPress", 0.75)] < held[("SnapKVPress", 0.5)] < held[("none", 0.0)]
     assert held[("AdaKVPress(SnapKVPress)", 0.75)] < held[("AdaKVPress(SnapKVPress)", 0.5)] < held[("none", 0.0)]
+
+
+@needs_kvpress
+def test_the_question_after_compression_reaches_the_cache_after_the_press(tmp_path):
+    """With "question_from" the press compresses the context alone; the question then reads what was
+    kept. No press: the same tokens as the whole prompt at once. Shared and per-press prefills agree."""
+    model = tiny_model("llama", 2)
+    model.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(3, 97, (100,), generator=g).tolist() for _ in range(3)]
+    prompts = [{"id": f"p{i}", "input_ids": x} for i, x in enumerate(ids)]
+    prompts += [{"id": f"q{i}", "input_ids": x, "question_from": 97} for i, x in enumerate(ids)]
+    presses = [{"name": "none", "ratio": 0.0}] + [{"name": n, "ratio": 0.75} for n in
+                                                   ("SnapKVPress", "AdaKVPress(SnapKVPress)", "DuoAttentionPress")]
+    job = {"model": str(tmp_path / "model"), "eos": [], "sink": 2, "window": 8, "max_new_tokens": 10,
+           "duo_scores": torch.rand(3, 2, generator=g).tolist(), "presses": presses, "threads": 2, "stop": "eos",
+           "prompts": prompts}
+    outs = {shared: {(x["press"], x["prompt"]): x["ids"] for x in run_worker(tmp_path, job, shared)}
+            for shared in (False, True)}
+    assert outs[True] == outs[False]
+    rows = outs[True]
+    assert all(rows[("none", f"q{i}")] == rows[("none", f"p{i}")] for i in range(3))  # the split alone changes nothing
+    assert any(rows[("SnapKVPress", f"q{i}")] != rows[("SnapKVPress", f"p{i}")] for i in range(3))  # the choice moved

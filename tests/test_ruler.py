@@ -100,6 +100,10 @@ def test_the_command(embedded, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert set(summary["full cache"]["tasks"]) == {"niah_single_1", "vt"}
+    after = run_cli("eval", "ruler", "--model", "embedded", "--tasks", "niah_single_1,vt", "--lengths", "512",
+                    "--samples", "1", "--question-after", "--prefill-chunk", "128", "--json")
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["full cache"] == summary["full cache"]  # the full cache reads the question alike
     bad = run_cli("eval", "ruler", "--model", "embedded", "--tasks", "niah_single_9")
     assert bad.returncode == 2 and "unknown task niah_single_9" in bad.stderr
 
@@ -129,3 +133,77 @@ def test_one_prefill_per_prompt_gives_the_answers_of_one_prefill_per_system(embe
         R.evaluate_ruler(model, tok, ["niah_single_1"], [512], 1,
                          [System("window prefill", {}, HeadKVConfig(frozenset(heads[:1])))], quiet=True,
                          share_prefill=True)
+
+
+def test_the_question_starts_where_the_context_ends(embedded):
+    from attnkit.core.generate import encode_prompts
+
+    _, tok = embedded
+    for chat in (False, True) if getattr(tok, "chat_template", None) else (False,):
+        ex = R.make_example("niah_multikey_1", tok, 1024, 0)
+        ids = encode_prompts(tok, [ex.prompt(chat)], chat)[0][0].tolist()
+        split = R.question_start(tok, ex, chat)
+        before, after = tok.decode(ids[:split]), tok.decode(ids[split:])
+        key = ex.meta["keys"][0]
+        assert ex.question[:20] not in before and before.count(key) == 1  # the needle only, not the question
+        assert ex.question.strip()[-20:] in after and split > 0.9 * len(ids)
+        assert ex.question.split()[0] in tok.decode(ids[split:split + 3])  # nothing of the context after it
+
+
+def test_a_question_after_compression_reads_only_what_the_context_kept(embedded):
+    """Query-agnostic: the token budgets are chosen by the context's last queries before the question
+    comes; the full cache is unchanged by the split (one pass = context, then question)."""
+    import torch
+
+    from attnkit.core.family import architecture
+    from attnkit.core.generate import continue_prompt, encode_prompts, prefill_prompt
+    from attnkit.core.kvconfig import HeadKVConfig
+
+    model, tok = embedded
+    ex = R.make_example("niah_single_1", tok, 512, 0)
+    ids = encode_prompts(tok, [ex.prompt(False)], False)[0]
+    split = R.question_start(tok, ex, False)
+    whole = prefill_prompt(model, None, ids)
+    later = continue_prompt(model, None, prefill_prompt(model, None, ids[:, :split]), ids[:, split:])
+    torch.testing.assert_close(later.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    arch = architecture(model.config)
+    heads = [(l, h) for l in arch.full_layers for h in range(arch.kv_heads)]
+    cfg = HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full", budgets=tuple((k, 24) for k in heads[1:]))
+
+    def kept(cache):
+        return {(l.layer_idx, h): rows for l in cache.layers if hasattr(l, "kept_middle")
+                for h, rows in l.kept_middle().items()}
+
+    context_only = kept(prefill_prompt(model, cfg, ids[:, :split]).cache)
+    after = continue_prompt(model, cfg, prefill_prompt(model, cfg, ids[:, :split]), ids[:, split:])
+    aware = prefill_prompt(model, cfg, ids)
+    assert kept(after.cache) == context_only != kept(aware.cache)  # chosen before the question, not by it
+    assert after.cache.get_seq_length() == aware.cache.get_seq_length() == ids.shape[1]
+    assert not torch.allclose(after.logits, aware.logits)
+
+
+def test_the_run_with_the_question_after_compression(embedded, tmp_path, monkeypatch):
+    import attnkit.core.kvfork as kvfork
+    from attnkit.core.family import architecture
+    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.evals.systems import System
+
+    model, tok = embedded
+    arch = architecture(model.config)
+    heads = [(l, h) for l in arch.full_layers for h in range(arch.kv_heads)]
+    systems = [System("full cache", {}),
+               System("budgets", {}, HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full",
+                                                  budgets=tuple((k, 24) for k in heads[1:])))]
+    args = (model, tok, ["niah_single_1"], [512], 3, systems)
+    aware = R.evaluate_ruler(*args, quiet=True)
+    seen, once = [], kvfork.prefill_once
+    monkeypatch.setattr(kvfork, "prefill_once", lambda m, ids, *a, **k: seen.append((ids.shape[1], k)) or once(m, ids, *a, **k))
+    shared = R.evaluate_ruler(*args, quiet=True, question_after=True, out=tmp_path / "after.jsonl", prefill_chunk=128)
+    assert len(seen) == 3 and all(k["chunk"] == 128 and n < 512 for n, k in seen)  # one context prefill per prompt
+    alone = R.evaluate_ruler(*args, quiet=True, question_after=True, share_prefill=False)
+    assert [r["answer"] for r in shared] == [r["answer"] for r in alone]  # one context prefill serves every cache
+    full = [r["answer"] for r in shared if r["system"] == "full cache"]
+    assert full == [r["answer"] for r in aware if r["system"] == "full cache"]
+    assert [r["answer"] for r in shared] != [r["answer"] for r in aware]  # the budgets' choice moved
+    with pytest.raises(AttnkitError, match="other settings"):  # never mixed with query-aware rows
+        R.evaluate_ruler(*args, quiet=True, out=tmp_path / "after.jsonl", prefill_chunk=128)

@@ -237,6 +237,11 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
           kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on average "
                                                        "(token budgets by importance, chosen by the prompt's last "
                                                        "tokens' attention; needs the full prefill)"),
+          question_after: bool = typer.Option(False, help="prefill and compress each context before its question "
+                                                          "arrives (query-agnostic); default: the question is in "
+                                                          "the prompt the cache compresses (query-aware)"),
+          prefill_chunk: int = typer.Option(2048, help="prompt tokens per prefill forward, every system (0: the "
+                                                       "whole prompt at once)"),
           technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
           chat_template: Optional[bool] = CHAT_TEMPLATE,
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
@@ -259,7 +264,10 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
     if samples < 1:
         raise AttnkitError("--samples must be at least 1")
     length_list = ints(lengths, "--lengths")
-    kv = kv_settings(kv_scores, None, kv_full, KV_DEFAULTS.sink, KV_DEFAULTS.window, max(length_list), False,
+    if prefill_chunk < 0:
+        raise AttnkitError("--prefill-chunk must be 0 (the whole prompt) or more")
+    kv = kv_settings(kv_scores, None, kv_full, KV_DEFAULTS.sink, KV_DEFAULTS.window,
+                     prefill_chunk or max(length_list), False,
                      kv_prefill, kv_recipe, kv_head_tokens)
     choice = technique_choice(technique, settings, kv)
     record = choice.build(load_config(model))  # every option checked before the weights load
@@ -273,7 +281,8 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
         name = choice.label(record)
         systems.append(System(name, {entry(choice.name).row_field: name, **record.describe()}, record))
     rows = R.evaluate_ruler(mdl, tok, task_list, length_list, samples, systems, out, quiet=as_json,
-                            chat_template=chat_template, essays=essays, seed=seed)
+                            chat_template=chat_template, essays=essays, seed=seed,
+                            prefill_chunk=prefill_chunk or None, question_after=question_after)
     summary = R.summarize_ruler(rows)
 
     def render():

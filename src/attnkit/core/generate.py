@@ -178,6 +178,30 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, chunk: i
     return out
 
 
+@torch.no_grad()
+def prefill_prompt(model, technique, ids: torch.Tensor, chunk: int | None = None) -> Prefilled:
+    """One prompt's rows [prompts, n] (no padding) run into a fresh cache of `technique` (a record,
+    a prepared `Session` or None), the cache's end of prompt included (a compressing cache compresses
+    here); `generate(..., prefilled=)` or `continue_prompt` takes it from there."""
+    with _session(model, technique) as session:
+        cache = session.new_cache()
+        out = prefill(model, session.expand(ids.to(next(model.parameters()).device)), None, cache,
+                      chunk or session.prefill_chunk)
+    return Prefilled(cache, out.logits[:, -1])
+
+
+@torch.no_grad()
+def continue_prompt(model, technique, prefilled: Prefilled, ids: torch.Tensor, chunk: int | None = None) -> Prefilled:
+    """More prompt [prompts, m] after a cache has ended its prompt: the question of a context the
+    cache already compressed (query-agnostic compression, kvpress's setting). The new tokens read
+    whatever the cache kept and join it as its own prompt tokens would; returns the cache with the
+    new last logits. Unpadded prompts only (positions continue from the cache's length)."""
+    with _session(model, technique) as session:
+        out = prefill(model, session.expand(ids.to(next(model.parameters()).device)), None, prefilled.cache,
+                      chunk or session.prefill_chunk)
+    return Prefilled(prefilled.cache, out.logits[:, -1])
+
+
 @dataclass
 class Generated:
     ids: list[list[int]]  # new token ids per prompt, the stopping token included

@@ -252,14 +252,42 @@ def _frequent_words(tokenizer, length: int, rng: random.Random) -> RulerExample:
 
 # ---------------------------------------------------------------- running and scoring
 
+def question_start(tokenizer, example: RulerExample, chat: bool) -> int:
+    """Index of the first token of `example`'s prompt (as `encode_prompts` gives it) that holds any of
+    its question: the tokens before it are the context a query-agnostic cache compresses alone."""
+    from ..core.decode import render_chat
+    from ..core.generate import encode_prompts
+
+    text, add_special = example.prompt(chat), True
+    if chat:
+        text, add_special = render_chat(tokenizer, [{"role": "user", "content": text}])
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise AttnkitError("the question after compression needs a fast tokenizer (character offsets)") from None
+    if enc["input_ids"] != encode_prompts(tokenizer, [example.prompt(chat)], chat)[0][0].tolist():
+        raise AttnkitError("this tokenizer encodes the prompt differently with offsets: cannot split its question")
+    at = text.rfind(example.question)
+    split = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > at), None)
+    if at < 0 or not split:
+        raise AttnkitError(f"cannot find where the question of this {example.task} prompt starts")
+    return split
+
+
 def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: int, systems: list,
                    out=None, quiet: bool = False, chat_template: bool | None = None, essays: str | None = None,
-                   seed: int = 0, share_prefill: bool | None = None) -> list[dict]:
+                   seed: int = 0, share_prefill: bool | None = None, prefill_chunk: int | None = None,
+                   question_after: bool = False) -> list[dict]:
     """Rows {task, length, index, system, answer, score} for every (task, length, sample, system),
     through the one generation loop; rows go to `out` as they finish and a rerun resumes.
     `share_prefill` (None: when there are several systems and each can): one prefill per prompt
     for every system (`core.kvfork`: the full cache and full-prefill KV caches), the same answers
-    at a fraction of the time on long prompts."""
+    at a fraction of the time on long prompts. `prefill_chunk`: prompt tokens per prefill forward for
+    every system (None: the whole prompt at once, or a KV cache's own chunk); on a hybrid model such
+    as Gemma 3 chunks spare the sliding layers a prompt-by-prompt mask (several times faster at 16K).
+    `question_after`: each prompt's context is prefilled and the cache compressed before its question
+    arrives (query-agnostic, as kvpress measures by default); else the question is inside the
+    compressed prompt (query-aware)."""
     from ..core.decode import use_chat_template
     from ..core.family import architecture
     from ..core.generate import encode_prompts
@@ -290,22 +318,27 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     def work(cell):
         key = (cell["task"], cell["length"], cell["index"])
         if key not in examples:
-            examples[key] = make_example(key[0], tokenizer, key[1], key[2], essays, seed)
-        ex = examples[key]
+            ex = make_example(key[0], tokenizer, key[1], key[2], essays, seed)
+            examples[key] = ex, question_start(tokenizer, ex, chat) if question_after else None
+        ex, split = examples[key]
         shared = None
         if share:
             if key not in prefilled:
                 prefilled.clear()
                 ids, mask = encode_prompts(tokenizer, [ex.prompt(chat)], chat)
-                prefilled[key] = prefill_once(model, ids, mask, select_window=select)
+                if split:
+                    ids, mask = ids[:, :split], mask[:, :split]
+                prefilled[key] = prefill_once(model, ids, mask, chunk=prefill_chunk, select_window=select)
             shared = prefilled[key]
         text = answer(model, tokenizer, ex.prompt(chat), ANSWER_TOKENS.get(ex.task, 128),
-                      by_name[cell["system"]].technique, chat, shared)
+                      by_name[cell["system"]].technique, chat, shared, prefill_chunk, split)
         return {"answer": text, "answers": ex.answers, "score": score(text, ex.answers)}
 
     settings = None if out is None else {
         "kind": "ruler", **model_identity(model), "seed": seed, "chat_template": chat,
-        "essays": digest(essays) if essays else "built-in prose", "systems": {s.name: s.fields for s in systems}}
+        "essays": digest(essays) if essays else "built-in prose", "systems": {s.name: s.fields for s in systems},
+        **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}),
+        **({"question": "after compression"} if question_after else {})}
     return run_grid(cells, ("task", "length", "index", "system"), work, out, "ruler", quiet, settings=settings)
 
 
