@@ -23,7 +23,8 @@ model (the recipe, `--no-recipe`: the file alone), the cache trimmed after a who
 `--token-budgets RATIO:FULL:SPLIT,...` adds caches at RATIO of the model's own KV memory (at the longest
 length): the top FULL fraction of KV heads full, every other KV head keeping sink + window plus a token
 budget (the per-head average that reaches RATIO), shared by importance or evenly (SPLIT: importance |
-uniform), the tokens chosen by the prompt's last 64 queries (SnapKV inside each head). Per
+uniform), the tokens chosen by the prompt's last 64 queries (SnapKV inside each head), their scores
+pooled over KERNEL neighbouring positions (default 5, SnapKV's). Per
 system and length: KV memory against the model's own cache, each task's mean RULER score with its 95%
 bootstrap interval and n, the NIAH average, and the paired difference from the full cache. The
 trials go to --trials as they finish (a rerun resumes, and refuses other settings); the summary rows go
@@ -33,6 +34,7 @@ to the record file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -76,11 +78,13 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
             continue
         name = label("random", full, rand, heads=len(chosen.full))
         out.append((System(name, {"cache": name}, rand), rand))
-    for ratio, full, split in token_budgets:
+    for ratio, full, split, *kernel in token_budgets:
         heads = plan(sets, model.config, "retrieval" if full > 0 else "none", full, **options)
         per_head = budget_for_ratio(ratio, len(heads.full), model.config, tokens, sink, window)
         cfg = plan(sets, model.config, "retrieval" if full > 0 else "none", full, **options, head_tokens=per_head,
                    split=split)
+        if kernel:  # SnapKV's pooling over neighbouring positions, wider than its default
+            cfg = dataclasses.replace(cfg, select_kernel=kernel[0])
         name = label("retrieval" if full > 0 else "none", full, cfg, importance=importance, split=split)
         out.append((System(name, {"cache": name, "head_tokens": per_head}, cfg), cfg))
     return out
@@ -124,10 +128,12 @@ def main() -> None:
     token_budgets = []
     for spec in filter(None, (x.strip() for x in args.token_budgets.split(","))):
         try:
-            ratio, full, split = spec.split(":")
-            token_budgets.append((float(ratio), float(full), split))
+            ratio, full, split, *kernel = spec.split(":")
+            token_budgets.append((float(ratio), float(full), split, *(int(k) for k in kernel[:1])))
+            if len(kernel) > 1:
+                raise ValueError
         except ValueError:
-            ap.error(f"--token-budgets: {spec!r} is not RATIO:FULL:SPLIT (e.g. 0.27:0.1:importance)")
+            ap.error(f"--token-budgets: {spec!r} is not RATIO:FULL:SPLIT[:KERNEL] (e.g. 0.27:0.1:importance)")
     args.dtype = "float32"
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     record = Record(args, "kv_ruler", {"tasks": tasks, "lengths": lengths, "samples": args.samples,

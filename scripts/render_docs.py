@@ -363,6 +363,8 @@ def kv_choice(model: str = "smollm2-135m-instruct", variants: tuple = ("", "_8k"
                      else f"{n} full KV head{'s' if n != 1 else ''}" + (
                          f" + {best['head_tokens']} middle tokens per other head" if best.get("head_tokens")
                          else ", the rest sink + window"))
+            if " kernel " in best["system"]:  # SnapKV's pooling widened
+                heads += f", scores pooled over {best['system'].rsplit(' kernel ', 1)[1]} positions"
             body.append([best["length"], _ratio(best["kv_ratio"]), heads, _est(best["niah_average"]),
                          _est(full[best["length"]]),
                          f"{top['press']}: {_est(top['niah_average'])}" if top else "not run",
@@ -576,7 +578,9 @@ BLOCKS = {
     "question-placement-smollm2-8k": question_placement,
     "bench-kv-ruler-gemma-16k": lambda: bench_kv_ruler("gemma-3-270m", variant="_16k", within=((0.5, 5.0),)),
     "bench-kv-ruler-gemma-32k": lambda: bench_kv_ruler("gemma-3-270m", variant="_32k", within=((0.5, 5.0),)),
-    "kv-choice-gemma": lambda: kv_choice("gemma-3-270m", ("_16k",), "Gemma-3-270M"),
+    "bench-kv-ruler-gemma-16k-kernel15": lambda: bench_kv_ruler("gemma-3-270m", variant="_16k_kernel15",
+                                                                within=((0.5, 5.0),)),
+    "kv-choice-gemma": lambda: kv_choice("gemma-3-270m", ("_16k", "_16k_kernel15"), "Gemma-3-270M"),
     "bench-mdqa-smollm2": bench_mdqa,
     "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),
     "bench-mdqa-smollm2-20-buckets": lambda: bench_mdqa(variant="_20docs_buckets"),

@@ -237,3 +237,14 @@ def test_niah_with_token_budgets_records_them(tmp_path, embedded):
     assert cache["head_tokens"] == 16 and cache["prefill"] == "full"
     row = json.loads(result_lines(tmp_path / "n.jsonl")[0])
     assert row["cache"].endswith(" middle tokens")  # the row names what was kept, so reruns never mix
+
+
+def test_a_cache_with_a_wider_selection_kernel_is_named_apart():
+    import dataclasses
+
+    from attnkit.heads.kvcompare import label
+
+    cfg = HeadKVConfig(frozenset(), prefill="full", budgets=(((0, 0), 40),))
+    wide = dataclasses.replace(cfg, select_kernel=15)
+    assert "kernel" not in label("none", 0.0, cfg, split="importance")  # SnapKV's default keeps old names
+    assert label("none", 0.0, wide, split="importance") == label("none", 0.0, cfg, split="importance") + " kernel 15"

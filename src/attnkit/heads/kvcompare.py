@@ -28,6 +28,7 @@ def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importan
     tail += " full prefill" if settings.prefill == "full" else ""
     if settings.budgets:  # token budgets: how many middle tokens the window heads keep, all together
         tail += f" +{sum(n for _, n in settings.budgets)} middle tokens" + {"importance": " by importance", "uniform": " evenly"}.get(split, "")
+        tail += f" kernel {settings.select_kernel}" if settings.select_kernel != KV_DEFAULTS.select_kernel else ""
     if how == "none":
         return f"all-window {tail}"
     name = importance if how == "retrieval" else how
