@@ -178,28 +178,26 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, chunk: i
     return out
 
 
-@torch.no_grad()
 def prefill_prompt(model, technique, ids: torch.Tensor, chunk: int | None = None) -> Prefilled:
     """One prompt's rows [prompts, n] (no padding) run into a fresh cache of `technique` (a record,
     a prepared `Session` or None), the cache's end of prompt included (a compressing cache compresses
     here); `generate(..., prefilled=)` or `continue_prompt` takes it from there."""
-    with _session(model, technique) as session:
-        cache = session.new_cache()
-        out = prefill(model, session.expand(ids.to(next(model.parameters()).device)), None, cache,
-                      chunk or session.prefill_chunk)
-    return Prefilled(cache, out.logits[:, -1])
+    return continue_prompt(model, technique, None, ids, chunk)
 
 
 @torch.no_grad()
-def continue_prompt(model, technique, prefilled: Prefilled, ids: torch.Tensor, chunk: int | None = None) -> Prefilled:
+def continue_prompt(model, technique, prefilled: Prefilled | None, ids: torch.Tensor, chunk: int | None = None
+                    ) -> Prefilled:
     """More prompt [prompts, m] after a cache has ended its prompt: the question of a context the
     cache already compressed (query-agnostic compression, kvpress's setting). The new tokens read
     whatever the cache kept and join it as its own prompt tokens would; returns the cache with the
-    new last logits. Unpadded prompts only (positions continue from the cache's length)."""
+    new last logits (`prefilled` None: a fresh cache of `technique`). Unpadded prompts only
+    (positions continue from the cache's length)."""
     with _session(model, technique) as session:
-        out = prefill(model, session.expand(ids.to(next(model.parameters()).device)), None, prefilled.cache,
+        cache = session.new_cache() if prefilled is None else prefilled.cache
+        out = prefill(model, session.expand(ids.to(next(model.parameters()).device)), None, cache,
                       chunk or session.prefill_chunk)
-    return Prefilled(prefilled.cache, out.logits[:, -1])
+    return Prefilled(cache, out.logits[:, -1])
 
 
 @dataclass
