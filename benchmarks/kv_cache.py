@@ -27,14 +27,14 @@ from transformers import DynamicCache
 
 from attnkit.core.family import architecture
 from attnkit.core.generate import prefill
-from attnkit.core.kvcache import HeadKVCache, head_kv
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.cache import HeadKVCache, head_kv
+from attnkit.kvcache.config import HeadKVConfig
 
 
 def choose(model, fraction: float, seed: int, scores_path: str | None) -> frozenset:
     cfg = model.config
     if scores_path:
-        from attnkit.heads.kvplan import choose_full_heads
+        from attnkit.kvcache.plan import choose_full_heads
         from attnkit.heads.scores import load_scores
         return choose_full_heads(load_scores(scores_path), cfg, "retrieval", fraction)
     arch = architecture(cfg)  # hybrid models: only full-attention layers can hold a full cache

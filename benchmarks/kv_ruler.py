@@ -41,14 +41,14 @@ from pathlib import Path
 import torch
 from _common import Record, add_record_option
 
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.config import HeadKVConfig
 from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError
 from attnkit.evals import ruler as R
 from attnkit.evals import stats
 from attnkit.evals.systems import System
-from attnkit.heads.kvcompare import kv_ratio, label
-from attnkit.heads.kvplan import RECIPE, budget_for_ratio, load_score_sets, plan
+from attnkit.kvcache.compare import kv_ratio, label
+from attnkit.kvcache.plan import RECIPE, budget_for_ratio, load_score_sets, plan
 from attnkit.heads.patterns import pattern_scores
 
 
@@ -72,7 +72,7 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
         if random_at is not None and full not in random_at:
             continue
         try:
-            rand = plan(sets, model.config, "random", full, len(chosen.full), seed=0, **options)
+            rand = plan(sets, model.config, "random", full, count=len(chosen.full), seed=0, **options)
         except AttnkitError as e:  # e.g. Gemma-3: every global layer's one KV head is a retrieval head
             print(f"no random-heads control at {full:g}: {e}")
             continue
@@ -206,7 +206,7 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     from attnkit.core.decode import eos_ids, use_chat_template
     from attnkit.core.family import architecture
     from attnkit.core.generate import answer_text, encode_prompts
-    from attnkit.core.kvconfig import native_kv_bytes
+    from attnkit.kvcache.config import native_kv_bytes
     from attnkit.core.models import pulled_path
     from attnkit.evals.runner import digest
 

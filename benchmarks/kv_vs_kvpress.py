@@ -44,12 +44,12 @@ import torch
 from attnkit.core.decode import cache_kwarg, eos_ids
 from attnkit.core.family import architecture
 from attnkit.core.generate import PLAIN, Stopper, prefill
-from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
+from attnkit.kvcache.config import HeadKVConfig, native_kv_bytes
 from attnkit.core.loading import load_model
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.runner import run_grid
-from attnkit.heads.kvplan import plan
+from attnkit.kvcache.plan import plan
 from attnkit.heads.scores import load_scores, save_scores
 
 HERE = Path(__file__).resolve().parent
@@ -143,7 +143,7 @@ def count_for(model_config, target: float, length: int, sink: int, window: int, 
 
 def duo_scores(sets: list[dict], arch) -> list[list[float]]:
     """attnkit's combined head importance as DuoAttentionPress takes it: [layers, KV heads], 0 in sliding layers."""
-    from attnkit.heads.kvplan import combine
+    from attnkit.kvcache.plan import combine
 
     kv = combine(sets, arch.layers, arch.query_heads, arch.kv_heads)
     return [[kv[(l, g)] if arch.layer_types[l] == "full" else 0.0 for g in range(arch.kv_heads)]
@@ -227,7 +227,7 @@ def main():
         save_scores(echo, args.scores / "echo.json")
         save_scores(induction, args.scores / "induction.json")
     # every score file of the folder is a source named by its stem (head_scores.json: "copy");
-    # a variant's importance joins sources with "+" (their combination, kvplan.combine)
+    # a variant's importance joins sources with "+" (their combination, kvcache.plan.combine)
     sources = {}
     for f in sorted(args.scores.glob("*.json")):
         try:

@@ -36,10 +36,10 @@ from attnkit.core.generate import Stopper, generate
 from attnkit.core.loading import load_model, resolve_spec
 from attnkit.evals import niah as N
 from attnkit.evals import stats
-from attnkit.heads.kvplan import choosable, plan
+from attnkit.kvcache.plan import choosable, plan
 from attnkit.heads.patterns import pattern_scores
 from attnkit.heads.scores import load_scores
-from attnkit.heads.technique import vllm_overrides
+from attnkit.kvcache.technique import vllm_overrides
 from attnkit.serve import vllm
 
 HERE = Path(__file__).resolve().parent

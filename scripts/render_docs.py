@@ -1,4 +1,4 @@
-"""Render the figures of README.md and BENCHMARKS.md from the result files in results/.
+"""Render the figures of README.md and the docs pages (docs/) from the result files in results/.
 
 Every generated block sits between two markers and names the file(s) it was made from:
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
-DOCS = ("README.md", "BENCHMARKS.md")
+DOCS = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")))  # pages with blocks
+LINK = re.compile(r"(\]\()(?!https?:|mailto:|#|/)([^)\s]+)\)")
 STUDY_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}
 BLOCK = re.compile(r"(<!-- begin: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
@@ -145,7 +146,7 @@ def kill_resume(model: str = "smollm2-135m-instruct") -> str:
             f"`python scripts/kill_resume.py`.*")
 
 
-# ---------------------------------------------------------------- benchmarks (BENCHMARKS.md)
+# ---------------------------------------------------------------- benchmarks (docs/benchmarks.md)
 
 def _ratio(v) -> str:
     return "" if v is None else f"{v:.2f}x"
@@ -547,6 +548,15 @@ def bench_startup() -> str:
                      + ["", f"Target (< 0.5 s): **{met}**."])
 
 
+def bench_model_load() -> str:
+    path = RESULTS / "benchmarks" / "model_load_real_cpu.jsonl"
+    head, rows = read_jsonl(path)
+    body = [[r["title"], f"`{r['model']}`", f"{r['parameters'] / 1e9:.2f}B", f"{r['download_mb']:,} MB",
+             f"{r['disk_gib']} GiB", f"{r['load_s']} s", f"{r['peak_rss_gib']} GiB"] for r in rows]
+    return "\n".join(_table(["real model", "pull name", "parameters", "download", "on disk (bf16)",
+                             "load (float32, CPU)", "peak memory"], body) + ["", provenance(head, path)])
+
+
 def paper_head_scores() -> str:
     from attnkit.reproduce import verdicts as V
     path = RESULTS / "paper_head_scores.json"
@@ -564,7 +574,7 @@ def paper_head_scores() -> str:
 
 BLOCKS = {
     "study-table": study_table, "study-verdicts": study_verdicts, "study-time": study_time,
-    "paper-head-scores": paper_head_scores, "kill-resume": kill_resume,
+    "paper-head-scores": paper_head_scores, "kill-resume": kill_resume, "bench-model-load": bench_model_load,
     "bench-heads-detect-embedded": bench_heads_detect,
     "bench-buckets-embedded": bench_buckets,
     "bench-kv-cache-embedded": bench_kv_cache,
@@ -609,9 +619,15 @@ def render(text: str, where: str = "") -> tuple[str, list[str]]:
         except MissingResults as e:
             problems.append(f"{where}: block {name}: {e}")
             return m.group(0)
-        return f"{m.group(1)}{body}\n{m.group(4)}"
+        return f"{m.group(1)}{_relative(body, where)}\n{m.group(4)}"
 
     return BLOCK.sub(one, text), problems
+
+
+def _relative(body: str, where: str) -> str:
+    """A block's links are written from the repository root; in a page below it (docs/...) they climb up."""
+    up = "../" * where.count("/")
+    return LINK.sub(lambda m: f"{m.group(1)}{up}{m.group(2)})", body) if up else body
 
 
 def main(argv=None) -> int:

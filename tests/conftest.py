@@ -114,6 +114,11 @@ def gemma3(_embedded_once):
     return real_model("gemma-3-270m")
 
 
+@pytest.fixture(scope="session")
+def qwen(_embedded_once):
+    return real_model("qwen2.5-coder-1.5b-instruct")
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED.is_dir():

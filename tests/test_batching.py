@@ -13,7 +13,7 @@ from test_generate import _Tok
 
 from attnkit.buckets import BucketsConfig
 from attnkit.core.generate import generate
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.config import HeadKVConfig
 from attnkit.serve.engine import Engine, Job, Params
 
 

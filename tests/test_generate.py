@@ -10,7 +10,7 @@ from test_kvcache import _reference_logits
 from attnkit.buckets import BucketedModel, BucketsConfig, combine
 from attnkit.core.generate import PLAIN, Sampling, Session, answer_text, generate
 from attnkit.core.hook import HeadMask, Intervention, Probe, intervene
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.config import HeadKVConfig
 
 
 class _Tok:
@@ -124,7 +124,7 @@ def test_budgets_per_prompt_cancel_and_seeded_sampling():
 
 
 def test_a_new_technique_is_one_session_subclass():
-    """The extension point ARCHITECTURE.md describes: a technique that only changes the scores."""
+    """The extension point docs/concepts/architecture.md describes: a technique that only changes the scores."""
     from contextlib import contextmanager
 
     class Forbid(Session):

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from attnkit.core.decode import cache_kwarg
 from attnkit.core.family import architecture
-from attnkit.core.kvcache import head_kv
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.cache import head_kv
+from attnkit.kvcache.config import HeadKVConfig
 from attnkit.errors import AttnkitError
 from attnkit.heads import gates as G
 

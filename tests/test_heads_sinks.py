@@ -1,4 +1,4 @@
-"""Sink and window sizes from measured attention mass (heads/sinks.py, `attnkit kv sinks`)."""
+"""Sink and window sizes from measured attention mass (kvcache/sinks.py, `attnkit kv sinks`)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnkit.errors import AttnkitError
-from attnkit.heads import sinks as K
+from attnkit.kvcache import sinks as K
 from conftest import real_model, run_cli, tiny_model
 
 

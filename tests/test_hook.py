@@ -129,7 +129,7 @@ def test_bad_heads_and_unwrappable_implementation():
         with intervene(model, mask=HeadMask({(9, 0)})):
             pass
     assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(AttnkitError, match="cannot be wrapped"):
+    with pytest.raises(AttnkitError, match="supports attention implementations"):
         with intervene(tiny_model("llama", 2, attn="flex_attention")):
             pass
     with pytest.raises(AttnkitError, match="mode"):
@@ -143,8 +143,8 @@ def test_attention_swaps_refuse_each_other_with_one_message():
 
     from attnkit.core.family import architecture
     from attnkit.core.hook import HeadMask, intervene
-    from attnkit.core.kvcache import head_kv
-    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.kvcache.cache import head_kv
+    from attnkit.kvcache.config import HeadKVConfig
     from attnkit.heads.gates import Gates, gated
     from conftest import tiny_model
 

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 from attnkit.cli import app
 from attnkit.core.family import architecture
 from attnkit.core.loading import load_config
-from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
+from attnkit.kvcache.config import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
-from attnkit.heads import kvplan as P
+from attnkit.kvcache import plan as P
 from attnkit.heads import scores as S
 from conftest import result_lines, tiny_config
 
@@ -138,7 +138,7 @@ def test_spread_layer_gives_every_layer_its_best_heads():
 
 
 def test_kv_compare_names_rows_by_importance_and_combination(tmp_path):
-    from attnkit.heads.cli import named_score_files
+    from attnkit.kvcache.cli import named_score_files
 
     a, b = tmp_path / "copy.json", tmp_path / "echo.json"
     S.save_scores(_scores(3, 4, {(0, 0): 0.5}), a)
@@ -211,7 +211,7 @@ def test_plan_with_token_budgets_reaches_the_memory_asked():
     scores = _scores(3, 4, {(0, 1): 0.9, (1, 2): 0.5, (2, 0): 0.2})
     for ratio, full in ((0.4, 1), (0.25, 0)):
         per_head = P.budget_for_ratio(ratio, full, config, 512, sink=4, window=16)
-        cfg = P.plan(scores, config, "retrieval" if full else "none", None, full, sink=4, window=16,
+        cfg = P.plan(scores, config, "retrieval" if full else "none", None, count=full, sink=4, window=16,
                      prefill_mode="full", head_tokens=per_head)
         assert len(cfg.full) == full and not set(dict(cfg.budgets)) & cfg.full
         got = cfg.kv_bytes(arch, 512) / native_kv_bytes(arch, 512)
@@ -242,7 +242,7 @@ def test_niah_with_token_budgets_records_them(tmp_path, embedded):
 def test_a_cache_with_a_wider_selection_kernel_is_named_apart():
     import dataclasses
 
-    from attnkit.heads.kvcompare import label
+    from attnkit.kvcache.compare import label
 
     cfg = HeadKVConfig(frozenset(), prefill="full", budgets=(((0, 0), 40),))
     wide = dataclasses.replace(cfg, select_kernel=15)

@@ -9,8 +9,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from attnkit.core.hook import HeadMask, intervene
 from attnkit.core.family import architecture
-from attnkit.core.kvcache import head_kv
-from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
+from attnkit.kvcache.cache import head_kv
+from attnkit.kvcache.config import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from conftest import tiny_model
 
@@ -169,7 +169,7 @@ def test_steady_decoding_without_padding_equals_the_reference(family, kv, prefil
     """Unpadded sdpa decoding takes the ring path (the new key overwrites the oldest recent slot, no
     mask, no trim) once the window store is steady; 14 steps wrap the 5 recent slots twice. The full
     heads' buffers, 2 tokens ahead here, grow every other step."""
-    import attnkit.core.kvcache as kvcache
+    import attnkit.kvcache.layer as kvcache
 
     monkeypatch.setattr(kvcache, "FULL_SLACK", 2)
     model = tiny_model(family, kv, attn="sdpa")

@@ -1,12 +1,11 @@
-"""One prefill shared by many caches (core/kvfork.py) gives what each cache's own prefill gives."""
+"""One prefill shared by many caches (kvcache/fork.py) gives what each cache's own prefill gives."""
 
 import pytest
 import torch
 
 from attnkit.core.family import architecture
 from attnkit.core.generate import PLAIN, generate
-from attnkit.core.kvconfig import HeadKVConfig
-from attnkit.core.kvfork import prefill_once
+from attnkit.kvcache.config import HeadKVConfig
 from attnkit.errors import AttnkitError
 from conftest import tiny_model
 from test_generate import _Tok
@@ -43,7 +42,7 @@ def _prompts(vocab, pad):
 def test_every_cache_from_one_prefill_decodes_what_its_own_prefill_decodes(family, kv, chunk):
     model = tiny_model(family, kv)
     ids, mask = _prompts(model.config.vocab_size, 7)
-    shared = prefill_once(model, ids, mask, chunk=chunk, select_window=12)  # more than the caches ask
+    shared = HeadKVConfig.prefill_once(model, ids, mask, chunk=chunk, select_window=12)  # more than the caches ask
     outputs = {}
     for name, cfg in _configs(model).items():
         if cfg is not None and chunk:
@@ -60,7 +59,7 @@ def test_kept_tokens_and_bytes_equal_the_own_prefill():
     model = tiny_model("llama", 2)
     ids, mask = _prompts(model.config.vocab_size, 4)
     cfg = _configs(model)["token budgets"]
-    shared = prefill_once(model, ids, mask, select_window=8)
+    shared = HeadKVConfig.prefill_once(model, ids, mask, select_window=8)
     forked = shared.start(model, cfg).cache
     with cfg.prepare(model) as session:
         from attnkit.core.generate import prefill
@@ -77,7 +76,7 @@ def test_a_shared_prefill_refuses_what_it_cannot_serve():
 
     model = tiny_model("llama", 2)
     ids, mask = _prompts(model.config.vocab_size, 0)
-    shared = prefill_once(model, ids, mask, select_window=4)
+    shared = HeadKVConfig.prefill_once(model, ids, mask, select_window=4)
     with pytest.raises(AttnkitError, match="prefill 'full'"):
         shared.start(model, HeadKVConfig(frozenset({(0, 0)}), prefill="window"))
     with pytest.raises(AttnkitError, match="not BucketsConfig"):

@@ -64,8 +64,8 @@ def test_ablate_cli_sweeps_k(tmp_path):
 @pytest.mark.slow
 def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not(embedded):
     """The KV cache's thesis: at the same KV memory, keeping the retrieval heads' full cache keeps the answer."""
-    from attnkit.core.kvconfig import HeadKVConfig
-    from attnkit.heads.kvcompare import compare_caches
+    from attnkit.kvcache.config import HeadKVConfig
+    from attnkit.kvcache.compare import compare_caches
 
     model, tok = embedded
     needles, haystack = N.passkey_needles(), N.load_haystack()

@@ -1,5 +1,5 @@
-"""Code blocks of the README and ARCHITECTURE.md that run on the embedded model are executed, so the
-documents cannot rot."""
+"""Code blocks of the README and the docs pages (docs/) that run on the embedded model, or on a real
+model the test run installed, are executed, so the documents cannot rot."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 from attnkit.heads import scores as S
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 REAL = '"smollm2-135m-instruct"'

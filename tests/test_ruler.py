@@ -110,7 +110,7 @@ def test_the_command(embedded, tmp_path):
 
 def test_one_prefill_per_prompt_gives_the_answers_of_one_prefill_per_system(embedded):
     from attnkit.core.family import architecture
-    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.kvcache.config import HeadKVConfig
     from attnkit.evals.systems import System
 
     model, tok = embedded
@@ -157,7 +157,7 @@ def test_a_question_after_compression_reads_only_what_the_context_kept(embedded)
 
     from attnkit.core.family import architecture
     from attnkit.core.generate import continue_prompt, encode_prompts, prefill_prompt
-    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.kvcache.config import HeadKVConfig
 
     model, tok = embedded
     ex = R.make_example("niah_single_1", tok, 512, 0)
@@ -183,9 +183,9 @@ def test_a_question_after_compression_reads_only_what_the_context_kept(embedded)
 
 
 def test_the_run_with_the_question_after_compression(embedded, tmp_path, monkeypatch):
-    import attnkit.core.kvfork as kvfork
+    import attnkit.kvcache.fork as kvfork
     from attnkit.core.family import architecture
-    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.kvcache.config import HeadKVConfig
     from attnkit.evals.systems import System
 
     model, tok = embedded
@@ -196,10 +196,11 @@ def test_the_run_with_the_question_after_compression(embedded, tmp_path, monkeyp
                                                   budgets=tuple((k, 24) for k in heads[1:])))]
     args = (model, tok, ["niah_single_1"], [512], 3, systems)
     aware = R.evaluate_ruler(*args, quiet=True)
-    seen, once = [], kvfork.prefill_once
-    monkeypatch.setattr(kvfork, "prefill_once", lambda m, ids, *a, **k: seen.append((ids.shape[1], k)) or once(m, ids, *a, **k))
+    seen, once = [], kvfork.record_prefill
+    monkeypatch.setattr(kvfork, "record_prefill",
+                        lambda m, ids, mask, cfg, chunk: seen.append((ids.shape[1], chunk)) or once(m, ids, mask, cfg, chunk))
     shared = R.evaluate_ruler(*args, quiet=True, question_after=True, out=tmp_path / "after.jsonl", prefill_chunk=128)
-    assert len(seen) == 3 and all(k["chunk"] == 128 and n < 512 for n, k in seen)  # one context prefill per prompt
+    assert len(seen) == 3 and all(c == 128 and n < 512 for n, c in seen)  # one context prefill per prompt
     alone = R.evaluate_ruler(*args, quiet=True, question_after=True, share_prefill=False)
     assert [r["answer"] for r in shared] == [r["answer"] for r in alone]  # one context prefill serves every cache
     full = [r["answer"] for r in shared if r["system"] == "full cache"]

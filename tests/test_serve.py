@@ -387,7 +387,7 @@ def _run_engine(engine, ids, params):
 
 def test_served_buckets_and_kv_cache_equal_the_library(embedded):
     from attnkit.buckets import BucketedModel, BucketsConfig
-    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.kvcache.config import HeadKVConfig
     from attnkit.serve.engine import Params
 
     model, tok = embedded
@@ -443,7 +443,7 @@ def test_the_server_chooses_kv_heads_by_the_recipe_unless_told_not_to(tmp_path):
     """`serve --kv-scores copy.json`: the heads are the plan over copy + echo + induction measured on
     the model, as `niah` chooses them; `--no-kv-recipe` keeps the file's own choice."""
     from attnkit.core.loading import load_model
-    from attnkit.heads import kvplan as P
+    from attnkit.kvcache import plan as P
     from attnkit.heads import scores as S
     from attnkit.heads.patterns import pattern_scores
     from attnkit.serve.cli import build_engine

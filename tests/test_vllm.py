@@ -19,11 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 from attnkit.cli import app
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.config import HeadKVConfig
 from attnkit.core.registry import choice
 from attnkit.errors import AttnkitError
-from attnkit.heads.technique import vllm_overrides
-from attnkit.heads.vllm_plugin import ARCHITECTURE, PLAN_KEY, _head_letters
+from attnkit.kvcache.technique import vllm_overrides
+from attnkit.kvcache.vllm_plugin import ARCHITECTURE, PLAN_KEY, _head_letters
 from attnkit.serve import vllm
 from conftest import result_lines, tiny_config
 

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {"HeadMask": "attnkit.core.hook", "Probe": "attnkit.core.hook", "intervene": "attnkit.core.hook",
          "load_model": "attnkit.core.loading", "model_info": "attnkit.core.loading",
          "Intervention": "attnkit.core.hook", "generate": "attnkit.core.generate", "Sampling": "attnkit.core.generate",
-         "HeadKVConfig": "attnkit.core.kvconfig", "head_kv": "attnkit.core.kvcache"}
+         "HeadKVConfig": "attnkit.kvcache.config", "head_kv": "attnkit.kvcache.cache"}
 
 
 def __getattr__(name: str):

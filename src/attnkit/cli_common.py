@@ -59,37 +59,87 @@ TECHNIQUE = typer.Option(None, "--technique", help="a registered technique (`att
 SETTINGS = typer.Option(None, "--set", help="a setting of --technique as KEY=VALUE (repeat for more)")
 
 
-def technique_choice(technique: str | None, settings: list[str] | None, kv: dict | None = None,
-                     buckets: dict | None = None):
-    """The technique a command runs, through the registry: `--technique NAME --set K=V`, or the older
-    options that spell one (`--kv-*`: the KV cache's settings, `--bases/--search`: Buckets')."""
+# the older spellings of two techniques' settings: `--kv-<setting>` and `--<setting>` (Buckets' --bases ...).
+# Each is generated from the technique's registry entry (type, default, help): a setting is written once.
+SPELLINGS = {"kv-cache": "kv-", "buckets": ""}
+TITLES = {"kv-cache": "the retrieval-head KV cache", "buckets": "Attention Buckets"}
+
+
+def technique_options(*names: str):
+    """Decorate a command so that it also takes each named technique's settings as options, spelled
+    `--<prefix><setting>` (prefixes in `SPELLINGS`), generated from the technique's registry entry. The
+    command receives `spelled`: {technique: {setting: value}} for the options given on the command line
+    (an option not given is absent: the registry's default applies). Pass it to `technique_choice`."""
+    import functools
+    import inspect
+    from typing import List, Optional
+
     from attnkit.core import registry
 
-    if technique and (kv or buckets):
-        raise AttnkitError("give --technique with --set, or the --kv-* / --bases / --search options, not both")
-    if kv and buckets:
-        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
-    if kv:
-        return registry.choice("kv-cache", given=kv)
-    if buckets:
-        return registry.choice("buckets", given=buckets)
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.name != "spelled"]
+        added: dict[str, tuple[str, object]] = {}
+        for name in names:
+            for o in registry.entry(name).options:
+                flag = f"--{SPELLINGS[name]}{o.name}"
+                pname = flag[2:].replace("-", "_")
+                shown = ",".join(o.default) if o.type is list else o.default
+                text = f"{o.help} [{name}; default: {shown if shown not in ('', []) else 'none'}]"
+                if o.type is bool:
+                    kind, option = Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}", help=text)
+                elif o.type is list:
+                    kind, option = Optional[List[str]], typer.Option(None, flag, help=text + " (repeat or comma-separate)")
+                else:
+                    kind, option = Optional[o.type], typer.Option(None, flag, help=text)
+                params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+                added[pname] = (name, o)
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            spelled: dict[str, dict] = {}
+            for pname, (name, o) in added.items():
+                value = kwargs.pop(pname, None)
+                if value is None or value == []:
+                    continue
+                if o.type is list:
+                    value = [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+                spelled.setdefault(name, {})[o.name] = value
+            return fn(**kwargs, spelled=spelled)
+
+        ordered = sorted(params, key=lambda p: p.kind)  # keyword-only after the others
+        command.__signature__ = sig.replace(parameters=ordered)
+        command.__annotations__ = {p.name: p.annotation for p in ordered}
+        del command.__wrapped__  # typer reads the signature above, not the function's own
+        return command
+
+    return decorate
+
+
+def technique_choice(technique: str | None, settings: list[str] | None, spelled: dict | None = None):
+    """The technique a command runs, through the registry: `--technique NAME --set K=V`, or the options
+    that spell one technique's settings (`--kv-*`: the KV cache's, `--bases/--search/--combine`: Buckets')."""
+    from attnkit.core import registry
+
+    spelled = {name: given for name, given in (spelled or {}).items() if given}
+    if technique and spelled:
+        raise AttnkitError(f"give --technique with --set, or the options of {', '.join(spelled)}, not both")
+    if len(spelled) > 1:
+        (a, given_a), (b, given_b) = list(spelled.items())[:2]
+        flags = lambda name, given: ", ".join("--" + SPELLINGS[name] + k for k in given)  # noqa: E731
+        raise AttnkitError(f"{TITLES[a]} ({flags(a, given_a)}) cannot be combined with {TITLES[b]} "
+                           f"({flags(b, given_b)}): one technique at a time")
+    if spelled:
+        name, given = next(iter(spelled.items()))
+        return registry.choice(name, given=given)
     return registry.choice(technique, settings)
 
 
-def kv_settings(scores, choose, full, sink, window, chunk, compensate, prefill, recipe, head_tokens) -> dict | None:
-    """The `--kv-*` options as the KV cache entry's settings (None: no KV cache asked for)."""
-    if not scores and choose is None:
-        return None
-    return {"scores": [str(p) for p in scores or []], "choose": choose or "retrieval", "full": full, "sink": sink,
-            "window": window, "chunk": chunk, "compensate": compensate, "prefill": prefill, "recipe": recipe,
-            "head-tokens": head_tokens}
+def registry_default(technique: str, setting: str):
+    """A technique setting's one default (its registry entry's), for commands that spell it their own way."""
+    from attnkit.core import registry
 
-
-def buckets_settings(bases: str | None, search: bool, combine: str) -> dict | None:
-    """`--bases/--search/--combine` as the Buckets entry's settings (None: no buckets asked for)."""
-    if not bases and not search:
-        return None
-    return {"bases": [b for b in bases.split(",") if b.strip()] if bases else [], "search": search, "combine": combine}
+    return next(o.default for o in registry.entry(technique).options if o.name == setting)
 
 
 def span(text: str, what: str, parts: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""`attnkit buckets ...` and `attnkit eval kv-retrieval`."""
+"""`attnkit buckets ...`: the waveform, the base search, generation with buckets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.cli_common import (CHAT_TEMPLATE, DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats, ints,
+from attnkit.cli_common import (DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, console, emit, floats,
                                 quiet_transformers, span)
 from attnkit.errors import AttnkitError
 
@@ -27,7 +27,6 @@ def resolve_bases(model: str, bases: str | None, search: bool) -> list[float]:
 
 
 buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et al. 2024): RoPE bases in parallel.")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluations that compare methods on one task.")
 
 
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[str], distances: Optional[str],
@@ -162,51 +161,3 @@ def generate_cmd(model: str = typer.Option("embedded", help=MODEL_HELP),
                   console.print("mean weight per base: " + ", ".join(f"{b:g}={w:.2f}" for b, w in zip(base_list, mean_w)))))
 
 
-@eval_app.command("kv-retrieval")
-def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
-                 data: Optional[Path] = typer.Option(None, help="Lost-in-the-Middle kv-retrieval .jsonl(.gz); default: fresh UUID pairs"),
-                 examples: int = typer.Option(5, help="how many examples (each runs every position and system; 20 take about 7 minutes on 2 CPU cores)"),
-                 num_pairs: int = typer.Option(10, help="key-value pairs per prompt"),
-                 positions: Optional[str] = typer.Option(None, help="gold positions (default: 0, every quarter, last)"),
-                 bases: Optional[str] = typer.Option(None, help="bucket bases, comma-separated"),
-                 search: bool = typer.Option(False, help="run the base search to choose the bucket bases"),
-                 combine: str = typer.Option("paper", help="paper or reference"),
-                 seed: int = typer.Option(0, help="seed of the generated examples"),
-                 chat_template: Optional[bool] = CHAT_TEMPLATE,
-                 device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
-                 out: Optional[Path] = typer.Option(None, help="append rows here as they finish; reruns resume"),
-                 plot: Optional[Path] = typer.Option(None, help="accuracy-by-position PNG"),
-                 as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
-    """Accuracy by gold position, the model's own RoPE base vs Attention Buckets."""
-    from attnkit.buckets import BucketsConfig
-    from attnkit.core.loading import load_model, rope_base
-    from attnkit.evals import kv_retrieval as kv
-    from attnkit.evals.systems import System
-
-    quiet_transformers()
-    if num_pairs < 2:
-        raise AttnkitError("--num-pairs must be at least 2")
-    pos = (ints(positions, "--positions") if positions
-           else sorted({0, num_pairs // 4, num_pairs // 2, 3 * num_pairs // 4, num_pairs - 1}))
-    exs = kv.load_examples(data)[:examples] if data else kv.generate_examples(examples, num_pairs, seed)
-    base_list = resolve_bases(model, bases, search)
-    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    single, buckets = BucketsConfig([rope_base(mdl.config)], combine), BucketsConfig(base_list, combine)
-    systems = [System(name, {"bases": cfg.bases, "combine": cfg.combine}, cfg)
-               for name, cfg in (("single", single), ("buckets", buckets))]
-    summary = kv.evaluate_kv_retrieval(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json, chat_template=chat_template)
-    summary["bases"] = base_list
-    if plot:
-        from attnkit.evals.plots import accuracy_by_position
-        accuracy_by_position(summary, plot, f"{model}: {num_pairs} pairs, {summary['examples']} examples")
-
-    def render():
-        table = Table(title=f"kv-retrieval accuracy (%), {num_pairs} pairs, {summary['examples']} examples")
-        table.add_column("system")
-        for p in pos:
-            table.add_column(str(p), justify="right")
-        table.add_column("mean", justify="right")
-        for name, acc in summary["accuracy"].items():
-            table.add_row(name, *[f"{acc[str(p)]:.0f}" for p in pos], f"{summary['mean'][name]:.1f}")
-        Console().print(table)
-    emit(summary, as_json, render)

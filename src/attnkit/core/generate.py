@@ -7,7 +7,7 @@ how many model rows one prompt takes, and how the next-token scores come out of 
     technique record                     what prepare() does
     PLAIN (this module)                  nothing: the model as it is
     core.hook.Intervention(mask, probe)  head masks and decode probes (the attention hook)
-    core.kvconfig.HeadKVConfig           the retrieval-head KV cache (core.kvcache)
+    kvcache.config.HeadKVConfig           the retrieval-head KV cache (kvcache.cache)
     buckets.BucketsConfig                several RoPE bases, one row each, combined by confidence
 
 `decode_steps` is the loop (chunked prefill over left-padded prompts, then one token per prompt per
@@ -21,7 +21,7 @@ ablation, the server, the S2A backend and the demo all generate through these tw
     out.info[0][-1]   # what the technique reported at its last step (buckets: the base weights)
 
 A new technique is one record with `prepare` (and `describe`, which the server shows) whose Session
-overrides what differs; see ARCHITECTURE.md.
+overrides what differs; see docs/concepts/adding-a-technique.md.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class Technique(Protocol):
 @dataclass(frozen=True)
 class Plain:
     """The model as it is."""
+
+    shares_prefill = True  # its prefill is the model's own forward pass (see `kvcache.fork`)
 
     @contextmanager
     def prepare(self, model):
@@ -274,7 +276,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
     None for the plain model. `max_new_tokens` is one budget or one per prompt. `cancel()` is asked
     before every step; True ends the prompts still running with finish "cancelled". Prompts that
     finish early keep feeding their last token until the batch is done (their output is ignored).
-    `prefilled`: the prompts already in a cache of this technique (`core.kvfork.SharedPrefill.start`)."""
+    `prefilled`: the prompts already in a cache of this technique (`kvcache.fork.SharedPrefill.start`)."""
     prompts = input_ids.shape[0]
     budgets = [max_new_tokens] * prompts if isinstance(max_new_tokens, int) else list(max_new_tokens)
     stopper = Stopper(tokenizer, eos_ids(model, tokenizer), stop_rule, stop_strings)

@@ -30,12 +30,11 @@ from attnkit.core.family import architecture
 from attnkit.errors import AttnkitError
 
 WRAPPABLE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
-PREFIX = "attnkit_"
-KV_PREFIX = PREFIX + "kv_"  # the retrieval-head KV cache's wrappers (core/kvcache.py)
-GATE_PREFIX = PREFIX + "gate_"  # learned gates' attention (heads/gates.py)
-# every attention function attnkit puts in a model's place, by the name it registers: what it does
-SWAPS = {KV_PREFIX: "the retrieval-head KV cache", GATE_PREFIX: "gate training (heads gates)",
-         PREFIX: "a head mask or probe (intervene)"}
+PREFIX = "attnkit_"  # the head mask / probe wrappers: attnkit_sdpa, attnkit_eager, ...
+WHAT = "a head mask or probe (intervene)"
+# every attention function attnkit puts in a model's place, by its name's prefix: what it does. Each
+# technique that swaps attention adds its own line when it first swaps (`swap`).
+SWAPS: dict[str, str] = {PREFIX: WHAT}
 
 
 def own_attention(model, wanted: str) -> str:
@@ -43,12 +42,42 @@ def own_attention(model, wanted: str) -> str:
     both, when another of attnkit's attention swaps holds the model already. They do not stack: each
     replaces the attention function with its own (the registry's combination table says the same)."""
     base = model.config._attn_implementation
-    for prefix, what in SWAPS.items():  # the longer prefixes first
+    for prefix, what in sorted(SWAPS.items(), key=lambda kv: -len(kv[0])):  # the longer prefixes first
         if base.startswith(prefix):
             again = "is already active on this model" if what == wanted else \
                 f"cannot be combined with {what}, which is active on this model"
             raise AttnkitError(f"{wanted} {again}: attnkit's attention swaps do not stack")
     return base
+
+
+@contextmanager
+def swap(model, prefix: str, what: str, make, bases: tuple[str, ...] = WRAPPABLE):
+    """Put attention function `prefix + base` in the model's place for the block, `base` being the
+    model's own implementation; yields `base`. `make(base)` builds the function, registered once with
+    transformers' `AttentionInterface` (and `AttentionMaskInterface` under the base's own mask function,
+    so the model builds exactly the masks it would have built). The one way attnkit swaps attention:
+    head masks and probes, the KV cache and gate training each call it with their own prefix."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    SWAPS.setdefault(prefix, what)
+    base = own_attention(model, what)
+    if base not in bases:
+        raise AttnkitError(f"{what} supports attention implementations {', '.join(bases)}, not '{base}' "
+                           "(load the model with attn_implementation='sdpa')")
+    name = prefix + base
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, make(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(base)
+        raise AttnkitError(f"{type(model).__name__} does not let attnkit set its attention implementation")
+    try:
+        yield base
+    finally:
+        model.set_attn_implementation(base)
 
 
 @dataclass(frozen=True)
@@ -83,12 +112,6 @@ class Probe:
     prefill_last: bool = False
 
 
-def check_wrappable(implementation: str) -> None:
-    if implementation.removeprefix(PREFIX) not in WRAPPABLE:
-        raise AttnkitError(f"attention implementation '{implementation}' cannot be wrapped by attnkit's hook "
-                           f"(supported: {', '.join(WRAPPABLE)})")
-
-
 def base_function(name: str, module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -105,18 +128,6 @@ def _make_wrapper(base: str):
         return ctl.attend(module, query, key, value, attention_mask, **kwargs)
 
     return attention
-
-
-def _register(base: str) -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    name = PREFIX + base
-    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(name, _make_wrapper(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:
@@ -264,19 +275,13 @@ def intervene(model, mask: HeadMask | None = None, probe: Probe | None = None, o
             model.generate(...)
         ctl.positions()  # [steps, layers, batch, heads, k]
     """
-    base = own_attention(model, SWAPS[PREFIX])
-    check_wrappable(base)
-    ctl = Controller(model, probe=probe, observer=observer)
-    ctl.set_mask(mask)
-    name = _register(base)
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise AttnkitError(f"{type(model).__name__} does not let attnkit set its attention implementation")
-    for m in ctl.modules.values():
-        m._attnkit_controller = ctl
-    try:
-        yield ctl
-    finally:
+    with swap(model, PREFIX, WHAT, _make_wrapper):
+        ctl = Controller(model, probe=probe, observer=observer)
+        ctl.set_mask(mask)
         for m in ctl.modules.values():
-            m.__dict__.pop("_attnkit_controller", None)
-        model.set_attn_implementation(base)
+            m._attnkit_controller = ctl
+        try:
+            yield ctl
+        finally:
+            for m in ctl.modules.values():
+                m.__dict__.pop("_attnkit_controller", None)

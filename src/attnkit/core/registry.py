@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from attnkit.errors import AttnkitError
 
-BUILTIN = ("attnkit.heads.technique", "attnkit.buckets.technique")  # their import registers the built-ins
+BUILTIN = ("attnkit.kvcache.technique", "attnkit.buckets.technique")  # their import registers the built-ins
 ENTRY_POINTS = "attnkit.techniques"
 
 
@@ -183,6 +183,19 @@ class Choice:
     def report(self, record, summaries: dict) -> dict:
         e = entry(self.name)
         return {} if e.report is None else e.report(record, self.settings, summaries)
+
+    def load(self, model: str, device: str = "auto", dtype: str = "auto", device_map=None, before_weights=None):
+        """The one way a front end runs a technique: `build` the record from the model's config (every
+        setting checked before any weights load), call `before_weights()` (the command's own inputs,
+        read while a mistake is still cheap), load the model, `finish` the record. Returns (model,
+        tokenizer, record)."""
+        from attnkit.core.loading import load_config, load_model
+
+        record = self.build(load_config(model))
+        if before_weights is not None:
+            before_weights()
+        mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
+        return mdl, tok, self.finish(record, mdl, tok)
 
 
 def choice(name: str | None, pairs: list[str] | None = None, given: dict | None = None) -> Choice:

@@ -88,7 +88,7 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int, technique=None, c
            shared=None, prefill_chunk: int | None = None, question_from: int | None = None) -> str:
     """Greedy answer to one prompt. A raw prompt's answer is cut at the first newline once it has
     begun; with `chat_template` the prompt is one user turn and the answer runs to the end of the turn.
-    `shared`: this prompt already prefilled once for several caches (`core.kvfork.prefill_once` of
+    `shared`: this prompt already prefilled once for several caches (a record's `prefill_once` of
     `encode_prompts(tokenizer, [prompt], chat_template)`). `prefill_chunk`: prompt tokens per prefill
     forward (None: the technique's own, else the whole prompt). `question_from`: the prompt's tokens
     from this index on (its question) reach the cache only after the tokens before it were prefilled

@@ -281,7 +281,7 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     """Rows {task, length, index, system, answer, score} for every (task, length, sample, system),
     through the one generation loop; rows go to `out` as they finish and a rerun resumes.
     `share_prefill` (None: when there are several systems and each can): one prefill per prompt
-    for every system (`core.kvfork`: the full cache and full-prefill KV caches), the same answers
+    for every system whose record `shares_prefill` (the full cache and full-prefill KV caches), the same answers
     at a fraction of the time on long prompts. `prefill_chunk`: prompt tokens per prefill forward for
     every system (None: the whole prompt at once, or a KV cache's own chunk); on a hybrid model such
     as Gemma 3 chunks spare the sliding layers a prompt-by-prompt mask (several times faster at 16K).
@@ -291,7 +291,6 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     from ..core.decode import use_chat_template
     from ..core.family import architecture
     from ..core.generate import encode_prompts
-    from ..core.kvfork import can_share, prefill_once
     from ..core.loading import model_identity
     from .kv_retrieval import answer
     from .runner import digest, run_grid
@@ -307,10 +306,13 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     by_name = {s.name: s for s in systems}
     cells = [{"task": t, "length": L, "index": i, "system": s} for t in tasks for L in lengths
              for i in range(samples) for s in by_name]  # a prompt's systems run one after another
-    shareable = all(can_share(s.technique) for s in systems)
+    shareable = all(s.technique is None or getattr(s.technique, "shares_prefill", False) for s in systems)
+    runs_prefill = next((s.technique for s in systems if hasattr(s.technique, "prefill_once")), None)
     if share_prefill and not shareable:
         raise AttnkitError("a shared prefill serves the full cache and KV caches with prefill 'full' only")
     share = shareable and len(systems) > 1 if share_prefill is None else share_prefill
+    if runs_prefill is None:  # only the model as it is: nothing to share
+        share = False
     select = max([s.technique.select_window for s in systems if getattr(s.technique, "budgets", ())] or [1])
     examples: dict = {}
     prefilled: dict = {}  # the current prompt's shared prefill (one at a time)
@@ -328,7 +330,7 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
                 ids, mask = encode_prompts(tokenizer, [ex.prompt(chat)], chat)
                 if split:
                     ids, mask = ids[:, :split], mask[:, :split]
-                prefilled[key] = prefill_once(model, ids, mask, chunk=prefill_chunk, select_window=select)
+                prefilled[key] = runs_prefill.prefill_once(model, ids, mask, chunk=prefill_chunk, select_window=select)
             shared = prefilled[key]
         text = answer(model, tokenizer, ex.prompt(chat), ANSWER_TOKENS.get(ex.task, 128),
                       by_name[cell["system"]].technique, chat, shared, prefill_chunk, split)

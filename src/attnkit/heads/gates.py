@@ -29,6 +29,9 @@ from attnkit.core.family import architecture
 from attnkit.core.hook import base_function
 from attnkit.errors import AttnkitError
 
+GATE_PREFIX = "attnkit_gate_"  # the attention functions gate training registers
+WHAT = "gate training (heads gates)"
+
 
 
 @dataclass(frozen=True)
@@ -125,29 +128,17 @@ def _make_attention(base: str):
 @contextmanager
 def gated(model, gates: Gates):
     """Inside the block the model's full-attention heads mix full and streaming attention by `gates`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from attnkit.core.hook import attention_modules, swap
 
-    from attnkit.core.hook import GATE_PREFIX, SWAPS, attention_modules, own_attention
-
-    base = own_attention(model, SWAPS[GATE_PREFIX])
-    if base not in ("sdpa", "eager"):
-        raise AttnkitError(f"gate training runs on sdpa or eager attention, not '{base}'")
-    name = GATE_PREFIX + base
-    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(name, _make_attention(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    modules = attention_modules(model)
-    model.set_attn_implementation(name)
-    for m in modules.values():
-        m._attnkit_gates = gates
-    try:
-        yield gates
-    finally:
+    with swap(model, GATE_PREFIX, WHAT, _make_attention, ("sdpa", "eager")):
+        modules = attention_modules(model)
         for m in modules.values():
-            m.__dict__.pop("_attnkit_gates", None)
-        model.set_attn_implementation(base)
+            m._attnkit_gates = gates
+        try:
+            yield gates
+        finally:
+            for m in modules.values():
+                m.__dict__.pop("_attnkit_gates", None)
 
 
 def _load_state(path: Path | None, settings: GateTraining, gates: Gates, optimizer) -> list[dict]:

@@ -24,6 +24,21 @@ def load_scores(path: str | Path) -> dict[tuple[int, int], list[float]]:
         raise AttnkitError(f"{p}: not a retrieval-score file ({type(e).__name__}: {e})") from None
 
 
+SHIPPED = Path(__file__).resolve().parent / "shipped"  # scores attnkit measured on each pullable model
+
+
+def shipped_scores(model_config) -> Path | None:
+    """The copy-score file shipped for the pulled registry model `model_config` was loaded from (how each
+    was made: `shipped/sources.json`), or None for any other model. Matched by the registry name the
+    pull recorded in the model's folder, and checked against the config's shape when loaded."""
+    from attnkit.core.models import source_of
+
+    folder = getattr(model_config, "_name_or_path", None) or getattr(model_config, "name_or_path", None)
+    name = (source_of(Path(folder)) or {}).get("registry_name") if folder else None
+    path = SHIPPED / name / "copy.json" if name else None
+    return path if path is not None and path.is_file() else None
+
+
 def save_scores(scores: dict[tuple[int, int], list[float]], path: str | Path) -> None:
     Path(path).write_text(json.dumps({f"{l}-{h}": v for (l, h), v in sorted(scores.items())}))
 

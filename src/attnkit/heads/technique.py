@@ -1,88 +1,57 @@
-"""The retrieval-head KV cache as a registered technique (`--technique kv-cache --set ...`): its options,
-written once, for `niah`, `eval ruler` and `serve` (whose `--kv-*` options spell the same settings)."""
+"""Head masks as a registered technique (`--technique head-mask --set heads=3-1,5-0` or `--set scores=F --set top=8`):
+knock out attention heads (Wu et al.'s causal test) in any command that takes a technique."""
 
 from __future__ import annotations
 
-from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.core.registry import Entry, Option, register
 
 OPTIONS = (
-    Option("scores", list, [], "score file(s) choosing the full-cache heads (comma-separated: combined)"),
-    Option("choose", str, "retrieval", "retrieval, random or none"),
-    Option("full", float, 0.25, "fraction of KV heads with the full cache"),
-    Option("sink", int, KV_DEFAULTS.sink, "first tokens every window head keeps"),
-    Option("window", int, KV_DEFAULTS.window, "recent tokens every window head sees"),
-    Option("chunk", int, KV_DEFAULTS.prefill_chunk, "prefill chunk (tokens)"),
-    Option("compensate", bool, False, "window heads keep a compensation token (RazorAttention)"),
-    Option("prefill", str, "full", "full (every head reads the prompt, trimmed when it ends) or window"),
-    Option("recipe", bool, True, "combine the score files with echo and induction scores measured on the model"),
-    Option("head-tokens", int, 0, "middle tokens each window head also keeps, on average (token budgets)"),
+    Option("heads", list, [], "query heads to mask as LAYER-HEAD, comma-separated"),
+    Option("scores", str, "", "a retrieval-score file: mask its top heads (with top)"),
+    Option("top", int, 0, "how many of the score file's best heads to mask"),
+    Option("random", int, 0, "mask this many random heads outside the score file's top 100 instead (with scores)"),
+    Option("seed", int, 0, "the random heads' draw"),
+    Option("mode", str, "uniform", "uniform (the head's query zeroed: attention goes uniform) or zero (its output)"),
+    Option("phase", str, "decode", "decode (as the retrieval-head authors masked), prefill or both"),
 )
 
 
 def build(model_config, s: dict):
-    from attnkit.heads.kvplan import cache_from_options
-
-    return cache_from_options(model_config, s["scores"] or None, s["choose"], s["full"], s["sink"], s["window"],
-                              s["chunk"], False, s["compensate"], s["prefill"], s["head-tokens"])
-
-
-def finish(kv, model, tokenizer, s: dict):
-    from attnkit.heads.kvplan import with_recipe
-
-    return with_recipe(kv, model, tokenizer, s["scores"] or None, s["choose"], s["full"], s["recipe"],
-                       s["head-tokens"])[0]
-
-
-def chosen_by(s: dict) -> list[str]:
-    """What chose the full heads, as `with_recipe` names it: the score files, and echo + induction
-    when the recipe ran (retrieval choice, a file given)."""
-    from pathlib import Path
-
-    from attnkit.heads.kvplan import RECIPE
-
-    names = [Path(p).stem for p in s["scores"]]
-    return names + list(RECIPE) if s["choose"] == "retrieval" and s["recipe"] and names else names
-
-
-def label(kv, s: dict) -> str:
-    """The name result rows carry (the same as `niah --kv-*` rows always had, so old files resume)."""
-    from attnkit.heads.kvcompare import label as kv_label
-
-    names = chosen_by(s)
-    importance = "+".join(names) if len(names) > 1 else "retrieval"
-    return kv_label(s["choose"], s["full"], kv, importance=importance)
-
-
-def report(kv, s: dict, summaries: dict) -> dict:
-    return {"cache": {"full_heads": sorted(kv.full), "sink": kv.sink, "window": kv.window, "choose": s["choose"],
-                      "full": s["full"], "prefill": kv.prefill, "head_tokens": s["head-tokens"],
-                      "chosen_by": chosen_by(s) if s["choose"] == "retrieval" else []}}
-
-
-def vllm_overrides(kv, model_config) -> dict:
-    """The `--hf-overrides` that load a Llama-architecture model in vLLM with the plugin's per-head split
-    (`heads/vllm_plugin.py`); a clear error for settings vLLM's window cannot hold."""
+    from attnkit.core.family import architecture
+    from attnkit.core.hook import HeadMask, Intervention
     from attnkit.errors import AttnkitError
-    from attnkit.heads.vllm_plugin import ARCHITECTURE, BASES, PLAN_KEY
 
-    archs = tuple(getattr(model_config, "architectures", None) or ())
-    if not set(archs) & set(BASES):
-        raise AttnkitError(f"the KV cache through vLLM runs on Llama-architecture models ({', '.join(BASES)}); "
-                           f"this one is {', '.join(archs) or 'unnamed'}")
-    if kv.sink:
-        raise AttnkitError("vLLM's sliding-window cache frees every block before the window, the first tokens "
-                           "too: it cannot keep sink tokens; give --kv-sink 0 with --engine vllm")
-    if kv.prefill != "window":
-        raise AttnkitError("vLLM's window heads attend within their window during prefill too: give --kv-prefill "
-                           "window with --engine vllm")
-    if kv.compensate or kv.budgets:
-        raise AttnkitError("the compensation token and token budgets are not in vLLM's cache: leave them off "
-                           "with --engine vllm")
-    return {"architectures": [ARCHITECTURE],
-            PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window)}}
+    arch = architecture(model_config)
+    heads = []
+    for text in s["heads"]:
+        layer, dash, head = text.partition("-")
+        if not dash or not layer.strip().isdigit() or not head.strip().isdigit():
+            raise AttnkitError(f"head-mask: heads are LAYER-HEAD, got {text!r}")
+        heads.append((int(layer), int(head)))
+    if (s["top"] or s["random"]) and not s["scores"]:
+        raise AttnkitError("head-mask: top and random choose from a score file: give scores=FILE")
+    if s["top"] < 0 or s["random"] < 0:
+        raise AttnkitError("head-mask: top and random must be >= 0")
+    if s["scores"]:
+        from attnkit.heads.ablate import excluded_heads, random_heads
+        from attnkit.heads.scores import load_scores, ranked
+
+        scores = load_scores(s["scores"])
+        heads += [(l, h) for l, h, _ in ranked(scores)[:s["top"]]]
+        if s["random"]:
+            heads += random_heads(arch.layers, arch.query_heads, s["random"], excluded_heads(scores), s["seed"])
+    if not heads:
+        raise AttnkitError("head-mask: no heads to mask: give heads=LAYER-HEAD,... or scores=FILE with top=K")
+    for layer, head in heads:
+        arch.check_head(layer, head)
+    return Intervention(HeadMask(frozenset(heads), s["mode"], s["phase"]))
 
 
-ENTRY = register(Entry("kv-cache", "the retrieval-head KV cache: full cache for chosen KV heads, sink + window "
-                       "(+ token budgets) for the rest", OPTIONS, build, finish, label, row_field="cache",
-                       report=report, vllm=vllm_overrides))
+def label(record, s: dict) -> str:
+    return f"{len(record.mask.heads)} heads masked ({record.mask.mode}, {record.mask.phase})"
+
+
+ENTRY = register(Entry("head-mask", "mask attention heads (their query zeroed, or their output): the causal test of "
+                       "retrieval heads", OPTIONS, build, label=label, row_field="mask",
+                       vllm="head masks replace attnkit's attention function inside the model; vLLM runs its own "
+                            "attention kernels"))

@@ -13,7 +13,10 @@ from attnkit.errors import AttnkitError
 
 
 def reproduce(model: str = typer.Option("smollm2-135m-instruct", help=MODEL_HELP),
-              quick: bool = typer.Option(False, "--quick", help="the small study (<= 10 min on 2 CPU cores for SmolLM2)"),
+              quick: bool = typer.Option(False, "--quick", help="the small study (<= 10 min on 2 CPU cores for "
+                                                                 "SmolLM2); the same as --profile quick"),
+              profile: str = typer.Option("full", help="study size: quick, full (24 prompts per cell), or cpu-1.5b "
+                                                       "(full, sized for a 1.5B model on 2 CPU cores)"),
               only: str = typer.Option("heads,ablate,kv,buckets,s2a", help="steps to run, comma-separated"),
               out: Path = typer.Option(Path("attnkit-reproduce"), help="results, figures and report.md / report.html"),
               data: Optional[Path] = typer.Option(None, help="folder with lost_in_the_middle/nq-open-oracle.jsonl.gz and "
@@ -45,7 +48,9 @@ def reproduce(model: str = typer.Option("smollm2-135m-instruct", help=MODEL_HELP
         raise AttnkitError(f"--data {data} is not a folder")
     if (s2a_backend is None) != (s2a_model is None):
         raise AttnkitError("give --s2a-backend and --s2a-model together")
-    settings = replace(ST.QUICK if quick else ST.FULL, chat_template=chat_template)
+    if profile not in ST.PROFILES:
+        raise AttnkitError(f"--profile must be one of {', '.join(ST.PROFILES)}, not {profile!r}")
+    settings = replace(ST.QUICK if quick else ST.PROFILES[profile], chat_template=chat_template)
     if settings_file is not None:
         settings = ST.settings_from_file(settings_file, settings)
     quiet_transformers()

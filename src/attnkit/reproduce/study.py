@@ -29,10 +29,10 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from attnkit.core.kvconfig import KV_DEFAULTS
+from attnkit.kvcache.config import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 
 STEPS = ("heads", "ablate", "kv", "buckets", "s2a")
@@ -53,7 +53,7 @@ class StudySettings:
     kv_seeds: int = 1  # random-head draws per KV budget
     kv_sink: int = KV_DEFAULTS.sink
     kv_window: int = KV_DEFAULTS.window
-    kv_importance: tuple[str, ...] = ("copy", "copy+echo+induction")  # a row per choice; see heads/kvplan.py
+    kv_importance: tuple[str, ...] = ("copy", "copy+echo+induction")  # a row per choice; see kvcache/plan.py
     kv_prefill: str = "full"  # window heads trimmed after the prompt (RazorAttention / kvpress); or "window"
     kv_compensate: bool = False
     kv_head_tokens: int = 0  # middle tokens per window head on average (token budgets; needs kv_prefill "full")
@@ -75,6 +75,12 @@ QUICK = StudySettings()  # about 10 minutes on 2 CPU cores for SmolLM2-135M; cel
 FULL = StudySettings(lengths=(512, 1024, 2048), depths=(10.0, 50.0, 90.0), needles=8, eval_needles=8,
                      single_heads=3, kv_seeds=2, buckets_depths=(10.0, 50.0, 90.0), buckets_n=4, kvr_examples=8,
                      kvr_pairs=10, mdqa_questions=50, mdqa_positions=5, s2a_examples=24, s2a_max_tokens=128)
+# a 1.5B model on 2 CPU cores (Qwen2.5-Coder-1.5B-Instruct: about 10 s per 512-token trial, 25 s per 1K):
+# the full study's 24 prompts per cell, ablation at 512 tokens, multi-document QA at 20 documents (where a
+# middle dip can show) on 24 questions at 3 positions, S2A on 100 examples with room to finish reasoning
+CPU_1_5B = replace(FULL, ablate_length=512, mdqa_docs=20, mdqa_questions=24, mdqa_positions=3,
+                   s2a_examples=100, s2a_max_tokens=320)
+PROFILES = {"quick": QUICK, "full": FULL, "cpu-1.5b": CPU_1_5B}
 
 
 def settings_from_file(path: Path, base: StudySettings) -> StudySettings:
@@ -277,9 +283,9 @@ def step_ablate(study: Study) -> dict:
 # ---------------------------------------------------------------- the retrieval-head KV cache
 
 def step_kv(study: Study) -> dict:
-    from attnkit.core.kvconfig import HeadKVConfig
+    from attnkit.kvcache.config import HeadKVConfig
     from attnkit.evals.plots import kv_tradeoff
-    from attnkit.heads.kvcompare import compare_caches
+    from attnkit.kvcache.compare import compare_caches
 
     from attnkit.heads import scores as S
     from attnkit.heads.patterns import pattern_scores

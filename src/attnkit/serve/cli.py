@@ -9,10 +9,9 @@ from typing import Optional, List
 
 import typer
 
-from attnkit.cli_common import (DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, SETTINGS, TECHNIQUE, buckets_settings, console,
-                                kv_settings, quiet_transformers, technique_choice)
+from attnkit.cli_common import (DEVICE, DEVICE_MAP, DTYPE, MODEL_HELP, SETTINGS, TECHNIQUE, console, quiet_transformers,
+                                technique_choice, technique_options)
 from attnkit.core.family import architecture
-from attnkit.core.kvconfig import KV_DEFAULTS
 from attnkit.errors import AttnkitError
 
 
@@ -44,6 +43,7 @@ def _key(env: Optional[str], what: str) -> Optional[str]:
     return value
 
 
+@technique_options("kv-cache", "buckets")
 def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + MODEL_HELP),
           upstream: Optional[str] = typer.Option(None, help="S2A proxy: the OpenAI-compatible URL to forward to"),
           s2a: str = typer.Option("s2a", help="proxy: the S2A variant applied to each request"),
@@ -60,20 +60,6 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
                                                                 "default: half the free memory at start"),
           max_body: int = typer.Option(4 << 20, help="largest request body in bytes; larger get 413"),
           max_tokens: int = typer.Option(512, help="new tokens when a request names none"),
-          bases: Optional[str] = typer.Option(None, help="answer with Attention Buckets over these RoPE bases"),
-          search: bool = typer.Option(False, help="answer with Attention Buckets over searched bases"),
-          kv_scores: Optional[List[Path]] = typer.Option(None, help="answer with the retrieval-head KV cache (score "
-                                                                    "file; repeat to combine several)"),
-          kv_choose: Optional[str] = typer.Option(None, help="KV cache: retrieval (default), random or none"),
-          kv_full: float = typer.Option(0.25, help="KV cache: fraction of KV heads with the full cache"),
-          kv_sink: int = typer.Option(KV_DEFAULTS.sink), kv_window: int = typer.Option(KV_DEFAULTS.window),
-          kv_chunk: int = typer.Option(KV_DEFAULTS.prefill_chunk),
-          kv_compensate: bool = typer.Option(False, help="KV cache: window heads keep a compensation token"),
-          kv_prefill: str = typer.Option(KV_DEFAULTS.prefill, help="KV cache: window or full (trimmed after prefill)"),
-          kv_recipe: bool = typer.Option(True, help="KV cache: combine the score files with echo and induction "
-                                                    "scores measured on the model at start-up (seconds)"),
-          kv_head_tokens: int = typer.Option(0, help="KV cache: middle tokens each window head also keeps, on "
-                                                     "average (token budgets; needs --kv-prefill full)"),
           technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
           engine: str = typer.Option("attnkit", help="attnkit (this process) or vllm (vLLM's server in its own venv; "
                                                      "plain or --technique kv-cache)"),
@@ -81,7 +67,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
                                                                "$ATTNKIT_VLLM_PYTHON; bash scripts/vllm_venv.sh builds one)"),
           vllm_arg: Optional[List[str]] = typer.Option(None, help="--engine vllm: one more argument for vLLM's "
                                                                   "server, as it is (repeat)"),
-          device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP):
+          device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP, spelled: dict = None):
     """An OpenAI-compatible server over a local model (plain, Attention Buckets or the retrieval-head KV
     cache), or an S2A proxy in front of another server."""
     import uvicorn
@@ -98,9 +84,7 @@ def serve(model: Optional[str] = typer.Option(None, help="serve this model: " + 
                            "a vLLM one included")
     api_key = _key(api_key_env, "--api-key-env")
     check_exposure(host, api_key, insecure)
-    choice = None if upstream else technique_choice(
-        technique, settings, kv_settings(kv_scores, kv_choose, kv_full, kv_sink, kv_window, kv_chunk, kv_compensate,
-                                         kv_prefill, kv_recipe, kv_head_tokens), buckets_settings(bases, search, "paper"))
+    choice = None if upstream else technique_choice(technique, settings, spelled)
     if engine == "vllm":
         return serve_vllm(model, choice, vllm_python, host, port, dtype, api_key, tuple(vllm_arg or ()))
     if upstream:
@@ -140,12 +124,9 @@ def build_engine(model: str, choice=None, device: str = "cpu", dtype: str = "aut
     """The engine `attnkit serve` runs: the model with the technique `choice` (a `core.registry.Choice`;
     None: the plain model), its settings checked before the weights load."""
     from attnkit.core import registry
-    from attnkit.core.loading import load_config, load_model
     from attnkit.serve.engine import Engine
 
     choice = choice or registry.choice(None)
-    record = choice.build(load_config(model))
     quiet_transformers()
-    mdl, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    record = choice.finish(record, mdl, tok)
+    mdl, tok, record = choice.load(model, device=device, dtype=dtype, device_map=device_map)
     return Engine(mdl, tok, record, architecture(mdl.config).max_positions, max_queue, max_batch, max_kv_bytes)

@@ -167,7 +167,7 @@ class Engine:
     def kv_bytes_for(self, tokens: int) -> int:
         """Bytes of KV cache one request of `tokens` positions holds with this technique (a technique
         that runs several model rows per request, as Attention Buckets do, holds that many caches)."""
-        from attnkit.core.kvconfig import native_kv_bytes
+        from attnkit.kvcache.config import native_kv_bytes
 
         rows = getattr(self.technique, "rows_per_request", 1)
         own = getattr(self.technique, "kv_bytes", None)

@@ -6,7 +6,7 @@ model (a pulled name, a folder, a .gguf), checks the technique before anything s
 to `python -m vllm.entrypoints.openai.api_server` in that venv. Techniques through vLLM:
 
 * plain: vLLM's own full cache (and, on Gemma 3, its own sliding-window layers);
-* `kv-cache`: the retrieval-head KV cache by `heads/vllm_plugin.py`: full heads keep vLLM's full cache,
+* `kv-cache`: the retrieval-head KV cache by `kvcache/vllm_plugin.py`: full heads keep vLLM's full cache,
   the others a sliding window in window-sized memory. vLLM's window cannot keep sink tokens and
   attends within the window during prefill, so the settings must say so: `--kv-sink 0 --kv-prefill
   window` (attnkit's own cache with the same settings decodes the same tokens);

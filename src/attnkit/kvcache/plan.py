@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from attnkit.core.family import architecture
-from attnkit.core.kvconfig import KV_DEFAULTS, HeadKVConfig
+from attnkit.kvcache.config import FULL_FRACTION, KV_DEFAULTS, HeadKVConfig
 from attnkit.errors import AttnkitError
 from attnkit.heads.scores import THRESHOLD, mean_scores
 
@@ -99,7 +99,7 @@ def budget_count(full: float | None, count: int | None, total: int) -> int:
 
 
 def choose_full_heads(scores: dict | list[dict] | None, model_config, how: Choice = "retrieval",
-                      full: float | None = 0.25, count: int | None = None, reduce: Literal["max", "mean"] = "max",
+                      full: float | None = FULL_FRACTION, count: int | None = None, reduce: Literal["max", "mean"] = "max",
                       seed: int = 0, spread: Spread = "global") -> frozenset[tuple[int, int]]:
     """The (layer, KV head) pairs that keep the full cache.
 
@@ -173,7 +173,7 @@ def budget_for_ratio(ratio: float, full_heads: int, model_config, tokens: int, s
                      window: int = KV_DEFAULTS.window) -> int:
     """The per-head token budget that brings a cache with `full_heads` full KV heads to `ratio` of the
     model's own cache at `tokens` tokens (rounded down; 0 when the full heads alone exceed it)."""
-    from attnkit.core.kvconfig import native_kv_bytes
+    from attnkit.kvcache.config import native_kv_bytes
 
     arch = architecture(model_config)
     per_token = 2 * arch.head_dim * 2  # keys and values of one KV head, 2-byte values
@@ -188,7 +188,7 @@ def budget_for_ratio(ratio: float, full_heads: int, model_config, tokens: int, s
     return max(0, min(int(per_head), max(0, tokens - kept)))
 
 
-def plan(scores: dict | list[dict] | None, model_config, how: Choice = "retrieval", full: float | None = 0.25,
+def plan(scores: dict | list[dict] | None, model_config, how: Choice = "retrieval", full: float | None = FULL_FRACTION, *,
          count: int | None = None, sink: int = KV_DEFAULTS.sink, window: int = KV_DEFAULTS.window,
          prefill_chunk: int = KV_DEFAULTS.prefill_chunk,
          reduce: Literal["max", "mean"] = "max", seed: int = 0, spread: Spread = "global",
@@ -224,43 +224,16 @@ def load_score_sets(paths) -> list[dict] | None:
     return [load_scores(p) for p in paths] or None
 
 
-def plan_from_options(model_config, scores_path, choose: str, full: float, count: int | None, sink: int,
-                      window: int, chunk: int, reduce: str = "max", seed: int = 0, spread: str = "global",
-                      compensate: bool = False, prefill_mode: str = "window", head_tokens: int = 0,
-                      split: Split = "importance") -> HeadKVConfig:
-    """A HeadKVConfig from the `kv plan` / `--kv-*` options: the score file(s) (a path, a list, or None) read here."""
-    data = load_score_sets(scores_path)
-    return plan(data, model_config, choose, full, count, sink, window, chunk, reduce, seed, spread, compensate,
-                prefill_mode, head_tokens, split)
-
-
-def cache_from_options(model_config, scores_path, choose: str | None, full: float, sink: int, window: int,
-                       chunk: int, with_buckets: bool, compensate: bool = False,
-                       prefill_mode: str = "window", head_tokens: int = 0) -> HeadKVConfig | None:
-    """The `--kv-*` options of `niah` and `serve` as a HeadKVConfig, or None when none is given; read
-    from the model's config alone, so bad options fail before any weights load."""
-    if not scores_path and choose is None:
-        return None
-    if with_buckets:
-        raise AttnkitError("the retrieval-head KV cache cannot be combined with Attention Buckets (--bases/--search)")
-    return plan_from_options(model_config, scores_path or None, choose or "retrieval", full, None, sink, window, chunk,
-                             compensate=compensate, prefill_mode=prefill_mode, head_tokens=head_tokens)
-
-
 RECIPE = ("echo", "induction")  # measured on the loaded model and combined with the given score files
 
 
-def with_recipe(kv: HeadKVConfig | None, model, tokenizer, scores_path, choose: str | None, full: float,
-                recipe: bool = True, head_tokens: int = 0) -> tuple[HeadKVConfig | None, list[str]]:
-    """The `--kv-recipe` step (on by default): the given score files combined with echo and induction
-    scores (RazorAttention's patterns, a few seconds on the loaded model), the heads chosen again; and
-    the names of what chose them, for result rows. Off, or for random/none choices: `kv` unchanged."""
-    names = [Path(p).stem for p in ([scores_path] if isinstance(scores_path, (str, Path)) else scores_path or [])]
-    if kv is None or not recipe or (choose or "retrieval") != "retrieval" or not names:
-        return kv, names
+def with_recipe(kv: HeadKVConfig, model, tokenizer, scores: list, full: float, head_tokens: int = 0) -> HeadKVConfig:
+    """The recipe (on by default): the score files `scores` combined with echo and induction scores
+    (RazorAttention's patterns, measured in a few seconds on the loaded model), the full heads chosen
+    again with `kv`'s other settings."""
     from attnkit.heads.patterns import pattern_scores
 
     echo, induction = pattern_scores(model, tokenizer)
-    sets = load_score_sets(scores_path) + [echo, induction]
-    return plan(sets, model.config, "retrieval", full, None, kv.sink, kv.window, kv.prefill_chunk,
-                compensate=kv.compensate, prefill_mode=kv.prefill, head_tokens=head_tokens), names + list(RECIPE)
+    return plan(load_score_sets(scores) + [echo, induction], model.config, "retrieval", full, sink=kv.sink,
+                window=kv.window, prefill_chunk=kv.prefill_chunk, compensate=kv.compensate,
+                prefill_mode=kv.prefill, head_tokens=head_tokens)

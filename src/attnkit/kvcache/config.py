@@ -1,6 +1,6 @@
 """What the retrieval-head KV cache keeps, and its size: a torch-free record, so that the command line
 takes its defaults from here (`KV_DEFAULTS`) without importing torch. The cache itself is
-`attnkit.core.kvcache`."""
+`attnkit.kvcache.cache`."""
 
 from __future__ import annotations
 
@@ -67,9 +67,31 @@ class HeadKVConfig:
                                    f"{arch.windows[l]}): its cache is the model's own window; choose heads of "
                                    f"the full-attention layers {arch.full_layers}")
 
+    @property
+    def shares_prefill(self) -> bool:
+        """Whether its prefill is the model's own forward pass (a full prefill), so that one prefill of a
+        prompt serves it, the full cache and every other such cache (`kvcache.fork`)."""
+        return self.prefill == "full"
+
+    @staticmethod
+    def prefill_once(model, input_ids, attention_mask=None, chunk: int | None = None, select_window: int = 64):
+        """Run the prompt rows [rows, n] once (in chunks of `chunk` tokens, None: all at once), keeping
+        what every cache that `shares_prefill` needs: each KV head's keys and values and the last
+        `select_window` queries. Returns a `kvcache.fork.SharedPrefill`; its `start(model, technique)`
+        gives each technique its cache."""
+        from attnkit.kvcache.fork import record_prefill
+
+        from attnkit.core.family import architecture
+
+        arch = architecture(model.config)
+        every = tuple(((layer, h), 1) for layer in arch.full_layers for h in range(arch.kv_heads))
+        recorder = HeadKVConfig(frozenset(), prefill="full", budgets=every, select_window=select_window,
+                                prefill_chunk=chunk or input_ids.shape[1])
+        return record_prefill(model, input_ids, attention_mask, recorder, chunk)
+
     def prepare(self, model):
         """This cache as a technique of `core.generate`: `head_kv(model, self)`."""
-        from attnkit.core.kvcache import head_kv
+        from attnkit.kvcache.cache import head_kv
         return head_kv(model, self)
 
     def describe(self) -> dict:
@@ -108,4 +130,5 @@ def native_kv_bytes(arch: Architecture, tokens: int, batch: int = 1, bytes_per_v
     return 2 * batch * arch.head_dim * bytes_per_value * kept
 
 
+FULL_FRACTION = 0.25  # the default share of KV heads that keep the full cache (the registry's `full`)
 KV_DEFAULTS = HeadKVConfig()  # sink 16, window 128, prefill chunk 2048: every option's default

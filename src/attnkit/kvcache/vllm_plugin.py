@@ -33,7 +33,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "attnkit.heads.vllm_plugin:HeadSplitLlamaForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "attnkit.kvcache.vllm_plugin:HeadSplitLlamaForCausalLM")
 
 
 def _head_letters(h: int) -> str:

@@ -11,11 +11,11 @@ import statistics
 from pathlib import Path
 
 from attnkit.core.family import architecture
-from attnkit.core.kvconfig import KV_DEFAULTS, HeadKVConfig, native_kv_bytes
+from attnkit.kvcache.config import KV_DEFAULTS, HeadKVConfig, native_kv_bytes
 from attnkit.errors import AttnkitError
 from attnkit.evals import niah as N
 from attnkit.evals.systems import System
-from attnkit.heads.kvplan import plan
+from attnkit.kvcache.plan import plan
 
 
 def label(how: str, full: float, settings: HeadKVConfig, seed: int = 0, importance: str = "retrieval",
@@ -69,7 +69,7 @@ def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
     def run(how: str, full: float, seed: int = 0, count: int | None = None, importance: str = "retrieval",
             sets=None, sized: bool = False) -> dict:
         split = "importance" if how == "retrieval" else "uniform"
-        cfg = plan(sets if sets is not None else every_file, model.config, how, full, count, seed=seed, **options,
+        cfg = plan(sets if sets is not None else every_file, model.config, how, full, count=count, seed=seed, **options,
                    head_tokens=head_tokens, split=split)
         name = label(how, full, cfg, seed, importance, count if sized else None, split if head_tokens else None)
         system = System(name, {"cache": name}, None if how == "all" else cfg)

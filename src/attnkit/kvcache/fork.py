@@ -6,11 +6,11 @@ the same for the full cache and for every such cache, whatever its full heads, s
 budgets or compensation token: only what each keeps afterwards differs. A benchmark comparing ten
 caches on 8K prompts need not run every prompt ten times.
 
-    shared = prefill_once(model, ids, mask)              # one forward over the prompt
+    shared = HeadKVConfig.prefill_once(model, ids, mask)  # one forward over the prompt
     for technique in (None, recipe_cfg, budget_cfg):     # None / PLAIN: the model's own cache
         out = generate(model, tok, ids, mask, technique, 20, prefilled=shared.start(model, technique))
 
-`prefill_once` runs the prompt into a recording cache: every full-attention layer keeps every key and
+`HeadKVConfig.prefill_once` runs the prompt into a recording cache (`record_prefill`): every full-attention layer keeps every key and
 value of every KV head (a `HeadKVCache` that never trims) and the prompt's last queries, which token
 budgets are chosen by. `SharedPrefill.start(model, technique)` builds, from copies of those tensors,
 the cache `technique` would hold after its own prefill, its prompt not yet ended, then ends it (the
@@ -29,8 +29,9 @@ import torch
 
 from attnkit.core.family import architecture
 from attnkit.core.generate import Plain, Prefilled, prefill
-from attnkit.core.kvcache import HeadKVCache, HeadKVLayer, query_heads, head_kv
-from attnkit.core.kvconfig import HeadKVConfig
+from attnkit.kvcache.attention import query_heads
+from attnkit.kvcache.cache import HeadKVCache, head_kv
+from attnkit.kvcache.layer import HeadKVLayer
 from attnkit.errors import AttnkitError
 
 
@@ -55,7 +56,7 @@ class SharedPrefill:
         "full") holds after its own prefill of this prompt, with the prompt's last logits."""
         if technique is None or isinstance(technique, Plain):
             return Prefilled(self._dynamic(model), self.logits)
-        if not isinstance(technique, HeadKVConfig):
+        if not hasattr(technique, "prefill_once"):  # not a retrieval-head cache's record
             raise AttnkitError(f"a shared prefill serves the full cache and retrieval-head caches, not "
                                f"{type(technique).__name__}")
         if technique.prefill != "full":
@@ -86,12 +87,6 @@ class SharedPrefill:
         return cache
 
 
-def can_share(technique) -> bool:
-    """Whether `technique`'s prefill is the model's own forward pass (see the module docstring)."""
-    return technique is None or isinstance(technique, Plain) or \
-        (isinstance(technique, HeadKVConfig) and technique.prefill == "full")
-
-
 def _fill(layer: HeadKVLayer, seen: HeadKVLayer, group: int) -> None:
     """`layer` as its own full prefill would leave it before the prompt's end, from the recording
     layer `seen`, which holds every KV head in its window store."""
@@ -119,18 +114,12 @@ def _fill(layer: HeadKVLayer, seen: HeadKVLayer, group: int) -> None:
 
 
 @torch.no_grad()
-def prefill_once(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 chunk: int | None = None, select_window: int = 64) -> SharedPrefill:
-    """Run the prompt rows [rows, n] once (in chunks of `chunk` tokens, None: all at once), keeping
-    what every full-prefill cache needs: each KV head's keys and values and the last `select_window`
-    queries."""
-    arch = architecture(model.config)
-    every = tuple(((layer, h), 1) for layer in arch.full_layers for h in range(arch.kv_heads))
-    config = HeadKVConfig(frozenset(), prefill="full", budgets=every, select_window=select_window,
-                          prefill_chunk=chunk or input_ids.shape[1])
+def record_prefill(model, input_ids: torch.Tensor, attention_mask, config, chunk: int | None) -> SharedPrefill:
+    """The prompt rows run into a recording cache of `config` (every KV head windowed with a token
+    budget, so it keeps every key, and the last queries; built by `HeadKVConfig.prefill_once`)."""
     device = next(model.parameters()).device
     mask = attention_mask.to(device) if attention_mask is not None else None
     with head_kv(model, config):
         cache = _Recorder(model, config)
         out = prefill(model, input_ids.to(device), mask, cache, chunk)
-    return SharedPrefill(cache, out.logits[:, -1], select_window)
+    return SharedPrefill(cache, out.logits[:, -1], config.select_window)
