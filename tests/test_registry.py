@@ -179,3 +179,33 @@ def test_the_demo_runs_a_registered_technique_beside_the_plain_model(toy, embedd
     key = lambda r: (r["length"], r["depth"])  # noqa: E731
     pairs = [(t["answer"], o["answer"]) for t, o in zip(sorted(theirs, key=key), sorted(ours, key=key))]
     assert sum(a != b for a, b in pairs) >= len(pairs) // 2  # the banned first token changes the answers
+
+
+def test_head_masks_by_name_equal_the_mask_they_spell_and_are_checked_before_loading(embedded, tmp_path):
+    """`--technique head-mask` builds the `Intervention` a user would write by hand (heads named, or a
+    score file's top heads, or random non-retrieval heads for the control); bad heads fail from the
+    config alone; through `niah` the masked model answers as the hand-built mask does."""
+    from attnkit.core.hook import HeadMask, Intervention
+    from attnkit.core.loading import load_config
+    from attnkit.heads import scores as S
+
+    config = load_config("embedded")
+    named = registry.choice("head-mask", ["heads=5-0,6-3", "mode=zero"]).build(config)
+    assert named == Intervention(HeadMask(frozenset({(5, 0), (6, 3)}), "zero", "decode"))
+    scores = {(l, h): [0.9 - 0.1 * h if l == 5 else 0.0] for l in range(8) for h in range(8)}
+    S.save_scores(scores, tmp_path / "s.json")
+    top = registry.choice("head-mask", [f"scores={tmp_path / 's.json'}", "top=3"]).build(config)
+    assert top.mask.heads == {(5, 0), (5, 1), (5, 2)}
+    control = registry.choice("head-mask", [f"scores={tmp_path / 's.json'}", "random=3", "seed=1"]).build(config)
+    assert len(control.mask.heads) == 3 and not control.mask.heads & {(5, h) for h in range(8)}
+    for bad, message in ((["heads=99-0"], "outside the model"), (["heads=5"], "LAYER-HEAD"), (["top=2"], "score file"),
+                         ([], "no heads")):
+        with pytest.raises(AttnkitError, match=message):
+            registry.choice("head-mask", bad).build(config)
+    model, tok = embedded
+    grid = N.Grid(N.load_needles("passkey"), N.load_haystack(None), [256], [50])
+    by_hand = N.compare_systems(model, tok, grid, [N.System("mask", {}, named)], None, quiet=True)["mask"]
+    r = CliRunner().invoke(app, ["niah", "--lengths", "256", "--depths", "50", "--needles", "passkey", "--json",
+                                 "--technique", "head-mask", "--set", "heads=5-0,6-3", "--set", "mode=zero"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["recalls"] == by_hand["recalls"]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from attnkit.errors import AttnkitError
 
-BUILTIN = ("attnkit.kvcache.technique", "attnkit.buckets.technique")  # their import registers the built-ins
+BUILTIN = ("attnkit.heads.technique", "attnkit.kvcache.technique", "attnkit.buckets.technique")  # their import registers the built-ins
 ENTRY_POINTS = "attnkit.techniques"
 
 
