@@ -59,6 +59,9 @@ class HeadKVCache(Cache):
     def __init__(self, model, config):  # config: a kvcache.config.HeadKVConfig
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
+        if getattr(config, "memory", 0):
+            raise AttnkitError("a memory target is planned per prompt, when it ends: run it through "
+                               "config.prepare(model) (kvcache.target), not head_kv")
         arch = architecture(model.config)
         config.check(arch)
         self._model_config = model.config

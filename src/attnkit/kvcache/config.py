@@ -25,6 +25,10 @@ class HeadKVConfig:
     # chosen once at the end of prefill by the attention of the prompt's last tokens (HeadKV / SnapKV)
     select_window: int = 64  # the prompt's last tokens whose attention chooses them (SnapKV's observation window)
     select_kernel: int = 5  # average pooling of those scores over neighbouring positions (SnapKV's kernel)
+    memory: float = 0.0  # > 0: a memory target, the fraction of the model's own cache kept at each prompt's
+    # length; the full heads and token budgets are then chosen per prompt when it ends (`resolve`)
+    memory_full: float = 0.5  # the share of that target spent on full heads (the rest: token budgets)
+    importance: tuple = ()  # ((layer, kv_head), score) of every choosable KV head: what `resolve` ranks
 
     def __post_init__(self):
         object.__setattr__(self, "full", frozenset((int(l), int(h)) for l, h in self.full))
@@ -54,6 +58,49 @@ class HeadKVConfig:
             raise AttnkitError(f"select_window must be >= 1, got {self.select_window}")
         if self.select_kernel < 1 or self.select_kernel % 2 == 0:
             raise AttnkitError(f"select_kernel must be an odd number >= 1, got {self.select_kernel}")
+        object.__setattr__(self, "importance", tuple(((int(l), int(h)), float(v)) for (l, h), v in
+                                                     (self.importance.items() if isinstance(self.importance, dict)
+                                                      else self.importance)))
+        if self.memory:
+            if not 0 < self.memory <= 1:
+                raise AttnkitError(f"the memory target is a fraction of the model's own cache in (0, 1], got {self.memory}")
+            if not 0 <= self.memory_full <= 1:
+                raise AttnkitError(f"memory_full is a share of the target in [0, 1], got {self.memory_full}")
+            if self.prefill != "full" or self.compensate:
+                raise AttnkitError("a memory target is met when the prompt ends: it needs prefill 'full' and no "
+                                   "compensation token")
+            if self.full or self.budgets:
+                raise AttnkitError("a memory target chooses the full heads and token budgets itself: give it "
+                                   "importance scores, not heads")
+            if not self.importance:
+                raise AttnkitError("a memory target ranks the KV heads by importance: it needs a score file "
+                                   "(or a pulled model's shipped scores)")
+
+    def resolve(self, arch: Architecture, tokens: int) -> "HeadKVConfig":
+        """The concrete cache that meets the memory target at `tokens` tokens: the `memory_full` share of
+        the target goes to the most important KV heads as full heads, the rest to the other heads as
+        middle tokens shared by importance (each capped at the middle tokens the prompt has), so that
+        the cache holds `memory` x the model's own cache, within one token per head (rounded down)."""
+        from dataclasses import replace
+
+        if not self.memory:
+            return self
+        native = native_kv_bytes(arch, tokens, bytes_per_value=1)
+        per_token = 2 * arch.head_dim  # one KV head, one token, one byte per value
+        heads = [k for k, _ in sorted(self.importance, key=lambda kv: (-kv[1], kv[0]))]
+        fixed = native - len(heads) * tokens * per_token  # native sliding layers stay as they are
+        target = self.memory * native - fixed  # bytes for the choosable heads
+        kept = min(tokens, self.sink + self.window - 1)
+        middle = max(0, tokens - kept)
+        n_full = min(len(heads), max(0, int(self.memory_full * target / (tokens * per_token))))
+        while n_full and n_full * tokens + (len(heads) - n_full) * kept > target / per_token:
+            n_full -= 1  # the window heads' own sink + window must fit too
+        full = heads[:n_full]
+        rest = heads[n_full:]
+        pool = int(target / per_token) - n_full * tokens - len(rest) * kept
+        weights = dict(self.importance)
+        budgets = share_tokens({h: max(0.0, weights[h]) for h in rest}, max(0, pool), cap=middle) if middle else {}
+        return replace(self, full=frozenset(full), budgets=tuple(budgets.items()), memory=0.0, importance=())
 
     def budget_of(self) -> dict[tuple[int, int], int]:
         """{(layer, kv_head): middle tokens} of the heads with a token budget."""
@@ -90,11 +137,19 @@ class HeadKVConfig:
         return record_prefill(model, input_ids, attention_mask, recorder, chunk)
 
     def prepare(self, model):
-        """This cache as a technique of `core.generate`: `head_kv(model, self)`."""
+        """This cache as a technique of `core.generate`: `head_kv(model, self)`; with a memory target,
+        `kvcache.target.target_kv` (the plan resolved per prompt)."""
+        if self.memory:
+            from attnkit.kvcache.target import target_kv
+            return target_kv(model, self)
         from attnkit.kvcache.cache import head_kv
         return head_kv(model, self)
 
     def describe(self) -> dict:
+        if self.memory:
+            return {"technique": "retrieval-head KV cache", "memory": self.memory, "memory_full": self.memory_full,
+                    "sink": self.sink, "window": self.window, "prefill": self.prefill,
+                    "select_window": self.select_window, "select_kernel": self.select_kernel}
         out = {"technique": "retrieval-head KV cache", "full_kv_heads": len(self.full), "sink": self.sink,
                "window": self.window, "compensate": self.compensate, "prefill": self.prefill}
         if self.budgets:
@@ -108,7 +163,9 @@ class HeadKVConfig:
         compensation token when `compensate`, plus its token budget where the prompt had that many
         middle tokens (counted here against `tokens`: exact for a cache just prefilled with `tokens`
         prompt tokens, at most that later); a native sliding layer keeps its window - 1, as
-        transformers' sliding layers do."""
+        transformers' sliding layers do. With a memory target: the plan it resolves to at `tokens`."""
+        if self.memory:
+            return self.resolve(arch, tokens).kv_bytes(arch, tokens, batch, bytes_per_value)
         middle = max(0, tokens - (self.sink + self.window - 1))
         kept = 0
         for layer, kind in enumerate(arch.layer_types):
@@ -128,6 +185,35 @@ def native_kv_bytes(arch: Architecture, tokens: int, batch: int = 1, bytes_per_v
     kept = sum(arch.kv_heads * (tokens if kind == "full" else min(tokens, arch.windows[l] - 1))
                for l, kind in enumerate(arch.layer_types))
     return 2 * batch * arch.head_dim * bytes_per_value * kept
+
+
+def share_tokens(weights: dict, pool: int, cap: int | None = None) -> dict:
+    """{key: tokens}: `pool` tokens shared in proportion to `weights` (all zero: evenly), none above
+    `cap` (what a capped key cannot take goes to the others); rounding gives the remainders to the
+    largest fractional parts, so the total is exact (or every key is at its cap)."""
+    keys = sorted(weights)
+    if not keys or pool <= 0:
+        return {}
+    out = dict.fromkeys(keys, 0)
+    left, open_ = pool, list(keys)
+    while left > 0 and open_:
+        w = {k: max(0.0, weights[k]) for k in open_}
+        if sum(w.values()) <= 0:
+            w = dict.fromkeys(open_, 1.0)
+        total = sum(w.values())
+        exact = {k: left * w[k] / total for k in open_}
+        give = {k: int(x) for k, x in exact.items()}
+        for k in sorted(open_, key=lambda k: (-(exact[k] - give[k]), k))[:left - sum(give.values())]:
+            give[k] += 1
+        room = {k: (cap - out[k]) if cap is not None else left for k in open_}
+        taken = {k: min(give[k], room[k]) for k in open_}
+        for k, n in taken.items():
+            out[k] += n
+        left -= sum(taken.values())
+        open_ = [k for k in open_ if cap is None or out[k] < cap]
+        if sum(taken.values()) == 0:
+            break
+    return {k: n for k, n in out.items() if n > 0}
 
 
 FULL_FRACTION = 0.25  # the default share of KV heads that keep the full cache (the registry's `full`)

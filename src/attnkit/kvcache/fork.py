@@ -35,7 +35,7 @@ from attnkit.kvcache.layer import HeadKVLayer
 from attnkit.errors import AttnkitError
 
 
-class _Recorder(HeadKVCache):
+class Recorder(HeadKVCache):
     """Every full-attention KV head windowed with a token budget (so each keeps every key and the last
     queries while the prompt runs) and a prompt that never ends: nothing is trimmed or chosen."""
 
@@ -47,7 +47,7 @@ class _Recorder(HeadKVCache):
 class SharedPrefill:
     """A prompt run once (`prefill_once`); `start` gives each technique its own cache from it."""
 
-    cache: _Recorder
+    cache: Recorder
     logits: torch.Tensor  # [rows, vocab]: the prompt's last-position logits
     select_window: int  # the most observed queries a token budget may ask for
 
@@ -59,6 +59,9 @@ class SharedPrefill:
         if not hasattr(technique, "prefill_once"):  # not a retrieval-head cache's record
             raise AttnkitError(f"a shared prefill serves the full cache and retrieval-head caches, not "
                                f"{type(technique).__name__}")
+        if getattr(technique, "memory", 0):  # a memory target: its plan at this prompt's length
+            tokens = next(layer.seen for layer in self.cache.layers if isinstance(layer, HeadKVLayer))
+            technique = technique.resolve(architecture(model.config), tokens)
         if technique.prefill != "full":
             raise AttnkitError("a shared prefill serves caches with prefill 'full': a window prefill changes "
                                "the prompt's forward pass itself")
@@ -120,6 +123,6 @@ def record_prefill(model, input_ids: torch.Tensor, attention_mask, config, chunk
     device = next(model.parameters()).device
     mask = attention_mask.to(device) if attention_mask is not None else None
     with head_kv(model, config):
-        cache = _Recorder(model, config)
+        cache = Recorder(model, config)
         out = prefill(model, input_ids.to(device), mask, cache, chunk)
     return SharedPrefill(cache, out.logits[:, -1], config.select_window)

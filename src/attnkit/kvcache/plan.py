@@ -14,11 +14,10 @@ heads picked by index order.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Literal
 
 from attnkit.core.family import architecture
-from attnkit.kvcache.config import FULL_FRACTION, KV_DEFAULTS, HeadKVConfig
+from attnkit.kvcache.config import FULL_FRACTION, KV_DEFAULTS, HeadKVConfig, share_tokens
 from attnkit.errors import AttnkitError
 from attnkit.heads.scores import THRESHOLD, mean_scores
 
@@ -158,15 +157,8 @@ def token_budgets(importance: dict[tuple[int, int], float] | None, heads: list[t
         raise AttnkitError(f"the token budget must be >= 0 tokens per head, got {per_head}")
     if not heads or per_head == 0:
         return {}
-    weights = {h: max(0.0, (importance or {}).get(h, 0.0)) for h in heads}
-    if split == "uniform" or sum(weights.values()) <= 0:
-        weights = dict.fromkeys(heads, 1.0)
-    pool, total = per_head * len(heads), sum(weights.values())
-    exact = {h: pool * w / total for h, w in weights.items()}
-    out = {h: int(x) for h, x in exact.items()}
-    for h in sorted(heads, key=lambda h: (-(exact[h] - out[h]), h))[:pool - sum(out.values())]:
-        out[h] += 1
-    return {h: n for h, n in out.items() if n > 0}
+    weights = {h: 1.0 if split == "uniform" else max(0.0, (importance or {}).get(h, 0.0)) for h in heads}
+    return share_tokens(weights, per_head * len(heads))
 
 
 def budget_for_ratio(ratio: float, full_heads: int, model_config, tokens: int, sink: int = KV_DEFAULTS.sink,
@@ -193,11 +185,25 @@ def plan(scores: dict | list[dict] | None, model_config, how: Choice = "retrieva
          prefill_chunk: int = KV_DEFAULTS.prefill_chunk,
          reduce: Literal["max", "mean"] = "max", seed: int = 0, spread: Spread = "global",
          compensate: bool = KV_DEFAULTS.compensate, prefill_mode: str = KV_DEFAULTS.prefill,
-         head_tokens: int = 0, split: Split = "importance") -> HeadKVConfig:
+         head_tokens: int = 0, split: Split = "importance", memory: float = 0.0,
+         memory_full: float = 0.5) -> HeadKVConfig:
     """A `HeadKVConfig` with heads chosen by `choose_full_heads`; with `head_tokens` (middle tokens per
     window head, on average), every other KV head of the full-attention layers gets a token budget
-    (`token_budgets`: by the same combined importance, or evenly)."""
+    (`token_budgets`: by the same combined importance, or evenly). With `memory` (a fraction of the
+    model's own cache), a memory target instead: the combined importance of every choosable KV head,
+    from which each prompt's full heads and token budgets are chosen when it ends
+    (`HeadKVConfig.resolve`); `how`, `full`, `count` and `head_tokens` do not apply."""
     HeadKVConfig(sink=sink, window=window, prefill_chunk=prefill_chunk, prefill=prefill_mode)  # validate first
+    if memory:
+        sets = _score_sets(scores)
+        if not sets:
+            raise AttnkitError("a memory target ranks the KV heads by importance: it needs a score file")
+        if head_tokens:
+            raise AttnkitError("a memory target chooses the token budgets itself: leave head_tokens at 0")
+        layers, heads, kv_heads = model_shape(model_config)
+        kv = combine(sets, layers, heads, kv_heads, reduce)
+        return HeadKVConfig(frozenset(), sink, window, prefill_chunk, compensate, prefill_mode, memory=memory,
+                            memory_full=memory_full, importance=tuple((k, kv[k]) for k in choosable(model_config)))
     if head_tokens < 0:
         raise AttnkitError(f"the token budget must be >= 0 tokens per head, got {head_tokens}")
     if head_tokens and prefill_mode != "full":
@@ -236,4 +242,4 @@ def with_recipe(kv: HeadKVConfig, model, tokenizer, scores: list, full: float, h
     echo, induction = pattern_scores(model, tokenizer)
     return plan(load_score_sets(scores) + [echo, induction], model.config, "retrieval", full, sink=kv.sink,
                 window=kv.window, prefill_chunk=kv.prefill_chunk, compensate=kv.compensate,
-                prefill_mode=kv.prefill, head_tokens=head_tokens)
+                prefill_mode=kv.prefill, head_tokens=head_tokens, memory=kv.memory, memory_full=kv.memory_full)

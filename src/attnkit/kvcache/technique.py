@@ -18,6 +18,11 @@ OPTIONS = (
     Option("prefill", str, "full", "full (every head reads the prompt, trimmed when it ends) or window"),
     Option("recipe", bool, True, "combine the score files with echo and induction scores measured on the model"),
     Option("head-tokens", int, 0, "middle tokens each window head also keeps, on average (token budgets)"),
+    Option("memory", float, 0.0, "a memory target: the fraction of the model's own cache kept at each prompt's "
+                                 "length (0: off); the full heads and token budgets are chosen per prompt, "
+                                 "full and head-tokens do not apply"),
+    Option("memory-full", float, 0.5, "with memory: the share of the target spent on full heads (the rest: "
+                                      "token budgets by importance)"),
 )
 
 
@@ -33,7 +38,7 @@ def build(model_config, s: dict):
             s["scores"] = [str(found)]  # the settings now name the file, for finish, the label and the report
     return plan(load_score_sets(s["scores"] or None), model_config, s["choose"], s["full"], sink=s["sink"],
                 window=s["window"], prefill_chunk=s["chunk"], compensate=s["compensate"], prefill_mode=s["prefill"],
-                head_tokens=s["head-tokens"])
+                head_tokens=s["head-tokens"], memory=s["memory"], memory_full=s["memory-full"])
 
 
 def finish(kv, model, tokenizer, s: dict):
@@ -61,10 +66,15 @@ def label(kv, s: dict) -> str:
 
     names = chosen_by(s)
     importance = "+".join(names) if len(names) > 1 else "retrieval"
+    if kv.memory:  # the plan is chosen per prompt: the rows name the target and how it is spent
+        return f"{importance} memory {kv.memory:g} full share {kv.memory_full:g} sink {kv.sink} window {kv.window}"
     return kv_label(s["choose"], s["full"], kv, importance=importance)
 
 
 def report(kv, s: dict, summaries: dict) -> dict:
+    if kv.memory:
+        return {"cache": {"memory": kv.memory, "memory_full": kv.memory_full, "sink": kv.sink, "window": kv.window,
+                          "prefill": kv.prefill, "chosen_by": chosen_by(s)}}
     return {"cache": {"full_heads": sorted(kv.full), "sink": kv.sink, "window": kv.window, "choose": s["choose"],
                       "full": s["full"], "prefill": kv.prefill, "head_tokens": s["head-tokens"],
                       "chosen_by": chosen_by(s) if s["choose"] == "retrieval" else []}}
@@ -86,8 +96,8 @@ def vllm_overrides(kv, model_config) -> dict:
     if kv.prefill != "window":
         raise AttnkitError("vLLM's window heads attend within their window during prefill too: give --kv-prefill "
                            "window with --engine vllm")
-    if kv.compensate or kv.budgets:
-        raise AttnkitError("the compensation token and token budgets are not in vLLM's cache: leave them off "
+    if kv.compensate or kv.budgets or kv.memory:
+        raise AttnkitError("the compensation token, token budgets and a memory target are not in vLLM's cache: leave them off "
                            "with --engine vllm")
     return {"architectures": [ARCHITECTURE],
             PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window)}}

@@ -1,0 +1,85 @@
+"""A memory target: the retrieval-head KV cache planned per prompt, when the prompt's length is known.
+
+`HeadKVConfig(memory=0.1, importance=...)` asks for a tenth of the model's own cache at whatever length
+each prompt has. With a full prefill nothing leaves the cache before the prompt ends, so the plan can
+wait until then: the prompt runs into a recording cache (every KV head kept, as `fork.record_prefill`
+keeps it), and at `end_prefill` the target is resolved at the prompt's length
+(`HeadKVConfig.resolve`: the most important heads full, token budgets for the rest) and the cache
+becomes, from copies of the recorded tensors, exactly the cache that plan's own prefill would have
+left (`fork.SharedPrefill.start`). Decoding then runs on it as on any retrieval-head cache.
+
+    with HeadKVConfig(memory=0.1, importance=imp, prefill="full").prepare(model) as session:
+        out = generate(model, tok, ids, mask, session)      # session.plans: the plan chosen per length
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from attnkit.core.family import architecture
+from attnkit.core.say import say
+from attnkit.kvcache.cache import HeadKV, head_kv
+from attnkit.kvcache.fork import Recorder, SharedPrefill
+from attnkit.kvcache.layer import HeadKVLayer
+
+
+def recording(config, arch):
+    """The recording cache's settings: every KV head of the full-attention layers holds every key and
+    the last queries until the prompt ends."""
+    from dataclasses import replace
+
+    every = tuple(((layer, h), 1) for layer in arch.full_layers for h in range(arch.kv_heads))
+    return replace(config, full=frozenset(), budgets=every, memory=0.0, importance=())
+
+
+class TargetCache(Recorder):
+    """A recording cache that, when its prompt ends, becomes the cache of the plan that meets the memory
+    target at the prompt's length (`plan` holds that plan afterwards)."""
+
+    def __init__(self, model, config, session):
+        self._model, self._target, self._session = model, config, session
+        self.plan = None
+        super().__init__(model, recording(config, architecture(model.config)))
+
+    def end_prefill(self) -> None:
+        if self.plan is not None:
+            return
+        tokens = next(layer.seen for layer in self.layers if isinstance(layer, HeadKVLayer))
+        arch = architecture(self._model.config)
+        self.plan = self._target.resolve(arch, tokens)
+        fresh = SharedPrefill(self, None, self._target.select_window).start(self._model, self.plan).cache
+        self.layers = fresh.layers
+        self._session.chose(tokens, self.plan, arch)
+
+
+class TargetKV(HeadKV):
+    """The session of a memory target: a fresh `TargetCache` per generation; `plans` records the plan
+    chosen at each prompt length it met (the first time it is met, it is also said on the log)."""
+
+    def __init__(self, model, config):
+        super().__init__(model, config)
+        self.plans: dict[int, object] = {}
+
+    def new_cache(self):
+        return TargetCache(self.model, self.config, self)
+
+    def chose(self, tokens: int, plan, arch) -> None:
+        if tokens not in self.plans:
+            self.plans[tokens] = plan
+            budget = sum(n for _, n in plan.budgets)
+            heads = arch.kv_heads * len(arch.full_layers)
+            say(f"KV cache at memory {self.config.memory:g} for {tokens} tokens: {len(plan.full)} of {heads} KV heads "
+                f"full, {budget} middle tokens over {len(plan.budgets)} others "
+                f"({plan.kv_bytes(arch, tokens) / self.config.kv_bytes(arch, tokens):.3f} of the target)")
+
+    def generate(self, **kwargs):
+        from attnkit.errors import AttnkitError
+        raise AttnkitError("a memory target is met when the prompt ends, which model.generate does not say: use "
+                           "attnkit.generate (or session.prefill, then decode)")
+
+
+@contextmanager
+def target_kv(model, config):
+    """Inside the block the model's attention understands the retrieval-head cache; yields a `TargetKV`."""
+    with head_kv(model, recording(config, architecture(model.config))):
+        yield TargetKV(model, config)
