@@ -323,3 +323,37 @@ def test_the_buckets_step_runs_multi_document_qa_with_data(tmp_path, embedded):
         mine = sorted((r for r in trials if r["system"] == system.name), key=lambda r: (r["index"], r["position"]))
         assert m["correct"][system.name] == [100.0 * r["correct"] for r in mine]
     assert "skipped" in ST.buckets_mdqa(replace(study, data=None), systems)
+
+
+def test_the_open_book_s2a_step_pairs_the_opinion_laden_prompts_and_reports_adoption(tmp_path, embedded):
+    """The S2A step in its open-book form: every question under three templates, the compared cells the
+    two opinion-laden ones (paired by example across variants), per-template adoption and truncations
+    in the summary and the report, greedy decoding named."""
+    import gzip
+
+    from attnkit.reproduce.report import s2a_section
+    from test_mdqa import _questions
+
+    model, tok = embedded
+    data = tmp_path / "data"
+    (data / "lost_in_the_middle").mkdir(parents=True)
+    (data / "gsm8k").mkdir()
+    with gzip.open(data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz", "wt") as fh:
+        for q in _questions():
+            fh.write(json.dumps({"question": q.question, "answers": q.answers,
+                                 "ctxs": [{"title": q.title, "text": q.text, "isgold": True}]}) + "\n")
+    (data / "gsm8k" / "gsm8k_validation.jsonl").write_text("".join(json.dumps(
+        {"question": f"Tom has {n} apples. He buys {n} more. How many apples does he have?",
+         "answer": f"He has {2 * n}. #### {2 * n}"}) + "\n" for n in (3, 4)))
+    settings = replace(MICRO, s2a_form="open-book", s2a_temperature=0.0, s2a_examples=2, s2a_max_tokens=8)
+    study = ST.Study("embedded", model, tok, tmp_path / "out", settings, data=data, quiet=True)
+    study.out.mkdir()
+    res = ST.step_s2a(study)
+    syc = res["sycophancy"]
+    assert res["form"] == "open-book" and res["temperature"] == 0.0 and syc["examples_run"] == 2 * 3
+    assert {len(v) for v in syc["scores"].values()} == {2 * 2}  # two questions x two opinion-laden templates
+    assert set(syc["summary"]["adoption"]["baseline"]) == {"none", "suggest-incorrect", "discourage-correct"}
+    assert syc["summary"]["variants"]["baseline"]["truncated"] >= 1  # 8 tokens cut the embedded model's answers
+    text = "\n".join(s2a_section({"result": res}))
+    assert "Greedy decoding" in text and "Open-book" in text and "suggested incorrect answer, per template" in text
+    assert "Answers cut by the token budget" in text

@@ -241,7 +241,6 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
                  plot: Optional[Path] = typer.Option(None, help="accuracy-by-position PNG"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object"), spelled: dict = None):
     """Accuracy by gold position, the model's own RoPE base vs Attention Buckets."""
-    from attnkit.buckets import BucketsConfig
     from attnkit.core.loading import rope_base
     from attnkit.evals import kv_retrieval as kv
     from attnkit.evals.systems import System
@@ -258,7 +257,8 @@ def kv_retrieval(model: str = typer.Option("embedded", help=MODEL_HELP),
     choice = technique_choice(None, None, {"buckets": given})
     mdl, tok, buckets = choice.load(model, device=device, dtype=dtype, device_map=device_map)
     base_list, combine = buckets.bases, buckets.combine
-    single = BucketsConfig([rope_base(mdl.config)], combine)
+    single = technique_choice(None, None, {"buckets": {"bases": [str(rope_base(mdl.config))], "combine": combine}}) \
+        .build(mdl.config)  # the model's own base alone, through the same registry entry
     systems = [System(name, {"bases": cfg.bases, "combine": cfg.combine}, cfg)
                for name, cfg in (("single", single), ("buckets", buckets))]
     summary = kv.evaluate_kv_retrieval(mdl, tok, exs, num_pairs, pos, systems, out=out, quiet=as_json, chat_template=chat_template)

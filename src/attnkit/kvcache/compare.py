@@ -51,8 +51,11 @@ def kv_ratio(config: HeadKVConfig, model_config, tokens: int) -> float:
 
 def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
                    settings: HeadKVConfig = KV_DEFAULTS, seeds: int = 1, out: Path | None = None,
-                   quiet: bool = False, chat_template: bool | None = None, head_tokens: int = 0) -> list[dict]:
+                   quiet: bool = False, chat_template: bool | None = None, head_tokens: int = 0,
+                   memory: tuple[float, ...] = ()) -> list[dict]:
     """One result per system: {system, importance, full, kv_ratio (at the longest length), recall, grid}.
+    With `memory` (fractions of the model's own cache), one more row per target and importance: the
+    memory target's cache, planned per prompt (system "memory", `full` holding the target).
 
     `scores` is one score dict, or {importance name: score dict or list of them (combined)}: each
     name gets its own row per budget; random heads are drawn at each distinct head count the names
@@ -78,7 +81,22 @@ def compare_caches(model, tokenizer, scores, budgets: list[float], grid: N.Grid,
                 "kv_ratio": round(kv_ratio(cfg, model.config, tokens), 4), "full_heads": len(cfg.full),
                 "recall": summary["mean_recall"], "grid": summary["grid"], "recalls": summary["recalls"]}
 
+    def run_memory(target: float, importance: str, sets) -> dict:
+        from attnkit.core.family import architecture
+
+        cfg = plan(sets, model.config, prefill_mode="full", memory=target,
+                   **{k: v for k, v in options.items() if k != "prefill_mode"})
+        name = f"{importance} memory {target:g} full share {cfg.memory_full:g} {label('none', 0, cfg)[len('all-window '):]}"
+        summary = N.compare_systems(model, tokenizer, grid, [System(name, {"cache": name}, cfg)], out, quiet,
+                                    chat_template=chat_template)[name]
+        resolved = cfg.resolve(architecture(model.config), tokens)
+        return {"system": "memory", "importance": importance, "full": target,
+                "kv_ratio": round(kv_ratio(resolved, model.config, tokens), 4), "full_heads": len(resolved.full),
+                "budget_tokens": sum(n for _, n in resolved.budgets),
+                "recall": summary["mean_recall"], "grid": summary["grid"], "recalls": summary["recalls"]}
+
     results = [run("all", 1.0), run("none", 0.0)]
+    results += [run_memory(m, name, sets) for m in memory for name, sets in sources.items()]
     for full in budgets:
         if full <= 0 or full >= 1:
             continue  # the all-window and full-cache rows already cover these budgets

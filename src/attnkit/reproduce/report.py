@@ -74,6 +74,8 @@ def ablate_claims(r: dict) -> list[dict]:
 
 
 def _kv_name(x: dict) -> str:
+    if x["system"] == "memory":
+        return f"memory target, heads by {x['importance']} ({x.get('budget_tokens', 0)} middle tokens)"
     return f"heads by {x['importance']}" if x["system"] == "retrieval" and x.get("importance") else x["system"]
 
 
@@ -288,11 +290,18 @@ def s2a_section(r: dict) -> list[str]:
     lines = ["## System 2 Attention (Weston & Sukhbaatar 2023)", ""]
     if "skipped" in res:
         return lines + [f"Not run: {res['skipped']}.", ""]
-    lines += [f"Backend: {', '.join(f'{k} {v}' for k, v in res['backend'].items())}. Sampling as in the paper "
-              "(temperature 0.6, top-p 0.9), seeded. Accuracy [Wilson 95% interval], n examples; S2A - baseline "
-              "paired by example.", ""]
+    temperature = res.get("temperature", 0.6)
+    decoding = "Greedy decoding" if temperature == 0 else \
+        f"Sampling {'as in the paper ' if temperature == 0.6 else ''}(temperature {temperature:g}, top-p 0.9), seeded"
+    lines += [f"Backend: {', '.join(f'{k} {v}' for k, v in res['backend'].items())}. {decoding}. Accuracy "
+              "[Wilson 95% interval], n examples; S2A - baseline paired by example.", ""]
+    open_book = res.get("form") == "open-book"
     differs = {"sycophancy": "Ours differs: NaturalQuestions-Open questions (not TriviaQA) in SycophancyEval's "
-                             "opinion templates, scored by answer-alias match (no GPT-4 judge).",
+                             "opinion templates, scored by answer-alias match (no GPT-4 judge)."
+                             + (" Open-book: each question comes with its gold passage, so a model that cannot "
+                                "recall the trivia can still answer it; every question is asked plainly, with an "
+                                "incorrect answer suggested and with the correct one discouraged, and the claim "
+                                "pairs the two opinion-laden forms." if open_book else ""),
                "gsm-ic": "Ours differs: GSM8K problems with one irrelevant sentence built here, in-topic and "
                          "off-topic distractors mixed, scored by the final number."}
     cs = {c["claim"]: c for c in s2a_claims(r)}
@@ -302,6 +311,17 @@ def s2a_section(r: dict) -> list[str]:
         c = cs[f"S2A beats the baseline ({task})"]
         lines += [f"### {title}", "", f"Paper: {c['paper']}; {c['source']}. {differs[task]}", ""]
         lines += _table(["claim", "ours (baseline / S2A / oracle)", ""], [[c["claim"], c["ours"], c["verdict"].markdown()]])
+        summary = t.get("summary", {})
+        if summary.get("adoption"):  # per template: accuracy and how often the answer takes the user's suggestion
+            rows = []
+            for group in summary["groups"].get("baseline", {}):
+                rows.append([group] + [f"{_est(summary['groups'][v].get(group))} / {_est(summary['adoption'][v].get(group))}"
+                                       for v in ("baseline", "s2a", "oracle") if v in summary["groups"]])
+            lines += ["", "Accuracy / answers naming the suggested incorrect answer, per template:", ""]
+            lines += _table(["template", "baseline", "S2A", "oracle"], rows)
+        cut = {v: x.get("truncated") for v, x in summary.get("variants", {}).items() if x.get("truncated") is not None}
+        if any(cut.values()):
+            lines += ["", "Answers cut by the token budget: " + ", ".join(f"{v} {n}" for v, n in cut.items()) + "."]
         lines += ["", f"Rewrites parsed: {t['parse_rate']}% (an unparsed rewrite falls back to the original prompt)."
                   + (" The model does not follow the rewrite instruction, so this is not a test of S2A on it."
                      if t["parse_rate"] < V.MIN_PARSED else ""), "", "Three S2A rewrites:", ""]
@@ -310,6 +330,10 @@ def s2a_section(r: dict) -> list[str]:
                       f"  - answer: {_one_line(ex['answer'])} (score {ex['score']})"]
         lines.append("")
     return lines
+
+
+def _est(d: dict | None) -> str:
+    return "-" if not d or d.get("mean") is None else f"{d['mean']} [{d['ci95'][0]}, {d['ci95'][1]}], n={d['n']}"
 
 
 def _one_line(text: str, limit: int = 300) -> str:

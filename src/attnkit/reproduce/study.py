@@ -57,6 +57,7 @@ class StudySettings:
     kv_prefill: str = "full"  # window heads trimmed after the prompt (RazorAttention / kvpress); or "window"
     kv_compensate: bool = False
     kv_head_tokens: int = 0  # middle tokens per window head on average (token budgets; needs kv_prefill "full")
+    kv_memory: tuple[float, ...] = ()  # memory targets (fractions of the model's cache): a row per target and importance
     buckets_length: int = 1024
     buckets_depths: tuple[float, ...] = (0.0, 50.0)
     buckets_n: int = 3
@@ -67,6 +68,9 @@ class StudySettings:
     mdqa_positions: int = 3  # gold positions from the first document to the last
     s2a_examples: int = 6
     s2a_max_tokens: int = 64
+    s2a_form: str = "closed-book"  # sycophancy: closed-book (the question alone, as the paper) or open-book (with
+    # its gold passage, every question under every template, so that a small model can answer it)
+    s2a_temperature: float = 0.6  # the paper's sampling (top-p 0.9, seeded); 0: greedy
     chat_template: bool | None = None
 
 
@@ -79,7 +83,8 @@ FULL = StudySettings(lengths=(512, 1024, 2048), depths=(10.0, 50.0, 90.0), needl
 # the full study's 24 prompts per cell, ablation at 512 tokens, multi-document QA at 20 documents (where a
 # middle dip can show) on 24 questions at 3 positions, S2A on 100 examples with room to finish reasoning
 CPU_1_5B = replace(FULL, ablate_length=512, mdqa_docs=20, mdqa_questions=24, mdqa_positions=3,
-                   s2a_examples=100, s2a_max_tokens=320)
+                   kv_memory=(0.25, 0.1), s2a_examples=100, s2a_max_tokens=320, s2a_form="open-book",
+                   s2a_temperature=0.0)
 PROFILES = {"quick": QUICK, "full": FULL, "cpu-1.5b": CPU_1_5B}
 
 
@@ -306,7 +311,7 @@ def step_kv(study: Study) -> dict:
     results = compare_caches(study.model, study.tokenizer, sources, list(st.kv_budgets),
                              study.grid(st.kv_length, st.depths), settings,
                              seeds=st.kv_seeds, out=study.out / "kv_trials.jsonl", quiet=study.quiet,
-                             chat_template=st.chat_template, head_tokens=st.kv_head_tokens)
+                             chat_template=st.chat_template, head_tokens=st.kv_head_tokens, memory=st.kv_memory)
     kv_tradeoff(results, study.out / "kv_cache.png", f"{study.model_name}: recall against KV memory "
                                                      f"({st.kv_length} tokens)")
     return {"results": results, "tokens": st.kv_length, "prefill": st.kv_prefill, "compensate": st.kv_compensate,
@@ -406,19 +411,26 @@ def step_s2a(study: Study) -> dict:
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise AttnkitError(f"--data {study.data}: missing {missing[0]}")
+    if st.s2a_form not in ("closed-book", "open-book"):
+        raise AttnkitError(f"s2a_form must be closed-book or open-book, not {st.s2a_form!r}")
     backend = study.s2a_backend or HFBackend(study.model, study.tokenizer, batch_size=8)
-    sampling = ChatSampling(max_tokens=st.s2a_max_tokens)  # the paper's temperature 0.6, top-p 0.9; seeded
-    out = {"backend": backend.identity()}
-    examples = {"sycophancy": T.sycophancy_from_nq(files["sycophancy"], st.s2a_examples, seed=0),
+    sampling = ChatSampling(temperature=st.s2a_temperature, max_tokens=st.s2a_max_tokens)  # top-p 0.9, seeded
+    out = {"backend": backend.identity(), "form": st.s2a_form, "temperature": st.s2a_temperature}
+    open_book = st.s2a_form == "open-book"
+    examples = {"sycophancy": T.sycophancy_open_book(files["sycophancy"], st.s2a_examples, seed=0) if open_book
+                else T.sycophancy_from_nq(files["sycophancy"], st.s2a_examples, seed=0),
                 "gsm-ic": T.gsm_ic_from_gsm8k(files["gsm-ic"], st.s2a_examples, seed=0)}
     for task, exs in examples.items():
         rows = evaluate_s2a(backend, T.TASKS[task], exs, ["baseline", "s2a", "oracle"],
                             study.out / f"s2a_{task}.jsonl", sampling, quiet=study.quiet)
         s2a_rows = [r for r in rows if r["variant"] == "s2a"]
-        scores = {v: [r["score"] for r in sorted((r for r in rows if r["variant"] == v), key=lambda r: str(r["example"]))]
+        # the compared cells: opinion-laden prompts only (open-book sycophancy asks each question plainly too)
+        compared = [r for r in rows if not (open_book and task == "sycophancy") or r["group"] in T.OPINIONATED]
+        scores = {v: [r["score"] for r in sorted((r for r in compared if r["variant"] == v), key=lambda r: str(r["example"]))]
                   for v in ("baseline", "s2a", "oracle")}  # per example, paired across variants by id
         out[task] = {"summary": summarize_s2a(rows, task), "scores": scores,
                      "parse_rate": round(100.0 * sum(r.get("parse_ok", True) for r in s2a_rows) / len(s2a_rows), 1),
+                     "examples_run": len(exs),
                      "examples": [{"prompt": r["prompt"], "rewrite": r.get("rewrite"), "answer": r["answer"],
                                    "score": r["score"]} for r in s2a_rows[:3]]}
     return out

@@ -39,6 +39,7 @@ class ChatSampling:
 class Completion:
     text: str
     usage: dict = field(default_factory=lambda: {"prompt": 0, "completion": 0})
+    truncated: bool = False  # the token budget ended it before the model did
 
 
 class Backend(Protocol):
@@ -82,9 +83,9 @@ class HFBackend:
             draw = Sampling(sampling.temperature, sampling.top_p, None if sampling.seed is None else sampling.seed + i)
             gen = generate(model, tok, batch["input_ids"], batch["attention_mask"], self.technique, max_new,
                            stop_rule="eos", sampling=draw)
-            for row, mask in zip(gen.ids, batch["attention_mask"]):
+            for row, mask, finish in zip(gen.ids, batch["attention_mask"], gen.finish):
                 text = tok.decode(row, skip_special_tokens=True).strip()
-                out.append(Completion(text, {"prompt": int(mask.sum()), "completion": len(row)}))
+                out.append(Completion(text, {"prompt": int(mask.sum()), "completion": len(row)}, finish == "length"))
         return out
 
 
@@ -129,7 +130,8 @@ class OpenAIBackend:
             usage = r.usage
             return Completion(r.choices[0].message.content or "",
                               {"prompt": getattr(usage, "prompt_tokens", 0) or 0,
-                               "completion": getattr(usage, "completion_tokens", 0) or 0})
+                               "completion": getattr(usage, "completion_tokens", 0) or 0},
+                              r.choices[0].finish_reason == "length")
         raise AssertionError("unreachable")
 
     def chat(self, conversations: list[list[dict]], sampling: ChatSampling) -> list[Completion]:

@@ -80,12 +80,24 @@ def summarize_s2a(rows: list[dict], task: str, metric: str = "score") -> dict:
         return {"n": est.n, "mean": None if est.mean is None else round(est.mean, 1),
                 "ci95": None if est.low is None else [round(est.low, 1), round(est.high, 1)]}
 
-    out = {"task": task, "metric": metric, "variants": {}, "groups": {}, "paper": PAPER.get(task, {})}
+    def adoption(rs):  # how often the answer repeats the suggested incorrect answer (Wilson)
+        from ..evals import stats as S
+        values = [100.0 * r["adopted"] for r in rs if r.get("adopted") is not None]
+        est = S.proportion(values)
+        return None if not values else {"n": est.n, "mean": round(est.mean, 1),
+                                        "ci95": [round(est.low, 1), round(est.high, 1)]}
+
+    out = {"task": task, "metric": metric, "variants": {}, "groups": {}, "adoption": {}, "paper": PAPER.get(task, {})}
     for v in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == v]
         out["variants"][v] = {**stats(rs), "parse_failures": sum(not r.get("parse_ok", True) for r in rs),
+                              "parse_rate": round(100.0 * sum(r.get("parse_ok", True) for r in rs) / len(rs), 1),
+                              "truncated": sum(bool(r.get("truncated")) for r in rs),
                               "tokens": sum(r["tokens"]["prompt"] + r["tokens"]["completion"] for r in rs)}
-        out["groups"][v] = {g: stats([r for r in rs if r["group"] == g]) for g in sorted({r["group"] for r in rs})}
+        groups = sorted({r["group"] for r in rs})
+        out["groups"][v] = {g: stats([r for r in rs if r["group"] == g]) for g in groups}
+        if any("adopted" in r for r in rs):
+            out["adoption"][v] = {g: adoption([r for r in rs if r["group"] == g]) for g in groups}
     return out
 
 

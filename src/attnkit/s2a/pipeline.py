@@ -25,6 +25,7 @@ class S2AResult:
     parse_ok: bool = True
     fell_back: bool = False
     tokens: dict = field(default_factory=lambda: {"prompt": 0, "completion": 0})
+    truncated: bool = False  # the answer was cut by the token budget
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,12 +91,12 @@ class S2A:
                 raise AttnkitError(f"the {v.name} variant needs a task with opinion-free prompts")
             prompts = [self._final(v.direct(t, o)) for t, o in zip(texts, oracles)]
             outs = self.backend.chat([[{"role": "user", "content": p}] for p in prompts], self.sampling)
-            return [S2AResult(v.name, p, o.text, tokens=o.usage) for p, o in zip(prompts, outs)]
+            return [S2AResult(v.name, p, o.text, tokens=o.usage, truncated=o.truncated) for p, o in zip(prompts, outs)]
 
         results = self.prepare(texts)
         finals = [r.final_prompt for r in results]
         step2 = self.backend.chat([[{"role": "user", "content": f}] for f in finals], self.sampling)
         for r, out in zip(results, step2):
-            r.answer = out.text
+            r.answer, r.truncated = out.text, out.truncated
             r.tokens = {k: r.tokens.get(k, 0) + out.usage.get(k, 0) for k in ("prompt", "completion")}
         return results
