@@ -3,13 +3,13 @@
 from attnkit.errors import AttnkitError
 
 __all__ = ["AttnkitError", "HeadKVConfig", "HeadMask", "Intervention", "Probe", "Sampling", "generate", "head_kv",
-           "intervene", "load_model", "model_info"]
+           "intervene", "load_model", "model_info", "use"]
 __version__ = "0.1.0"
 
 _LAZY = {"HeadMask": "attnkit.core.hook", "Probe": "attnkit.core.hook", "intervene": "attnkit.core.hook",
          "load_model": "attnkit.core.loading", "model_info": "attnkit.core.loading",
          "Intervention": "attnkit.core.hook", "generate": "attnkit.core.generate", "Sampling": "attnkit.core.generate",
-         "HeadKVConfig": "attnkit.kvcache.config", "head_kv": "attnkit.kvcache.cache"}
+         "HeadKVConfig": "attnkit.kvcache.config", "head_kv": "attnkit.kvcache.cache", "use": "attnkit.hf"}
 
 
 def __getattr__(name: str):

@@ -56,7 +56,7 @@ WHAT = "the retrieval-head KV cache"
 class HeadKVCache(Cache):
     """A transformers `Cache` of `HeadKVLayer`s; usable only where `head_kv(model, ...)` is active."""
 
-    def __init__(self, model, config):  # config: a kvcache.config.HeadKVConfig
+    def __init__(self, model, config, ends_prompt: bool | int = False):  # config: a kvcache.config.HeadKVConfig
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
         if getattr(config, "memory", 0):
@@ -72,10 +72,17 @@ class HeadKVCache(Cache):
                               config.select_kernel)
                   for i, kind in enumerate(arch.layer_types)]
         super().__init__(layers=layers)
+        # transformers' generate never says where the prompt ends: with `ends_prompt` the cache says it
+        # itself (what a full prefill waits for): True, at the first one-token step after a longer one;
+        # an int, once that many positions (the prompt's, padding included) are in
+        self.ends_prompt = ends_prompt
+        self._first = next((i for i, layer in enumerate(layers) if isinstance(layer, HeadKVLayer)), None)
 
     def update(self, key_states, value_states, layer_idx, *args, kwargs: dict | None = None, **_):
         if not self._model_config._attn_implementation.startswith(KV_PREFIX):
             raise AttnkitError("this KV cache works only inside attnkit's head_kv(model, ...) block")
+        if self.ends_prompt and layer_idx == self._first and self._prompt_is_in(key_states.shape[2]):
+            self.end_prefill()  # the first decoding step: the prompt before it has ended
         layer = self.layers[layer_idx]
         if isinstance(layer, HeadKVLayer):
             if kwargs is None:
@@ -83,6 +90,14 @@ class HeadKVCache(Cache):
                                    "(cache.update(..., kwargs=kwargs)), which the retrieval-head KV cache needs")
             kwargs[KV_LAYER_KWARG] = layer
         return layer.update(key_states, value_states)
+
+    def _prompt_is_in(self, new: int) -> bool:
+        held = [x for x in self.layers if isinstance(x, HeadKVLayer) and x.holding and x.seen > 0]
+        if not held:
+            return False
+        if self.ends_prompt is True:
+            return new == 1
+        return held[0].seen >= int(self.ends_prompt)
 
     def end_prefill(self) -> None:
         """The prompt has ended (`core.generate.prefill` says so): heads with token budgets choose their
@@ -106,8 +121,11 @@ class HeadKV(Session):
         super().__init__(model)
         self.config, self.prefill_chunk = config, config.prefill_chunk
 
-    def new_cache(self):
-        return HeadKVCache(self.model, self.config)
+    def new_cache(self, ends_prompt: bool | int = False):
+        """A fresh cache; `ends_prompt`: for transformers' generate, which never says where the prompt ends
+        (True: the cache ends it at the first one-token step; the prompt's length in tokens, padding
+        included: once that many are in, which a chunked prefill's one-token last chunk needs)."""
+        return HeadKVCache(self.model, self.config, ends_prompt)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None, **forward):
         """Run the prompt through the model in chunks of `prefill_chunk` tokens; returns (last output, cache)."""
@@ -117,13 +135,12 @@ class HeadKV(Session):
         return prefill(self.model, input_ids, attention_mask, cache, self.prefill_chunk, **forward), cache
 
     def generate(self, **kwargs):
-        """`model.generate` with a fresh cache of this kind and chunked prefill (window prefill only:
-        transformers' loop does not tell the cache where the prompt ends, which a full prefill needs)."""
-        if self.config.prefill == "full":
-            raise AttnkitError("a full prefill trims the cache when the prompt ends, which model.generate does not "
-                               "say: use attnkit.core.generate.generate (or session.prefill, then decode)")
+        """`model.generate` with a fresh cache of this kind and chunked prefill; a full prefill's cache ends
+        the prompt itself at the first one-token step (the tokens equal `attnkit.generate`'s, tested)."""
         kwargs.setdefault("prefill_chunk_size", self.config.prefill_chunk)
-        return self.model.generate(**cache_kwarg(self.model, self.new_cache()), **kwargs)
+        ids = kwargs.get("input_ids")
+        cache = self.new_cache(ends_prompt=ids.shape[1] if ids is not None else True)
+        return self.model.generate(**cache_kwarg(self.model, cache), **kwargs)
 
 
 @contextmanager

@@ -36,10 +36,10 @@ class TargetCache(Recorder):
     """A recording cache that, when its prompt ends, becomes the cache of the plan that meets the memory
     target at the prompt's length (`plan` holds that plan afterwards)."""
 
-    def __init__(self, model, config, session):
+    def __init__(self, model, config, session, ends_prompt: bool | int = False):
         self._model, self._target, self._session = model, config, session
         self.plan = None
-        super().__init__(model, recording(config, architecture(model.config)))
+        super().__init__(model, recording(config, architecture(model.config)), ends_prompt)
 
     def end_prefill(self) -> None:
         if self.plan is not None:
@@ -60,8 +60,8 @@ class TargetKV(HeadKV):
         super().__init__(model, config)
         self.plans: dict[int, object] = {}
 
-    def new_cache(self):
-        return TargetCache(self.model, self.config, self)
+    def new_cache(self, ends_prompt: bool | int = False):
+        return TargetCache(self.model, self.config, self, ends_prompt)
 
     def chose(self, tokens: int, plan, arch) -> None:
         if tokens not in self.plans:
@@ -72,10 +72,6 @@ class TargetKV(HeadKV):
                 f"full, {budget} middle tokens over {len(plan.budgets)} others "
                 f"({plan.kv_bytes(arch, tokens) / self.config.kv_bytes(arch, tokens):.3f} of the target)")
 
-    def generate(self, **kwargs):
-        from attnkit.errors import AttnkitError
-        raise AttnkitError("a memory target is met when the prompt ends, which model.generate does not say: use "
-                           "attnkit.generate (or session.prefill, then decode)")
 
 
 @contextmanager
