@@ -1,0 +1,80 @@
+"""attnkit as an lm-evaluation-harness model, offline: a long-context generation task read from local
+files runs through `lm_eval.simple_evaluate(model="attnkit", ...)`; the technique is active inside
+lm-eval's own generate (an all-window cache loses the needles the plain model finds), and the
+`attnkit-lm-eval` command runs lm-eval's command line with attnkit registered."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+def _task(folder, rows):
+    """A generate_until task over a local JSON-lines file (no hub): recall of a passkey in ~600 tokens."""
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "attnkit_passkey.yaml").write_text(f"""task: attnkit_passkey
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'data.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: !function metric.contains
+    aggregation: mean
+    higher_is_better: true
+""")
+    (folder / "metric.py").write_text("def contains(references, predictions):\n"
+                                      "    return float(references[0] in predictions[0])\n")
+
+
+def _rows(tok):
+    """attnkit's own NIAH prompts at 512 tokens (the embedded model's format), as text."""
+    from attnkit.evals import niah as N
+
+    build = N.PromptBuilder(tok, N.load_haystack(None))
+    rows = []
+    for i, needle in enumerate(N.load_needles("passkey")[:4]):
+        prompt = build.build(needle, 512, (25.0, 50.0, 75.0, 40.0)[i])
+        rows.append({"prompt": tok.decode(prompt.input_ids[0], skip_special_tokens=True), "answer": needle.real_needle})
+    return rows
+
+
+def test_lm_eval_runs_an_attnkit_technique_offline_and_the_technique_moves_the_score(tmp_path, embedded,
+                                                                                    monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    import attnkit.lmeval  # noqa: F401  (registers the model)
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _task(tmp_path, _rows(embedded[1]))
+    manager = TaskManager(include_path=str(tmp_path))
+
+    def run(model_args):
+        out = lm_eval.simple_evaluate(model="attnkit", model_args=model_args, tasks=["attnkit_passkey"],
+                                      task_manager=manager, batch_size=2, device="cpu", log_samples=True)
+        return out["results"]["attnkit_passkey"]["contains,none"], out["samples"]["attnkit_passkey"]
+
+    plain, plain_samples = run("model=embedded")
+    window, window_samples = run("model=embedded,technique=kv-cache,choose=none,sink=4,window=16,recipe=false")
+    assert plain >= 0.75, [s["resps"] for s in plain_samples]
+    assert window < plain, [s["resps"] for s in window_samples]  # the all-window cache is really in generate
+
+
+def test_the_lm_eval_command_takes_attnkit_and_reports_a_bad_setting_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "attnkit.lmeval", "--model", "attnkit", "--model_args",
+                        "model=embedded,technique=kv-cache,no_such_setting=1", "--tasks", "arc_easy", "--limit", "1"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 2 and "no_such_setting" in r.stderr.replace("-", "_"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
