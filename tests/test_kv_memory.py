@@ -102,3 +102,18 @@ def test_the_memory_setting_reaches_niah_through_the_registry(embedded, tmp_path
     bad = run_cli("niah", "--kv-scores", tmp_path / "s.json", "--kv-memory", "0.3", "--kv-head-tokens", "8")
     assert bad.returncode == 2 and "head_tokens" in bad.stderr
     assert registry.choice("kv-cache", ["memory=0.2"]).settings["memory"] == 0.2
+
+
+def test_the_server_keeps_the_plan_of_its_longest_context(embedded):
+    """Running requests share one cache layout, so `serve` resolves a memory target once, at the
+    model's context length, and answers with that plan."""
+    from attnkit.serve.engine import Engine
+
+    model, tok = embedded
+    arch = architecture(model.config)
+    target = HeadKVConfig(sink=4, window=32, prefill="full", memory=0.3, importance=_importance(model))
+    engine = Engine(model, tok, target, 2048)
+    try:
+        assert engine.technique == target.resolve(arch, 2048) and engine.technique.full
+    finally:
+        engine.close()

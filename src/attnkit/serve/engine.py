@@ -123,6 +123,11 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else available_memory(self.device) // 2
         self._arch = architecture(model.config)
+        if getattr(self.technique, "memory", 0):
+            # a memory target plans each prompt at its own length, but running requests share their caches'
+            # layout when they join one batch: the server keeps the plan that meets the target at its longest
+            # context (a shorter prompt keeps the same heads and budgets, a larger share of its own length)
+            self.technique = self.technique.resolve(self._arch, max_positions or 4096)
         self._value_bytes = next(model.parameters()).element_size()
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "peak_batch": 0}
