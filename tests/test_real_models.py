@@ -200,7 +200,7 @@ def test_qwen_retrieves_a_needle_and_the_kv_cache_equals_the_reference(qwen):
                                                                 prefill_chunk=32))
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-1.5b-instruct"])
 def test_every_pullable_model_ships_scores_that_choose_its_kv_heads(name):
     """`--technique kv-cache` on a pulled model needs no score file: the scores attnkit measured on it
     ship with the package, fit its shape, and choose the same heads as the file named by hand."""
