@@ -8,7 +8,7 @@ import typer
 
 from attnkit.buckets.cli import buckets_app
 from attnkit.cli_common import console
-from attnkit.core.cli import demo, info, models_app, techniques
+from attnkit.app.cli import demo, info, models_app, techniques
 from attnkit.errors import AttnkitError
 from attnkit.evals.cli import eval_app, niah
 from attnkit.heads.cli import heads_app

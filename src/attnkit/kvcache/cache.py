@@ -83,6 +83,7 @@ class HeadKVCache(Cache):
             raise AttnkitError("this KV cache works only inside attnkit's head_kv(model, ...) block")
         if self.ends_prompt and layer_idx == self._first and self._prompt_is_in(key_states.shape[2]):
             self.end_prefill()  # the first decoding step: the prompt before it has ended
+            self.ends_prompt = False  # found once: decoding steps look no more
         layer = self.layers[layer_idx]
         if isinstance(layer, HeadKVLayer):
             if kwargs is None:

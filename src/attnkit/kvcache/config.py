@@ -126,15 +126,21 @@ class HeadKVConfig:
         what every cache that `shares_prefill` needs: each KV head's keys and values and the last
         `select_window` queries. Returns a `kvcache.fork.SharedPrefill`; its `start(model, technique)`
         gives each technique its cache."""
+        from attnkit.core.family import architecture
         from attnkit.kvcache.fork import record_prefill
 
-        from attnkit.core.family import architecture
+        recorder = HeadKVConfig(select_window=select_window, prefill_chunk=chunk or input_ids.shape[1])
+        return record_prefill(model, input_ids, attention_mask, recorder.recording(architecture(model.config)), chunk)
 
-        arch = architecture(model.config)
+    def recording(self, arch: Architecture) -> "HeadKVConfig":
+        """These settings as a recording cache: every KV head of the full-attention layers windowed with a
+        token budget and a full prefill, so each keeps every key and the last queries until the prompt
+        ends (what `fork` shares and a memory target plans from)."""
+        from dataclasses import replace
+
         every = tuple(((layer, h), 1) for layer in arch.full_layers for h in range(arch.kv_heads))
-        recorder = HeadKVConfig(frozenset(), prefill="full", budgets=every, select_window=select_window,
-                                prefill_chunk=chunk or input_ids.shape[1])
-        return record_prefill(model, input_ids, attention_mask, recorder, chunk)
+        return replace(self, full=frozenset(), budgets=every, prefill="full", compensate=False, memory=0.0,
+                       importance=())
 
     def prepare(self, model):
         """This cache as a technique of `core.generate`: `head_kv(model, self)`; with a memory target,

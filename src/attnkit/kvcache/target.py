@@ -23,15 +23,6 @@ from attnkit.kvcache.fork import Recorder, SharedPrefill
 from attnkit.kvcache.layer import HeadKVLayer
 
 
-def recording(config, arch):
-    """The recording cache's settings: every KV head of the full-attention layers holds every key and
-    the last queries until the prompt ends."""
-    from dataclasses import replace
-
-    every = tuple(((layer, h), 1) for layer in arch.full_layers for h in range(arch.kv_heads))
-    return replace(config, full=frozenset(), budgets=every, memory=0.0, importance=())
-
-
 class TargetCache(Recorder):
     """A recording cache that, when its prompt ends, becomes the cache of the plan that meets the memory
     target at the prompt's length (`plan` holds that plan afterwards)."""
@@ -39,7 +30,7 @@ class TargetCache(Recorder):
     def __init__(self, model, config, session, ends_prompt: bool | int = False):
         self._model, self._target, self._session = model, config, session
         self.plan = None
-        super().__init__(model, recording(config, architecture(model.config)), ends_prompt)
+        super().__init__(model, config.recording(architecture(model.config)), ends_prompt)
 
     def end_prefill(self) -> None:
         if self.plan is not None:
@@ -77,5 +68,5 @@ class TargetKV(HeadKV):
 @contextmanager
 def target_kv(model, config):
     """Inside the block the model's attention understands the retrieval-head cache; yields a `TargetKV`."""
-    with head_kv(model, recording(config, architecture(model.config))):
+    with head_kv(model, config.recording(architecture(model.config))):
         yield TargetKV(model, config)
