@@ -3,12 +3,13 @@
     python scripts/kill_resume.py --model smollm2-135m-instruct --settings S.json --only heads,ablate,kv \
         --kills 5 --record results/kill_resume/smollm2-135m-instruct.json
 
-One uninterrupted run goes to WORK/whole; then the same command into WORK/killed is started `--kills`
-times and SIGKILLed at a moment drawn inside the clean run's working time (after start-up, 0.2 to 0.8
-of its share, the run's time over the number of kills, so that the kills together stay short of one
-run and every kill lands mid-run), and run once more to the end. The figures (every
-step's result and the report without its wall times) of the two folders must be equal. The record
-holds the kill moments, which attempts the kill caught, and the verdict.
+One uninterrupted run goes to WORK/whole and counts the units of work it prints (trials, cells) after
+its start-up; then the same command into WORK/killed is started `--kills` times, and each attempt is
+SIGKILLed after a drawn number of newly finished units plus a random part of the next one. Counting units,
+not seconds, keeps every kill mid-run on a fast, slow or loaded machine: the draws stay under the run's
+units over kills + 1, so the kills together stay short of one run. The study is then run once more to the
+end. The figures (every step's result and the report without its wall times) of the two folders must be
+equal. The record holds each kill's moment, which attempts the kill caught, and the verdict.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,34 +43,56 @@ def kill_and_resume(model: str, work: Path, settings: Path | None = None, only: 
     command = [sys.executable, "-m", "attnkit.cli", "reproduce", "--model", model, "--only", only, *extra] \
         + (["--settings", str(settings)] if settings else [])
 
-    def start(out: Path) -> subprocess.Popen:
-        return subprocess.Popen(command + ["--out", str(out)], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(out: Path) -> tuple[subprocess.Popen, threading.Event, list]:
+        """Start the study. The event is set once it prints its first step line (the model is loaded);
+        the list gathers the moment of every progress line after that (one per finished unit of work)."""
+        proc = subprocess.Popen(command + ["--out", str(out)], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        begun, units = threading.Event(), []
+
+        def watch() -> None:
+            for line in proc.stdout:
+                if line.startswith("step: ") or ": done before, kept" in line:
+                    begun.set()
+                elif begun.is_set() and not line.startswith("report: "):
+                    units.append(time.monotonic())
+            begun.set()  # ended without a step line: nothing to wait for
+
+        threading.Thread(target=watch, daemon=True).start()
+        return proc, begun, units
 
     t = time.monotonic()
-    proc = start(work / "whole")
-    while not (work / "whole").is_dir() and proc.poll() is None:
-        time.sleep(0.05)
+    proc, begun, units = start(work / "whole")
+    begun.wait()
     startup = time.monotonic() - t  # the model is loaded and the study has begun
     if proc.wait() != 0:
         raise SystemExit(f"the uninterrupted run failed (exit {proc.returncode})")
     run_s = time.monotonic() - t - startup
+    time.sleep(0.2)  # the watcher reads the last lines
+    total, unit_s = len(units), run_s / max(1, len(units))
     rng = random.Random(seed)
     attempts = []
     for _ in range(kills):
-        at = startup + rng.uniform(0.2, 0.8) * run_s / kills  # the kills together stay short of one whole run
-        proc = start(work / "killed")
+        # a kill after m more finished units and a random part of the next one; m at most the run's units
+        # over kills + 1, so that the kills together stay short of one run on any machine, loaded or not
+        m = rng.randint(1, max(1, total // (kills + 1) - 1))
+        delay = rng.uniform(0.0, 1.0) * unit_s
+        proc, begun, units = start(work / "killed")
+        begun.wait()
+        while len(units) < m and proc.poll() is None:
+            time.sleep(0.01)
         try:
-            proc.wait(timeout=at)
+            proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        attempts.append({"kill_after_s": round(at, 1), "killed": proc.returncode == -signal.SIGKILL})
+        attempts.append({"units_before_kill": m, "then_s": round(delay, 2),
+                         "killed": proc.returncode == -signal.SIGKILL})
     unfinished = not all((work / "killed" / f"{s}.json").is_file() for s in only.split(","))
-    final = start(work / "killed").wait()
+    final = start(work / "killed")[0].wait()
     same = final == 0 and figures(work / "killed") == figures(work / "whole")
     return {"command": " ".join(["attnkit"] + command[3:]), "startup_s": round(startup, 1),
-            "run_s": round(run_s, 1), "attempts": attempts, "unfinished_after_kills": unfinished,
+            "run_s": round(run_s, 1), "units": total, "attempts": attempts, "unfinished_after_kills": unfinished,
             "final_exit": final, "figures_equal": same,
             "steps_compared": sorted(figures(work / "whole")[0])}
 

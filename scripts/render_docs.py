@@ -137,10 +137,13 @@ def kill_resume(model: str = "smollm2-135m-instruct") -> str:
         raise MissingResults(f"{_rel(path)} is missing")
     r = json.loads(path.read_text())
     caught = sum(a["killed"] for a in r["attempts"])
-    moments = ", ".join(f"{a['kill_after_s']:g}" for a in r["attempts"])
+    if "kill_after_s" in r["attempts"][0]:  # a record of the earlier, time-drawn kills
+        moments = ", ".join(f"{a['kill_after_s']:g}" for a in r["attempts"]) + " s"
+    else:
+        moments = ", ".join(f"{a['units_before_kill']} units + {a['then_s']:g} s" for a in r["attempts"])
     same = "equal" if r["figures_equal"] else "**different**"
     return (f"*On {STUDY_MODELS.get(model, model)} ({r['date']}, {r['machine']}): `{r['command']}` SIGKILLed "
-            f"{caught} of {len(r['attempts'])} times (after {moments} s; one clean run takes {r['run_s']:g} s after "
+            f"{caught} of {len(r['attempts'])} times (after {moments}; one clean run takes {r['run_s']:g} s after "
             f"{r['startup_s']:g} s of start-up), then run to the end: figures of {', '.join(r['steps_compared'])} "
             f"and the report {same} to the uninterrupted run's. Record: [`{_rel(path)}`]({_rel(path)}), written by "
             f"`python scripts/kill_resume.py`.*")

@@ -213,13 +213,13 @@ def _kill_resume():
 
 
 @pytest.mark.slow
-def test_the_study_killed_at_five_random_points_ends_with_the_same_report(tmp_path):
-    """`attnkit reproduce` on the embedded model, SIGKILLed at 5 random moments and rerun each time,
+def test_the_study_killed_at_three_random_points_ends_with_the_same_report(tmp_path):
+    """`attnkit reproduce` on the embedded model, SIGKILLed at 3 random moments and rerun each time,
     writes the same figures as one uninterrupted run (scripts/kill_resume.py, which also records the
     same test on a real model). Every kill must land mid-run and leave the study unfinished."""
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps(KILL_SETTINGS))
-    outcome = _kill_resume().kill_and_resume("embedded", tmp_path, settings, "heads,ablate,kv", kills=5, seed=7)
+    outcome = _kill_resume().kill_and_resume("embedded", tmp_path, settings, "heads,ablate,kv", kills=3, seed=7)
     assert all(a["killed"] for a in outcome["attempts"]), outcome["attempts"]
     assert outcome["unfinished_after_kills"] and outcome["final_exit"] == 0
     assert outcome["figures_equal"]
