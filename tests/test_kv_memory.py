@@ -117,3 +117,19 @@ def test_the_server_keeps_the_plan_of_its_longest_context(embedded):
         assert engine.technique == target.resolve(arch, 2048) and engine.technique.full
     finally:
         engine.close()
+
+
+def test_a_memory_target_shares_one_prefill_with_the_full_cache(embedded):
+    """Its token budgets are chosen when the prompt ends, by the prompt's last queries: a shared prefill
+    keeps them for it, and its answers equal its own prefill's."""
+    from attnkit.evals import ruler as R
+    from attnkit.evals.systems import System
+
+    model, tok = embedded
+    target = HeadKVConfig(sink=4, window=16, prefill="full", memory=0.3, importance=_importance(model))
+    assert target.observed_queries == target.select_window and HeadKVConfig().observed_queries == 0
+    systems = [System("full cache", {}), System("memory 0.3", {}, target)]
+    args = (model, tok, ["niah_multikey_1"], [384], 2, systems)
+    shared = R.evaluate_ruler(*args, quiet=True, share_prefill=True)
+    alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False)
+    assert [r["answer"] for r in shared] == [r["answer"] for r in alone]

@@ -5,6 +5,7 @@ lm-eval's own generate (an all-window cache loses the needles the plain model fi
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,3 +79,38 @@ def test_the_lm_eval_command_takes_attnkit_and_reports_a_bad_setting_in_one_line
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 2 and "no_such_setting" in r.stderr.replace("-", "_"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_lm_evals_own_ruler_builds_offline_from_local_essays(tmp_path):
+    """`offline_ruler(essays=DIR)`: lm-eval's RULER needle tasks build with no Hub and no nltk download,
+    sized by the attnkit model's own tokenizer, the haystack made of DIR's essays and nothing else; an
+    essay task without a folder stops with one line."""
+    pytest.importorskip("wonderwords")
+    import random
+
+    from attnkit.core.loading import load_model
+    from attnkit.errors import AttnkitError
+    from attnkit.lmeval import offline_ruler
+
+    essays = tmp_path / "essays"
+    essays.mkdir()
+    for i in range(3):
+        (essays / f"{i}.txt").write_text(" ".join(f"Zebra number {i} grazes near river bend {j}." for j in range(900)))
+    _, tok = load_model("embedded")
+    offline_ruler(essays, samples=2)
+    from lm_eval.tasks import TaskManager
+
+    random.seed(0)
+    tasks = TaskManager(metadata={"model": "embedded", "max_seq_lengths": [2048]})
+    docs = list(tasks.load(["niah_single_2"])["tasks"]["niah_single_2"].test_docs())
+    assert len(docs) == 2
+    ours = set(" ".join(f.read_text() for f in essays.glob("*.txt")).split())
+    for doc in docs:
+        haystack = doc["input"].split("\n")[1]
+        assert f"is: {doc['outputs'][0]}." in haystack
+        rest = re.sub(r"One of the special magic numbers for [\w-]+ is: \d+\.", " ", haystack)
+        assert set(rest.split()) <= ours  # every other word is an essay's
+        assert 1024 < len(tok(doc["input"])["input_ids"]) + 128 <= 2048  # sized by attnkit's tokenizer
+    offline_ruler(None)
+    with pytest.raises(AttnkitError, match="essay haystack comes from the Hugging Face Hub"):
+        tasks.load(["niah_single_2"])

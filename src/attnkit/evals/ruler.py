@@ -313,7 +313,7 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     share = shareable and len(systems) > 1 if share_prefill is None else share_prefill
     if runs_prefill is None:  # only the model as it is: nothing to share
         share = False
-    select = max([s.technique.select_window for s in systems if getattr(s.technique, "budgets", ())] or [1])
+    select = max([getattr(s.technique, "observed_queries", 0) for s in systems] + [1])
     examples: dict = {}
     prefilled: dict = {}  # the current prompt's shared prefill (one at a time)
 

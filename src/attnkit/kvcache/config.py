@@ -120,6 +120,12 @@ class HeadKVConfig:
         prompt serves it, the full cache and every other such cache (`kvcache.fork`)."""
         return self.prefill == "full"
 
+    @property
+    def observed_queries(self) -> int:
+        """How many of the prompt's last queries a shared prefill must keep for this cache: its token
+        budgets (given, or chosen by a memory target) are chosen by them; 0 when it has none."""
+        return self.select_window if self.budgets or self.memory else 0
+
     @staticmethod
     def prefill_once(model, input_ids, attention_mask=None, chunk: int | None = None, select_window: int = 64):
         """Run the prompt rows [rows, n] once (in chunks of `chunk` tokens, None: all at once), keeping
