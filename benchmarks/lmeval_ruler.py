@@ -102,7 +102,10 @@ def attnkit_answer(model, tok, technique, context: str) -> str:
     return tok.decode(out.ids[0], skip_special_tokens=True)
 
 
-def summary(trials: list[dict], tasks: list[str], names: list[str]) -> list[dict]:
+def summary(trials: list[dict], tasks: list[str], names: list[str], prompt_tokens) -> list[dict]:
+    """Per (way, task, system): the mean score with its interval and n, seconds per answer and the mean
+    prompt length in tokens (`prompt_tokens(row)`); per (task, system): lm-eval's answers against attnkit's
+    loop on the same prompts."""
     rows = []
     for task in tasks:
         for name in names:
@@ -114,8 +117,10 @@ def summary(trials: list[dict], tasks: list[str], names: list[str]) -> list[dict
                     est = stats.bootstrap_mean([r["score"] for r in got])
                     by_way[way] = got
                     spent = [r["seconds"] for r in got if r.get("seconds") is not None]
+                    lengths = [prompt_tokens(r) for r in got]
                     rows.append({"kind": "score", "way": way, "task": task, "system": name, **est.as_dict(),
-                                 "seconds_per_answer": round(sum(spent) / len(spent), 2) if spent else None})
+                                 "seconds_per_answer": round(sum(spent) / len(spent), 2) if spent else None,
+                                 "prompt_tokens": round(sum(lengths) / len(lengths))})
             a, b = by_way.get(WAYS[0], []), {r["index"]: r for r in by_way.get(WAYS[1], [])}
             pairs = [(r, b[r["index"]]) for r in a if r["index"] in b]
             if pairs:
@@ -157,10 +162,16 @@ def main() -> None:
     offline_ruler(args.essays, samples=args.samples)
     model, tok = load_model(args.model, device=args.device)
     compared = systems(args.model, args.memory, model.config)
-    records = {name: registry.choice(t, s).build(model.config) if t else None for name, t, s in compared}
+    records = {}
+    for name, t, s in compared:  # as lm-eval's AttnkitLM gets it: built, then finished on the loaded model
+        choice = registry.choice(t, s)
+        records[name] = choice.finish(choice.build(model.config), model, tok) if t else None
+    described = {name: {"set": s, **({"cache": records[name].describe(),
+                                      "importance": digest(list(records[name].importance))} if t else {})}
+                 for name, t, s in compared}
     essays = " ".join(essay_words(args.essays))
     settings = {**model_identity(model), "length": args.length, "samples": args.samples, "tasks": tasks,
-                "systems": {name: s for name, _, s in compared}, "essays": digest(essays)}
+                "systems": described, "essays": digest(essays)}
     tag = f"{args.model}_{args.length // 1024}k"
     trials = Trials(args.trials or RESULTS / f"lmeval_ruler_{tag}_cpu_trials.jsonl", settings)
     args.record = args.record or str(RESULTS / f"lmeval_ruler_{tag}_cpu.jsonl")
@@ -185,14 +196,26 @@ def main() -> None:
 
     own = trials.path.with_name(trials.path.stem + "_attnkit.jsonl")
     rows = R.evaluate_ruler(model, tok, tasks, [args.length - ANSWER_TOKENS], args.samples,
-                            [System(name, {"system": name}, records[name]) for name, _, _ in compared],
+                            [System(name, {"system": name, **described[name]}, records[name]) for name, _, _ in compared],
                             out=own, chat_template=False, essays=essays, quiet=False)
     own_rows = [{"way": WAYS[2], "task": r["task"], "system": r["system"], "index": r["index"],
                  "answer": r["answer"], "score": r["score"]} for r in rows]
 
     record = Record(args, "lmeval_ruler", {"settings": settings, "trials": _shown(trials.path),
                                            "attnkit_trials": _shown(own)})
-    for row in summary(trials.rows + own_rows, tasks, [n for n, _, _ in compared]):
+    from attnkit.core.generate import encode_prompts
+
+    def prompt_tokens(row: dict) -> int:
+        if "context" in row:  # lm-eval's prompt, tokenized as its HFLM does
+            return len(tok(row["context"], add_special_tokens=False)["input_ids"])
+        if row["way"] == WAYS[1]:
+            context = next(r["context"] for r in trials.rows if r["way"] == WAYS[0] and r["task"] == row["task"]
+                           and r["system"] == row["system"] and r["index"] == row["index"])
+            return len(tok(context, add_special_tokens=False)["input_ids"])
+        example = R.make_example(row["task"], tok, args.length - ANSWER_TOKENS, row["index"], essays)
+        return encode_prompts(tok, [example.prompt(False)], False)[0].shape[1]
+
+    for row in summary(trials.rows + own_rows, tasks, [n for n, _, _ in compared], prompt_tokens):
         record.emit(row)
 
 

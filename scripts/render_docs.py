@@ -551,6 +551,33 @@ def bench_startup() -> str:
                      + ["", f"Target (< 0.5 s): **{met}**."])
 
 
+def bench_lmeval_ruler(model: str = "smollm2-135m-instruct", variant: str = "_2k") -> str:
+    """RULER needles three ways (lm-eval, attnkit's loop on lm-eval's prompts, attnkit eval ruler) per task
+    and system, with the answers of the first two compared one by one."""
+    path = RESULTS / "benchmarks" / f"lmeval_ruler_{model}{variant}_cpu.jsonl"
+    head, rows = read_jsonl(path)
+    ways = ("lm-eval", "attnkit on lm-eval's prompts", "attnkit eval ruler")
+    scores = {(r["task"], r["system"], r["way"]): r for r in rows if r["kind"] == "score"}
+    agree = {(r["task"], r["system"]): r for r in rows if r["kind"] == "agreement"}
+    body = []
+    for task, system in dict.fromkeys((r["task"], r["system"]) for r in rows if r["kind"] == "score"):
+        a = agree.get((task, system))
+        cells = [_est(scores.get((task, system, w))) for w in ways]
+        tokens = " / ".join(str(scores[(task, system, w)].get("prompt_tokens", "?")) if (task, system, w) in scores
+                            else "n/a" for w in (ways[0], ways[2]))
+        body.append([f"`{task}`", system, *cells, f"{a['equal_answers']} / {a['n']}" if a else "n/a", tokens])
+    settings = head["settings"]
+    trials = head["trials"]
+    return "\n".join(_table(["task", "system", "lm-eval (its prompts, its scoring)", "attnkit's loop on lm-eval's prompts",
+                             "`attnkit eval ruler` (its own prompts)", "equal answers (first two)",
+                             "prompt tokens (lm-eval / attnkit)"], body)
+                     + ["", f"*Mean RULER score (0-100) with 95% bootstrap interval and n, at lm-eval's max_seq_length "
+                            f"{settings['length']} (prompt + 128 answer tokens; attnkit's own prompts at "
+                            f"{settings['length'] - 128} tokens), without the chat template, {settings['samples']} "
+                            f"prompts per task. Answers: [`{trials}`]({trials}) and [`{head['attnkit_trials']}`]"
+                            f"({head['attnkit_trials']}).*", "", provenance(head, path)])
+
+
 def bench_model_load() -> str:
     path = RESULTS / "benchmarks" / "model_load_real_cpu.jsonl"
     head, rows = read_jsonl(path)
@@ -605,6 +632,7 @@ BLOCKS = {
     "bench-serve-robustness": bench_serve_robustness,
     "bench-serve-vllm": bench_serve_vllm,
     "bench-startup": bench_startup,
+    "bench-lmeval-ruler-smollm2": bench_lmeval_ruler,
 }
 
 
