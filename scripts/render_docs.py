@@ -568,6 +568,11 @@ def bench_lmeval_ruler(model: str = "smollm2-135m-instruct", variant: str = "_2k
         body.append([f"`{task}`", system, *cells, f"{a['equal_answers']} / {a['n']}" if a else "n/a", tokens])
     settings = head["settings"]
     trials = head["trials"]
+    lm = [json.loads(x) for x in (ROOT / trials).read_text().splitlines()[1:] if '"way": "lm-eval"' in x]
+    late = sum(r["score"] > 0 and not any(a.lower() in r["answer"].strip().split("\n")[0].lower() for a in r["answers"])
+               for r in lm)
+    same = sum(a["equal_answers"] for a in agree.values())
+    pairs = sum(a["n"] for a in agree.values())
     return "\n".join(_table(["task", "system", "lm-eval (its prompts, its scoring)", "attnkit's loop on lm-eval's prompts",
                              "`attnkit eval ruler` (its own prompts)", "equal answers (first two)",
                              "prompt tokens (lm-eval / attnkit)"], body)
@@ -575,7 +580,10 @@ def bench_lmeval_ruler(model: str = "smollm2-135m-instruct", variant: str = "_2k
                             f"{settings['length']} (prompt + 128 answer tokens; attnkit's own prompts at "
                             f"{settings['length'] - 128} tokens), without the chat template, {settings['samples']} "
                             f"prompts per task. Answers: [`{trials}`]({trials}) and [`{head['attnkit_trials']}`]"
-                            f"({head['attnkit_trials']}).*", "", provenance(head, path)])
+                            f"({head['attnkit_trials']}).*", "",
+                       f"lm-eval's answers and attnkit's loop on the same prompts: **{same} of {pairs} equal**. "
+                       f"lm-eval's answers credited only after their first line break (where `attnkit eval ruler` "
+                       f"would stop reading): {late} of {len(lm)}.", "", provenance(head, path)])
 
 
 def bench_model_load() -> str:
