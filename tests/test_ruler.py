@@ -121,7 +121,7 @@ def test_one_prefill_per_prompt_gives_the_answers_of_one_prefill_per_system(embe
                System("two heads full", {}, HeadKVConfig(frozenset(heads[:2]), sink=4, window=16, prefill="full")),
                System("budgets", {}, HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full",
                                                   budgets=budgets))]
-    args = (model, tok, ["niah_single_1", "niah_multikey_1"], [512], 2, systems)
+    args = (model, tok, ["niah_multikey_1"], [512], 2, systems)
     shared = R.evaluate_ruler(*args, quiet=True)  # several shareable systems: shared by default
     alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False)
     assert [r["answer"] for r in shared] == [r["answer"] for r in alone]
