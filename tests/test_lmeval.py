@@ -81,27 +81,29 @@ def test_the_lm_eval_command_takes_attnkit_and_reports_a_bad_setting_in_one_line
     assert "Traceback" not in r.stderr
 
 
-def test_lm_evals_own_ruler_builds_offline_from_local_essays(tmp_path):
+def test_lm_evals_own_ruler_runs_offline_on_a_pulled_model_and_equals_attnkits_loop(tmp_path, smollm2):
     """`offline_ruler(essays=DIR)`: lm-eval's RULER needle tasks build with no Hub and no nltk download,
-    sized by the attnkit model's own tokenizer, the haystack made of DIR's essays and nothing else; an
-    essay task without a folder stops with one line."""
+    sized by the pulled model's own tokenizer, the haystack made of DIR's essays and nothing else; lm-eval
+    then runs them with attnkit's KV cache at a memory target, and its answers equal attnkit's own loop
+    on the same prompts with the same cache. An essay task without a folder stops with one line."""
     pytest.importorskip("wonderwords")
     import random
 
-    from attnkit.core.loading import load_model
+    from attnkit.core import registry
+    from attnkit.core.generate import generate
     from attnkit.errors import AttnkitError
     from attnkit.lmeval import offline_ruler
 
+    model, tok = smollm2
     essays = tmp_path / "essays"
     essays.mkdir()
     for i in range(3):
         (essays / f"{i}.txt").write_text(" ".join(f"Zebra number {i} grazes near river bend {j}." for j in range(900)))
-    _, tok = load_model("embedded")
     offline_ruler(essays, samples=2)
     from lm_eval.tasks import TaskManager
 
     random.seed(0)
-    tasks = TaskManager(metadata={"model": "embedded", "max_seq_lengths": [2048]})
+    tasks = TaskManager(metadata={"model": "smollm2-135m-instruct", "max_seq_lengths": [2048]})
     docs = list(tasks.load(["niah_single_2"])["tasks"]["niah_single_2"].test_docs())
     assert len(docs) == 2
     ours = set(" ".join(f.read_text() for f in essays.glob("*.txt")).split())
@@ -111,6 +113,18 @@ def test_lm_evals_own_ruler_builds_offline_from_local_essays(tmp_path):
         rest = re.sub(r"One of the special magic numbers for [\w-]+ is: \d+\.", " ", haystack)
         assert set(rest.split()) <= ours  # every other word is an essay's
         assert 1024 < len(tok(doc["input"])["input_ids"]) + 128 <= 2048  # sized by attnkit's tokenizer
+
+    import attnkit.lmeval  # noqa: F401  (registers the model)
+
+    out = lm_eval.simple_evaluate(model="attnkit", model_args="model=smollm2-135m-instruct,technique=kv-cache,memory=0.25",
+                                  tasks=["niah_single_2"], task_manager=tasks, batch_size=1, device="cpu",
+                                  log_samples=True, bootstrap_iters=0)
+    choice = registry.choice("kv-cache", ["memory=0.25"])
+    record = choice.finish(choice.build(model.config), model, tok)  # what lm-eval's backend holds
+    for sample in out["samples"]["niah_single_2"]:
+        ids = tok(sample["arguments"][0][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        mine = tok.decode(generate(model, tok, ids, None, record, 128, stop_rule="eos").ids[0], skip_special_tokens=True)
+        assert sample["resps"][0][0].strip() == mine.strip() and any(c.isdigit() for c in mine), mine
     offline_ruler(None)
     with pytest.raises(AttnkitError, match="essay haystack comes from the Hugging Face Hub"):
         tasks.load(["niah_single_2"])
