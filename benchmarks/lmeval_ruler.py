@@ -21,55 +21,30 @@ system:
 3. **`attnkit eval ruler`**: attnkit's RULER generator at lm-eval's prompt length (`--length` minus 128),
    without the chat template as lm-eval runs by default; its answers end at the first line break.
 
-Every answer goes to --trials as it finishes (lm-eval's in one block per task and system); a rerun resumes
-and refuses a file written with other settings. The record holds per (way, task, system) the mean score
-with its 95% bootstrap interval and n, and per task and system how many answers of 1 and 2 are equal.
+Every answer goes to --trials as it finishes (lm-eval's in one block per task and system), through the
+evaluations' own `ResultFile` (locked, resumed, other settings refused). The record holds per (way,
+task, system) the mean score with its 95% bootstrap interval and n, and per task and system how many
+answers of 1 and 2 are equal.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from _common import RESULTS, Record, add_record_option
 
-from attnkit.errors import AttnkitError
 from attnkit.evals import stats
 
 ANSWER_TOKENS = 128  # lm-eval's RULER generation budget, and what its max_seq_lengths include
 WAYS = ("lm-eval", "attnkit on lm-eval's prompts", "attnkit eval ruler")
 
 
-def systems(model_name: str, memory: float, config) -> list[tuple[str, str | None, list[str]]]:
+def systems(memory: float) -> list[tuple[str, str | None, list[str]]]:
     """(name, technique, settings) of every compared system."""
     return [("full cache", None, []), (f"kv-cache memory={memory:g}", "kv-cache", [f"memory={memory:g}"])]
-
-
-class Trials:
-    """The trials file: a settings line, then one JSON row per answer; resumes and refuses other settings."""
-
-    def __init__(self, path: Path, settings: dict):
-        self.path, self.rows = path, []
-        if path.is_file() and path.stat().st_size:
-            lines = path.read_text().splitlines()
-            if json.loads(lines[0]).get("settings") != settings:
-                raise AttnkitError(f"{path} was written with other settings; give another --trials")
-            self.rows = [json.loads(x) for x in lines[1:] if x.strip()]
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"settings": settings}) + "\n")
-
-    def has(self, **key) -> bool:
-        return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
-
-    def add(self, rows: list[dict]) -> None:
-        with self.path.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        self.rows += rows
 
 
 def lm_eval_block(model_name: str, technique, settings, task: str, args, tokenizer_dir: str) -> list[dict]:
@@ -152,16 +127,14 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     from attnkit.core import registry
-    from attnkit.core.loading import load_model, model_identity, resolve_spec
-    from attnkit.evals import ruler as R
-    from attnkit.evals.runner import digest
-    from attnkit.evals.systems import System
+    from attnkit.core.loading import load_model, model_identity
+    from attnkit.evals.runner import ResultFile, digest
     from attnkit.lmeval import essay_words, offline_ruler
 
     tasks = args.tasks.split(",")
     offline_ruler(args.essays, samples=args.samples)
     model, tok = load_model(args.model, device=args.device)
-    compared = systems(args.model, args.memory, model.config)
+    compared = systems(args.memory)
     records = {}
     for name, t, s in compared:  # as lm-eval's AttnkitLM gets it: built, then finished on the loaded model
         choice = registry.choice(t, s)
@@ -173,49 +146,66 @@ def main() -> None:
     settings = {**model_identity(model), "length": args.length, "samples": args.samples, "tasks": tasks,
                 "systems": described, "essays": digest(essays)}
     tag = f"{args.model}_{args.length // 1024}k"
-    trials = Trials(args.trials or RESULTS / f"lmeval_ruler_{tag}_cpu_trials.jsonl", settings)
     args.record = args.record or str(RESULTS / f"lmeval_ruler_{tag}_cpu.jsonl")
+    with ResultFile(args.trials or RESULTS / f"lmeval_ruler_{tag}_cpu_trials.jsonl", settings) as trials:
+        measure(args, model, tok, tasks, compared, records, essays, settings, trials)
+
+
+def measure(args, model, tok, tasks, compared, records, essays, settings, trials) -> None:
+    """The three ways for every task and system, answers appended to `trials` (a `ResultFile`) as they
+    finish; then the record."""
+    from attnkit.core.generate import encode_prompts
+    from attnkit.core.loading import resolve_spec
+    from attnkit.evals import ruler as R
+    from attnkit.evals.systems import System
+
+    def has(**key) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in trials.done)
+
+    def add(rows: list[dict]) -> None:
+        for r in rows:
+            trials.append(r)
+        trials.done += rows
 
     for task in tasks:
         for name, technique, s in compared:
-            if not trials.has(way=WAYS[0], task=task, system=name):
+            if not has(way=WAYS[0], task=task, system=name):
                 t = time.time()
                 got = lm_eval_block(args.model, technique, s, task, args, str(resolve_spec(args.model)))
                 each = round((time.time() - t) / len(got), 2)  # the block's time over its answers (prompt building included)
-                trials.add([{"way": WAYS[0], "task": task, "system": name, **r, "seconds": each} for r in got])
+                add([{"way": WAYS[0], "task": task, "system": name, **r, "seconds": each} for r in got])
                 print(f"lm-eval {task} {name}: {sum(r['score'] for r in got) / len(got):.1f} (n={len(got)})", flush=True)
-            lm_rows = [r for r in trials.rows if r["way"] == WAYS[0] and r["task"] == task and r["system"] == name]
+            lm_rows = [r for r in trials.done if r["way"] == WAYS[0] and r["task"] == task and r["system"] == name]
             for r in lm_rows:
-                if trials.has(way=WAYS[1], task=task, system=name, index=r["index"]):
+                if has(way=WAYS[1], task=task, system=name, index=r["index"]):
                     continue
                 t = time.time()
                 text = attnkit_answer(model, tok, records[name], r["context"])
                 score = 100.0 * sum(a.lower() in text.strip().lower() for a in r["answers"]) / len(r["answers"])
-                trials.add([{"way": WAYS[1], "task": task, "system": name, "index": r["index"], "answers": r["answers"],
-                             "answer": text, "score": score, "seconds": round(time.time() - t, 2)}])
+                add([{"way": WAYS[1], "task": task, "system": name, "index": r["index"], "answers": r["answers"],
+                      "answer": text, "score": score, "seconds": round(time.time() - t, 2)}])
 
     own = trials.path.with_name(trials.path.stem + "_attnkit.jsonl")
     rows = R.evaluate_ruler(model, tok, tasks, [args.length - ANSWER_TOKENS], args.samples,
-                            [System(name, {"system": name, **described[name]}, records[name]) for name, _, _ in compared],
+                            [System(name, {"system": name, **settings["systems"][name]}, records[name]) for name, _, _ in compared],
                             out=own, chat_template=False, essays=essays, quiet=False)
     own_rows = [{"way": WAYS[2], "task": r["task"], "system": r["system"], "index": r["index"],
                  "answer": r["answer"], "score": r["score"]} for r in rows]
 
     record = Record(args, "lmeval_ruler", {"settings": settings, "trials": _shown(trials.path),
                                            "attnkit_trials": _shown(own)})
-    from attnkit.core.generate import encode_prompts
 
     def prompt_tokens(row: dict) -> int:
         if "context" in row:  # lm-eval's prompt, tokenized as its HFLM does
             return len(tok(row["context"], add_special_tokens=False)["input_ids"])
         if row["way"] == WAYS[1]:
-            context = next(r["context"] for r in trials.rows if r["way"] == WAYS[0] and r["task"] == row["task"]
+            context = next(r["context"] for r in trials.done if r["way"] == WAYS[0] and r["task"] == row["task"]
                            and r["system"] == row["system"] and r["index"] == row["index"])
             return len(tok(context, add_special_tokens=False)["input_ids"])
         example = R.make_example(row["task"], tok, args.length - ANSWER_TOKENS, row["index"], essays)
         return encode_prompts(tok, [example.prompt(False)], False)[0].shape[1]
 
-    for row in summary(trials.rows + own_rows, tasks, [n for n, _, _ in compared], prompt_tokens):
+    for row in summary(trials.done + own_rows, tasks, [n for n, _, _ in compared], prompt_tokens):
         record.emit(row)
 
 
