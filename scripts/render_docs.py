@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 DOCS = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")))  # pages with blocks
 LINK = re.compile(r"(\]\()(?!https?:|mailto:|#|/)([^)\s]+)\)")
-STUDY_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}
+STUDY_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M",
+                "qwen2.5-coder-1.5b-instruct": "Qwen2.5-Coder-1.5B-Instruct"}
 BLOCK = re.compile(r"(<!-- begin: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -121,12 +122,16 @@ def study_verdicts() -> str:
 
 
 def study_time() -> str:
+    from attnkit.reproduce.study import STEPS
     parts = []
     for model, label in STUDY_MODELS.items():
         results, folder = _study(model)
         run = next(iter(results.values())).get("run", {})
         minutes = sum(r["seconds"] for r in results.values()) / 60
-        parts.append(f"{label} {minutes:.0f} min ({run.get('machine', 'machine not recorded')}, {run.get('date', '')})")
+        missing = [s for s in STEPS if s not in results]
+        so_far = f"; steps not yet run: {', '.join(missing)}" if missing else ""
+        parts.append(f"{label} {minutes:.0f} min ({run.get('machine', 'machine not recorded')}, "
+                     f"{run.get('date', '')}{so_far})")
     return ("*Full study wall time, the sum over steps of the run that finished each (a resumed step counts "
             "its last run only, the trials it reused cost nothing then): " + "; ".join(parts) + ".*")
 
