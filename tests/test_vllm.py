@@ -23,7 +23,7 @@ from attnkit.kvcache.config import HeadKVConfig
 from attnkit.core.registry import choice
 from attnkit.errors import AttnkitError
 from attnkit.kvcache.technique import vllm_overrides
-from attnkit.kvcache.vllm_plugin import ARCHITECTURE, PLAN_KEY, _head_letters
+from attnkit.kvcache.vllm_plugin import ARCHITECTURE, ARCHITECTURES, PLAN_KEY, head_letters
 from attnkit.serve import vllm
 from conftest import result_lines, tiny_config
 
@@ -36,25 +36,30 @@ needs_vllm = pytest.mark.skipif(not Path(VLLM_PYTHON).is_file(),
 def test_the_plan_in_vllm_form_and_what_it_refuses():
     config = tiny_config("llama")
     config.architectures = ["LlamaForCausalLM"]
-    kv = HeadKVConfig(frozenset({(2, 1), (0, 0)}), sink=0, window=32, prefill="window")
+    kv = HeadKVConfig(frozenset({(2, 1), (0, 0)}), sink=16, window=32, prefill="window")
     found = vllm_overrides(kv, config)
-    assert found == {"architectures": [ARCHITECTURE], PLAN_KEY: {"full": [[0, 0], [2, 1]], "window": 32}}
+    assert found == {"architectures": [ARCHITECTURE], PLAN_KEY: {"full": [[0, 0], [2, 1]], "window": 32, "sink": 16}}
     json.dumps(found)  # travels as --hf-overrides
-    refused = {"sink tokens": HeadKVConfig(kv.full, sink=16, window=32, prefill="window"),
-               "--kv-prefill window": HeadKVConfig(kv.full, sink=0, window=32, prefill="full"),
-               "compensation": HeadKVConfig(kv.full, sink=0, window=32, prefill="window", compensate=True),
-               "token budgets": HeadKVConfig(kv.full, sink=0, window=32, prefill="full", budgets={(1, 0): 8})}
+    refused = {"--kv-prefill window": HeadKVConfig(kv.full, sink=16, window=32, prefill="full"),
+               "compensation": HeadKVConfig(kv.full, sink=16, window=32, prefill="window", compensate=True),
+               "token budgets": HeadKVConfig(kv.full, sink=16, window=32, prefill="full", budgets={(1, 0): 8})}
     for why, cfg in refused.items():
         with pytest.raises(AttnkitError, match="vLLM"):
             vllm_overrides(cfg, config)
-    qwen = tiny_config("qwen2")
-    qwen.architectures = ["Qwen2ForCausalLM"]
-    with pytest.raises(AttnkitError, match="Llama-architecture.*Qwen2ForCausalLM"):
-        vllm_overrides(kv, qwen)
+    for family, arch in (("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("mistral", "MistralForCausalLM")):
+        other = tiny_config(family)
+        other.architectures = [arch]
+        assert vllm_overrides(kv, other)["architectures"] == [ARCHITECTURES[arch]]
+    gemma = tiny_config("gemma3")
+    gemma.architectures = ["Gemma3ForCausalLM"]
+    with pytest.raises(AttnkitError, match="LlamaForCausalLM.*Qwen2ForCausalLM.*this one is Gemma3ForCausalLM"):
+        vllm_overrides(kv, gemma)
+    argv = vllm.command("/py", Path("m"), "m", "h", 1, overrides=found)
+    assert "--no-enable-prefix-caching" in argv  # the sink blocks cannot come from another request's cache
 
 
 def test_vllm_reads_one_integer_from_every_split_layer_name():
-    names = [_head_letters(h) for h in range(800)]  # vLLM takes a layer's index from the one integer in its name
+    names = [head_letters(h) for h in range(800)]  # vLLM takes a layer's index from the one integer in its name
     assert len(set(names)) == 800
     assert all(re.findall(r"\d+", f"model.layers.17.self_attn.attn_{n}") == ["17"] for n in names)
 
@@ -175,21 +180,24 @@ def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
 @needs_vllm
 @pytest.mark.slow
 def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
-    """vLLM with the per-head split against attnkit's HF cache with the same plan (no sink, window
-    prefill), greedy in float32, on a prompt of about 900 tokens (the window is 64)."""
+    """vLLM with the per-head split against attnkit's HF cache with the same plan (16 sink tokens, a
+    window of 64, window prefill), greedy in float32, on a prompt of about 900 tokens: the window heads'
+    middle blocks freed, their sink blocks kept and read."""
     from attnkit.core.generate import generate
     from attnkit.evals import niah as N
 
     model, tok = smollm2
     full = sorted({(layer, 0) for layer in range(0, 30, 2)} | {(5, 2), (23, 1)})
-    flags = ["--kv-choose", "random", "--kv-sink", "0", "--kv-window", "64", "--kv-prefill", "window"]
-    kv = HeadKVConfig(frozenset(full), sink=0, window=64, prefill="window")
+    flags = ["--kv-choose", "random", "--kv-sink", "16", "--kv-window", "64", "--kv-prefill", "window"]
+    kv = HeadKVConfig(frozenset(full), sink=16, window=64, prefill="window")
+    no_sink = HeadKVConfig(frozenset(full), sink=0, window=64, prefill="window")
     builder = N.prompt_builder("clean", tok, N.load_haystack(None), True, 900)
     needle = N.passkey_needles()[0]
     ids = builder.build(needle, 900, 50).input_ids
     want = generate(model, tok, ids, None, kv, 24, stop_rule="eos").ids[0]
     plain = generate(model, tok, ids, None, None, 24, stop_rule="eos").ids[0]
-    assert want != plain, "the window heads change nothing here: the comparison could not fail"
+    without = generate(model, tok, ids, None, no_sink, 24, stop_rule="eos").ids[0]
+    assert want != plain and want != without, "the sinks or the window change nothing here: the test could not fail"
     scores = tmp_path / "scores.json"  # the plan's full heads as a score file: exactly those are chosen
     scores.write_text(json.dumps({f"{layer}-{q}": [1.0 if (layer, q // 3) in full else 0.0]
                                   for layer in range(30) for q in range(9)}))  # 9 query heads, 3 per KV head

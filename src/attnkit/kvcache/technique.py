@@ -81,26 +81,25 @@ def report(kv, s: dict, summaries: dict) -> dict:
 
 
 def vllm_overrides(kv, model_config) -> dict:
-    """The `--hf-overrides` that load a Llama-architecture model in vLLM with the plugin's per-head split
-    (`kvcache/vllm_plugin.py`); a clear error for settings vLLM's window cannot hold."""
+    """The `--hf-overrides` that load the model in vLLM with the plugin's per-KV-head split
+    (`kvcache/vllm_plugin.py`): full heads, sink + window heads; a clear error for what vLLM's cache
+    does not hold."""
     from attnkit.errors import AttnkitError
-    from attnkit.kvcache.vllm_plugin import ARCHITECTURE, BASES, PLAN_KEY
+    from attnkit.kvcache.vllm_plugin import ARCHITECTURES, PLAN_KEY
 
     archs = tuple(getattr(model_config, "architectures", None) or ())
-    if not set(archs) & set(BASES):
-        raise AttnkitError(f"the KV cache through vLLM runs on Llama-architecture models ({', '.join(BASES)}); "
+    base = next((a for a in archs if a in ARCHITECTURES), None)
+    if base is None:
+        raise AttnkitError(f"the KV cache through vLLM runs on {', '.join(ARCHITECTURES)} models; "
                            f"this one is {', '.join(archs) or 'unnamed'}")
-    if kv.sink:
-        raise AttnkitError("vLLM's sliding-window cache frees every block before the window, the first tokens "
-                           "too: it cannot keep sink tokens; give --kv-sink 0 with --engine vllm")
     if kv.prefill != "window":
-        raise AttnkitError("vLLM's window heads attend within their window during prefill too: give --kv-prefill "
-                           "window with --engine vllm")
+        raise AttnkitError("vLLM frees a window head's blocks as its prefill moves on, so its window heads attend "
+                           "within sink + window during prefill too: give --kv-prefill window with --engine vllm")
     if kv.compensate or kv.budgets or kv.memory:
-        raise AttnkitError("the compensation token, token budgets and a memory target are not in vLLM's cache: leave them off "
-                           "with --engine vllm")
-    return {"architectures": [ARCHITECTURE],
-            PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window)}}
+        raise AttnkitError("the compensation token, token budgets and a memory target are not in vLLM's cache: "
+                           "leave them off with --engine vllm")
+    return {"architectures": [ARCHITECTURES[base]],
+            PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window), "sink": int(kv.sink)}}
 
 
 ENTRY = register(Entry("kv-cache", "the retrieval-head KV cache: full cache for chosen KV heads, sink + window "

@@ -7,9 +7,10 @@ to `python -m vllm.entrypoints.openai.api_server` in that venv. Techniques throu
 
 * plain: vLLM's own full cache (and, on Gemma 3, its own sliding-window layers);
 * `kv-cache`: the retrieval-head KV cache by `kvcache/vllm_plugin.py`: full heads keep vLLM's full cache,
-  the others a sliding window in window-sized memory. vLLM's window cannot keep sink tokens and
-  attends within the window during prefill, so the settings must say so: `--kv-sink 0 --kv-prefill
-  window` (attnkit's own cache with the same settings decodes the same tokens);
+  the others sink + window (attnkit's cache spec and block manager: sink blocks and window blocks held,
+  the blocks between them freed). vLLM frees those blocks as a prompt's prefill moves on, so window heads
+  attend within sink + window during prefill too: `--kv-prefill window` (attnkit's own cache with the same
+  settings decodes the same tokens). Prefix caching is turned off for it;
 * Attention Buckets: not through vLLM. A request needs one model row per RoPE base, every row its own
   rotary base, and their next-token logits combined before sampling; vLLM applies one rotary embedding
   per layer to every sequence and samples each sequence on its own.
@@ -23,6 +24,7 @@ import subprocess
 from pathlib import Path
 
 from attnkit.errors import AttnkitError
+from attnkit.kvcache.vllm_plugin import PLAN_KEY
 
 PYTHON_ENV = "ATTNKIT_VLLM_PYTHON"
 BUILD_HINT = "bash scripts/vllm_venv.sh (in attnkit's source tree) builds one"
@@ -79,6 +81,8 @@ def command(python: str, model_path: Path, name: str, host: str, port: int, dtyp
         argv += ["--max-model-len", str(max_model_len)]
     if overrides:
         argv += ["--hf-overrides", json.dumps(overrides)]
+        if (overrides.get(PLAN_KEY) or {}).get("sink") and "--enable-prefix-caching" not in extra:
+            argv += ["--no-enable-prefix-caching"]  # a sink + window head's cache hits would need its sink blocks
     return argv + list(extra)
 
 
