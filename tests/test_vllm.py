@@ -113,10 +113,10 @@ def _port() -> int:
 class VLLMServer:
     """`attnkit serve --engine vllm ...` in a process of its own, until /health answers."""
 
-    def __init__(self, tmp: Path, *flags: str):
+    def __init__(self, tmp: Path, *flags: str, model: str = "smollm2-135m-instruct"):
         self.port, self.log = _port(), tmp / f"vllm_{len(flags)}.log"
         cmd = [sys.executable, "-m", "attnkit.cli", "serve", "--engine", "vllm", "--vllm-python", VLLM_PYTHON,
-               "--model", "smollm2-135m-instruct", "--port", str(self.port), "--dtype", "float32",
+               "--model", model, "--port", str(self.port), "--dtype", "float32",
                "--vllm-arg=--enforce-eager", "--vllm-arg=--max-model-len=2048", *flags]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
         self.process = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -213,3 +213,51 @@ def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
         server.stop()
     assert "AttnkitHeadSplitLlama" in log
     assert got == want, (tok.decode(got), tok.decode(want))
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_plugin_splits_a_qwen2_model_and_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
+    """A small random Qwen2 (biased q/k/v projections, 2 query heads per KV head) saved as a model folder:
+    vLLM with the plugin (8 sink tokens, a window of 32) against attnkit's HF cache, greedy in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from attnkit.core.generate import generate
+    from attnkit.core.loading import load_model
+
+    _, tok = smollm2
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # decisive next tokens: a float32 difference in the last digits cannot flip them
+        model.lm_head.weight.mul_(50)
+    folder = tmp_path / "tiny-qwen2"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model, tok = load_model(str(folder), dtype="float32")
+    full = [(0, 1), (1, 0)]
+    kv = HeadKVConfig(frozenset(full), sink=8, window=32, prefill="window")
+    ids = torch.randint(100, len(tok) - 100, (1, 300), generator=torch.Generator().manual_seed(1))
+    want = generate(model, tok, ids, None, kv, 16, stop_rule="eos").ids[0]
+    plain = generate(model, tok, ids, None, None, 16, stop_rule="eos").ids[0]
+    without = generate(model, tok, ids, None, HeadKVConfig(frozenset(full), sink=0, window=32, prefill="window"),
+                       16, stop_rule="eos").ids[0]
+    assert want != plain and want != without, "the sinks or the window change nothing here: the test could not fail"
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({f"{layer}-{q}": [1.0 if (layer, q // 2) in full else 0.0]
+                                  for layer in range(2) for q in range(4)}))
+    server = VLLMServer(tmp_path, "--kv-scores", str(scores), "--kv-full", "0.5", "--no-kv-recipe", "--kv-sink", "8",
+                        "--kv-window", "32", "--kv-prefill", "window", model=str(folder))
+    try:
+        r = httpx.post(server.url + "/completions", json={"model": "tiny-qwen2", "prompt": ids[0].tolist(),
+                                                           "max_tokens": 16, "temperature": 0,
+                                                           "return_token_ids": True}, timeout=300)
+        got = r.json()["choices"][0]["token_ids"]
+        log = server.log.read_text()
+    finally:
+        server.stop()
+    assert "AttnkitHeadSplitQwen2" in log
+    assert got == want, (got, want)
