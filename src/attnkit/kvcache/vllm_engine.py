@@ -131,9 +131,12 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
         table = attn_metadata.block_table
         heads, kv_heads = self.num_heads, self.num_kv_heads
         group = heads // kv_heads
+        one = [i for i in range(len(lengths)) if starts[i + 1] - starts[i] == 1]
+        if one:  # decoding requests together: each reads sink + window keys, gathered in one go
+            self._decode(query, keys, values, table, starts, lengths, one, output)
         for i, length in enumerate(lengths):
             a, b = starts[i], starts[i + 1]
-            if b <= a:
+            if b - a <= 1:
                 continue
             first = length - (b - a)  # position of the request's first query in this step
             for c0 in range(first, length, QUERY_CHUNK):
@@ -151,6 +154,26 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
                 out = torch.einsum("hgqk,khd->qhgd", weights, v)
                 output[a + c0 - first:a + c1 - first] = out.reshape(c1 - c0, heads, -1).to(output.dtype)
         return output
+
+    def _decode(self, query, keys, values, table, starts, lengths, rows, output) -> None:
+        """One query per request in `rows`: keys at positions [0, sink) and (p - window, p], where p
+        is the request's last position; positions past p or below 0 masked."""
+        size = keys.shape[2]
+        at = torch.tensor([starts[i] for i in rows])
+        last = torch.tensor([lengths[i] - 1 for i in rows])[:, None]  # [R, 1]
+        pos = torch.cat([torch.arange(self.sink).expand(len(rows), -1),
+                         last - self.sliding_window + 1 + torch.arange(self.sliding_window)], dim=1)  # [R, P]
+        seen = (pos >= 0) & (pos <= last) & ((pos < self.sink) | (pos > last - self.sliding_window))
+        seen[:, self.sink:] &= pos[:, self.sink:] >= self.sink  # a window position inside the sink: read once
+        pos = pos.clamp(0)
+        blocks = table[torch.tensor(rows)[:, None], pos // size].long()
+        k = keys[blocks, :, pos % size].float()  # [R, P, kv heads, dim]
+        v = values[blocks, :, pos % size].float()
+        q = query[at].float().view(len(rows), self.num_kv_heads, self.num_heads // self.num_kv_heads, -1)
+        logits = torch.einsum("rhgd,rphd->rhgp", q, k) * self.scale
+        weights = logits.masked_fill(~seen[:, None, None], float("-inf")).softmax(-1)
+        out = torch.einsum("rhgp,rphd->rhgd", weights, v)
+        output[at] = out.reshape(len(rows), self.num_heads, -1).to(output.dtype)
 
 
 class SinkWindowBackend(CPUAttentionBackend):
