@@ -5,14 +5,17 @@ same plan in attnkit's HF cache, on the same prompts (the same token ids for eve
     python benchmarks/vllm_kv.py --model smollm2-135m-instruct --length 4096
 
 The plan: the full-cache KV heads by copy + echo + induction scores (the recipe), as many as fit
---target of the model's own cache at --length, the other heads a --window token window without sink
-tokens and attending within the window in prefill (the form vLLM's sliding window holds; attnkit's
-default keeps 16 sink tokens, also run here on the same heads). Both vLLM servers start with the same
-KV memory (VLLM_CPU_KVCACHE_SPACE); the rows carry vLLM's own figures from its start-up log (KV cache
-tokens, maximum concurrency at --length tokens per request) and their ratio, recall on the number
-needles (6 needles x depths, ROUGE-1 recall as attnkit's NIAH scores it, bootstrap 95%), and how many
-prompts vLLM with the plugin decodes token for token as attnkit's HF cache with the same plan does
-(greedy, float32).
+--target of the model's own cache at --length with 16 sink tokens, the other heads a --window token
+window attending within sink + window in prefill too (what vLLM's cache can hold: it frees a window head's
+blocks as the prefill moves on). Two routes in vLLM: the plugin's sink + window heads (`--kv-sink 16`, the
+default) and vLLM's own sliding window without sinks (`--kv-sink 0`); attnkit's HF cache runs both, and
+its default full prefill too (window heads reading the whole prompt, trimmed after it), to show what the
+window prefill costs. Every vLLM server starts with the same KV memory (VLLM_CPU_KVCACHE_SPACE) and block
+size; the rows carry vLLM's own figures from its start-up log (KV cache tokens, maximum concurrency at
+--length tokens per request) and their ratio, recall on the number needles (6 needles x depths, ROUGE-1
+recall as attnkit's NIAH scores it, bootstrap 95%), how many prompts vLLM decodes token for token as
+attnkit's HF cache with the same plan does (greedy, float32), and, under load (--clients), requests and
+generated tokens per second with that many clients sending the long prompts at once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -33,7 +38,7 @@ from kv_vs_kvpress import answer_of, count_for, prompts_for
 
 from attnkit.core.decode import eos_ids
 from attnkit.core.generate import Stopper, generate
-from attnkit.core.loading import load_model, resolve_spec
+from attnkit.core.loading import load_config, load_model, resolve_spec
 from attnkit.evals import niah as N
 from attnkit.evals import stats
 from attnkit.kvcache.plan import choosable, plan
@@ -50,8 +55,10 @@ def start_vllm(python: str, path: Path, overrides: dict | None, chunk: int, args
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = vllm.command(python, path, "model", "127.0.0.1", port, "float32", overrides, args.length + args.max_new_tokens,
-                        ("--max-num-batched-tokens", str(chunk), "--max-num-seqs", "64"))
+    longest = args.length + max(args.max_new_tokens, args.load_new_tokens) + 64
+    argv = vllm.command(python, path, "model", "127.0.0.1", port, "float32", overrides, longest,
+                        ("--max-num-batched-tokens", str(chunk), "--max-num-seqs", "64",
+                         "--block-size", str(args.block_size)))
     env = {**vllm.environment(None), "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
     fh = open(log, "w")
     server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -65,24 +72,40 @@ def start_vllm(python: str, path: Path, overrides: dict | None, chunk: int, args
     return server, base, figures
 
 
-def ask_vllm(base: str, ids: list[int], max_new: int) -> list[int]:
-    body = {"model": "model", "prompt": ids, "max_tokens": max_new, "temperature": 0, "return_token_ids": True}
-    r = httpx.post(base + "/v1/completions", json=body, timeout=600)
+def ask_vllm(base: str, ids: list[int], max_new: int, ignore_eos: bool = False) -> list[int]:
+    body = {"model": "model", "prompt": ids, "max_tokens": max_new, "temperature": 0, "return_token_ids": True,
+            "ignore_eos": ignore_eos}
+    r = httpx.post(base + "/v1/completions", json=body, timeout=3600)
     r.raise_for_status()
     return list(r.json()["choices"][0]["token_ids"])
+
+
+def load(base: str, prompts: list[dict], clients: int, new_tokens: int) -> dict:
+    """`clients` requests at once, each a long prompt (cycled) generating `new_tokens` tokens."""
+    jobs = [prompts[i % len(prompts)]["input_ids"] for i in range(clients)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        outs = list(pool.map(lambda ids: ask_vllm(base, ids, new_tokens, ignore_eos=True), jobs))
+    wall = time.perf_counter() - t
+    return {"clients": clients, "requests": len(jobs), "wall_s": round(wall, 1), "req_per_s": round(len(jobs) / wall, 3),
+            "gen_tok_per_s": round(sum(map(len, outs)) / wall, 2)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--depths", default="25,75")
+    ap.add_argument("--depths", default="10,35,65,90")
     ap.add_argument("--target", type=float, default=0.30, help="KV memory of the plan, a fraction of the full cache")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--scores", type=Path, default=None, help="copy scores (default: the study's for the model)")
     ap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of both vLLM servers")
-    ap.add_argument("--batched-tokens", default="512,256", help="vLLM's --max-num-batched-tokens (its prefill chunk, "
-                    "which a window head's blocks must also hold): a plugin row per value")
+    ap.add_argument("--batched-tokens", type=int, default=256, help="vLLM's --max-num-batched-tokens (its prefill "
+                    "chunk, which a window head's blocks must also hold)")
+    ap.add_argument("--block-size", type=int, default=32, help="vLLM's KV block size (a sink takes whole blocks)")
+    ap.add_argument("--sink", type=int, default=16)
+    ap.add_argument("--clients", default="8,32", help="load rows: this many clients at once (empty: none)")
+    ap.add_argument("--load-new-tokens", type=int, default=128, help="tokens each load request generates")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     ap.add_argument("--start-timeout", type=float, default=600)
@@ -99,34 +122,37 @@ def main():
         echo, induction = load_scores(folder / "echo.json"), load_scores(folder / "induction.json")
     else:
         echo, induction = pattern_scores(model, tok)
-    n = count_for(model.config, args.target, args.length, 0, args.window)
-    kv0 = plan([copy, echo, induction], model.config, "retrieval", count=n, sink=0, window=args.window,
-               prefill_chunk=2048, prefill_mode="window")
-    kv16 = plan([copy, echo, induction], model.config, "retrieval", count=n, sink=16, window=args.window,
-                prefill_chunk=2048, prefill_mode="window")
-    overrides = vllm_overrides(kv0, model.config)
+    n = count_for(model.config, args.target, args.length, args.sink, args.window)
+    kv = {sink: plan([copy, echo, induction], model.config, "retrieval", count=n, sink=sink, window=args.window,
+                     prefill_chunk=2048, prefill_mode=mode) for sink, mode in ((0, "window"), (args.sink, "window"))}
+    kv_full_prefill = plan([copy, echo, induction], model.config, "retrieval", count=n, sink=args.sink,
+                           window=args.window, prefill_chunk=2048, prefill_mode="full")
+    assert kv[0].full == kv[args.sink].full == kv_full_prefill.full
 
     chat = N.use_chat_template(tok, None)
     haystack = N.load_haystack(None)
     prompts = prompts_for(tok, "number", args.length, [float(d) for d in args.depths.split(",")], haystack, chat)
     stopper = Stopper(tok, eos_ids(model, tok), "clean")
-    rec = Record(args, "vllm_kv", {"length": args.length, "target": args.target, "window": args.window,
-                                   "full_heads": len(kv0.full), "kv_heads": len(choosable(model.config)),
-                                   "kv_gib": args.kv_gib, "batched_tokens": args.batched_tokens, "max_new_tokens": args.max_new_tokens,
-                                   "prompts": len(prompts), "vllm": subprocess.run(
+    rec = Record(args, "vllm_kv", {"length": args.length, "target": args.target, "window": args.window, "sink": args.sink,
+                                   "full_heads": len(kv[0].full), "kv_heads": len(choosable(model.config)),
+                                   "kv_gib": args.kv_gib, "batched_tokens": args.batched_tokens,
+                                   "block_size": args.block_size, "max_new_tokens": args.max_new_tokens,
+                                   "load_new_tokens": args.load_new_tokens, "prompts": len(prompts), "vllm": subprocess.run(
                                        [python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                        text=True).stdout.strip()})
 
     logs = HERE / ".vllm-logs"  # vLLM's start-up logs (the rows carry its figures) and attnkit's answers
     logs.mkdir(exist_ok=True)
-    key = hashlib.sha1(json.dumps([args.model, args.max_new_tokens, sorted(kv0.full), kv0.window,
+    key = hashlib.sha1(json.dumps([args.model, args.max_new_tokens, sorted(kv[0].full), args.window,
                                    [q["id"] for q in prompts]]).encode()).hexdigest()[:12]
     done = logs / f"attnkit_{key}.jsonl"  # one line per finished (system, prompt): a rerun resumes
     outputs: dict[str, list[list[int]]] = {}
     finished = {(d["system"], d["prompt"]): d["ids"] for d in map(json.loads, done.read_text().splitlines())} \
         if done.is_file() else {}
-    for name, technique in (("attnkit full cache", None), ("attnkit plan, no sink", kv0),
-                            ("attnkit plan, 16 sink tokens", kv16)):
+    sink_name = f"{args.sink} sink tokens"
+    hf = (("attnkit full cache", None), ("attnkit plan, no sink", kv[0]), (f"attnkit plan, {sink_name}", kv[args.sink]),
+          (f"attnkit plan, {sink_name}, full prefill", kv_full_prefill))
+    for name, technique in hf:
         for q in prompts:
             if (name, q["id"]) not in finished:
                 ids = generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
@@ -135,16 +161,26 @@ def main():
                 with done.open("a") as fh:
                     fh.write(json.dumps({"system": name, "prompt": q["id"], "ids": ids}) + "\n")
         outputs[name] = [finished[(name, q["id"])] for q in prompts]
+        print(f"{name}: done", flush=True)
     del model
-    figures = {}
-    chunks = [int(x) for x in args.batched_tokens.split(",")]
-    servers = [("vLLM full cache", None, chunks[0])] + [(f"vLLM + attnkit plugin, plan, prefill chunk {c}", overrides, c)
-                                                        for c in chunks]
-    for name, ov, chunk in servers:
-        server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, chunk, args,
-                                                 logs / f"{'plugin' if ov else 'full'}_{chunk}.log")
+    figures, loads = {}, {}
+    servers = [("vLLM full cache", None, "attnkit full cache"),
+               ("vLLM + attnkit plugin, no sink (vLLM's window)", vllm_overrides(kv[0], load_config(args.model)),
+                "attnkit plan, no sink"),
+               (f"vLLM + attnkit plugin, {sink_name}", vllm_overrides(kv[args.sink], load_config(args.model)),
+                f"attnkit plan, {sink_name}")]
+    same_as = {}
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    for name, ov, same in servers:
+        server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args.batched_tokens, args,
+                                                 logs / f"{name.split(',')[0].replace(' ', '_')}_{args.sink if ov else 0}.log")
         try:
             outputs[name] = [ask_vllm(base, q["input_ids"], args.max_new_tokens) for q in prompts]
+            same_as[name] = same
+            print(f"{name}: answered", flush=True)
+            if name.startswith("vLLM full") or "sink tokens" in name:
+                loads[name] = [load(base, prompts, c, args.load_new_tokens) for c in clients]
+                print(f"{name}: load {loads[name]}", flush=True)
         finally:
             server.terminate()
             server.wait(30)
@@ -157,10 +193,10 @@ def main():
             row.update(figures[name])
             if full.get("max_concurrency") and figures[name].get("max_concurrency"):
                 row["concurrency_over_full"] = round(figures[name]["max_concurrency"] / full["max_concurrency"], 2)
-        same = "attnkit full cache" if name == "vLLM full cache" else "attnkit plan, no sink" if "plugin" in name else None
-        if same:
-            row["same_tokens_as"] = same
-            row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same]))
+            row["same_tokens_as"] = same_as[name]
+            row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same_as[name]]))
+            if name in loads:
+                row["load"] = loads[name]
         rec.emit(row)
 
 

@@ -23,7 +23,7 @@ from attnkit.kvcache.config import HeadKVConfig
 from attnkit.core.registry import choice
 from attnkit.errors import AttnkitError
 from attnkit.kvcache.technique import vllm_overrides
-from attnkit.kvcache.vllm_plugin import ARCHITECTURE, ARCHITECTURES, PLAN_KEY, head_letters
+from attnkit.kvcache.vllm_form import ARCHITECTURE, ARCHITECTURES, PLAN_KEY, head_letters
 from attnkit.serve import vllm
 from conftest import result_lines, tiny_config
 

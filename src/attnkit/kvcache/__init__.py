@@ -9,5 +9,6 @@ Everything of this technique lives here, in reading order:
 * `fork`: one prompt prefilled once, shared among many caches;
 * `compare`, `sinks`: `attnkit kv compare` and `attnkit kv sinks`;
 * `technique`: the registry entry (`--technique kv-cache`), `cli`: the `attnkit kv` commands;
-* `vllm_plugin`: the same cache inside vLLM (imported only in vLLM's venv).
+* `vllm_plugin`, `vllm_form`, `vllm_engine`: the same cache inside vLLM (the entry point; the plan's form both
+  sides share; the vLLM classes, imported only in vLLM's venv).
 """

@@ -85,7 +85,7 @@ def vllm_overrides(kv, model_config) -> dict:
     (`kvcache/vllm_plugin.py`): full heads, sink + window heads; a clear error for what vLLM's cache
     does not hold."""
     from attnkit.errors import AttnkitError
-    from attnkit.kvcache.vllm_plugin import ARCHITECTURES, PLAN_KEY
+    from attnkit.kvcache.vllm_form import ARCHITECTURES, PLAN_KEY
 
     archs = tuple(getattr(model_config, "architectures", None) or ())
     base = next((a for a in archs if a in ARCHITECTURES), None)

@@ -42,7 +42,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from attnkit.kvcache.vllm_plugin import ARCHITECTURES, PLAN_KEY, head_letters, read_plan
+from attnkit.kvcache.vllm_form import ARCHITECTURES, PLAN_KEY, head_letters, read_plan
 
 QUERY_CHUNK = 256  # prefill queries attended at once (each chunk reads sink + window + chunk keys)
 

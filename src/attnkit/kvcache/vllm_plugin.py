@@ -24,11 +24,7 @@ Window heads attend within sink + window during prefill too: attnkit's own cache
 
 from __future__ import annotations
 
-ARCHITECTURES = {"LlamaForCausalLM": "AttnkitHeadSplitLlama", "MistralForCausalLM": "AttnkitHeadSplitMistral",
-                 "Qwen2ForCausalLM": "AttnkitHeadSplitQwen2", "Qwen3ForCausalLM": "AttnkitHeadSplitQwen3"}
-ARCHITECTURE = ARCHITECTURES["LlamaForCausalLM"]
-BASES = tuple(ARCHITECTURES)  # the Hugging Face architectures whose vLLM class the split extends
-PLAN_KEY = "attnkit_kv_plan"
+from attnkit.kvcache.vllm_form import ARCHITECTURES
 
 
 def register() -> None:
@@ -42,24 +38,3 @@ def register() -> None:
     from attnkit.kvcache.vllm_engine import register_cache_spec
 
     register_cache_spec()
-
-
-def read_plan(plan) -> dict:
-    """The plan from the model config, checked: {'full': {(layer, kv_head), ...}, 'window': W, 'sink': S}."""
-    form = f"the config field {PLAN_KEY} ({{'full': [[layer, kv_head], ...], 'window': W, 'sink': S}})"
-    if not isinstance(plan, dict) or "full" not in plan or "window" not in plan:
-        raise ValueError(f"attnkit's split architectures need {form} through --hf-overrides")
-    window, sink = int(plan["window"]), int(plan.get("sink", 0))
-    if window < 1 or sink < 0:
-        raise ValueError(f"{form}: the window must be at least 1 and the sink at least 0")
-    return {"full": {(int(layer), int(h)) for layer, h in plan["full"]}, "window": window, "sink": sink}
-
-
-def head_letters(h: int) -> str:
-    """A head's name inside a layer name: vLLM reads the layer index as the name's only integer."""
-    out = ""
-    while True:
-        out = chr(ord("a") + h % 26) + out
-        h = h // 26 - 1
-        if h < 0:
-            return out

@@ -24,7 +24,7 @@ import subprocess
 from pathlib import Path
 
 from attnkit.errors import AttnkitError
-from attnkit.kvcache.vllm_plugin import PLAN_KEY
+from attnkit.kvcache.vllm_form import PLAN_KEY
 
 PYTHON_ENV = "ATTNKIT_VLLM_PYTHON"
 BUILD_HINT = "bash scripts/vllm_venv.sh (in attnkit's source tree) builds one"
