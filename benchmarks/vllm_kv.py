@@ -58,7 +58,8 @@ def start_vllm(python: str, path: Path, overrides: dict | None, chunk: int, args
     longest = args.length + max(args.max_new_tokens, args.load_new_tokens) + 64
     argv = vllm.command(python, path, "model", "127.0.0.1", port, "float32", overrides, longest,
                         ("--max-num-batched-tokens", str(chunk), "--max-num-seqs", "64",
-                         "--block-size", str(args.block_size)))
+                         "--block-size", str(args.block_size), "--no-enable-prefix-caching"))  # every server alike:
+    # the prompts share an essay haystack, so a prefix cache would spare the full cache's prefills
     env = {**vllm.environment(None), "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
     fh = open(log, "w")
     server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -106,6 +107,9 @@ def main():
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--clients", default="8,32", help="load rows: this many clients at once (empty: none)")
     ap.add_argument("--load-new-tokens", type=int, default=128, help="tokens each load request generates")
+    ap.add_argument("--attnkit-systems", default="full,no-sink,sink,sink-full-prefill",
+                    help="which of attnkit's HF systems to run (a slow model: 'sink' alone is the one the target "
+                         "compares with)")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     ap.add_argument("--start-timeout", type=float, default=600)
@@ -150,9 +154,13 @@ def main():
     finished = {(d["system"], d["prompt"]): d["ids"] for d in map(json.loads, done.read_text().splitlines())} \
         if done.is_file() else {}
     sink_name = f"{args.sink} sink tokens"
-    hf = (("attnkit full cache", None), ("attnkit plan, no sink", kv[0]), (f"attnkit plan, {sink_name}", kv[args.sink]),
-          (f"attnkit plan, {sink_name}, full prefill", kv_full_prefill))
-    for name, technique in hf:
+    hf = {"full": ("attnkit full cache", None), "no-sink": ("attnkit plan, no sink", kv[0]),
+          "sink": (f"attnkit plan, {sink_name}", kv[args.sink]),
+          "sink-full-prefill": (f"attnkit plan, {sink_name}, full prefill", kv_full_prefill)}
+    wanted = [w.strip() for w in args.attnkit_systems.split(",") if w.strip()]
+    if set(wanted) - set(hf):
+        sys.exit(f"--attnkit-systems: choose among {', '.join(hf)}")
+    for name, technique in (hf[w] for w in wanted):
         for q in prompts:
             if (name, q["id"]) not in finished:
                 ids = generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
@@ -193,8 +201,9 @@ def main():
             row.update(figures[name])
             if full.get("max_concurrency") and figures[name].get("max_concurrency"):
                 row["concurrency_over_full"] = round(figures[name]["max_concurrency"] / full["max_concurrency"], 2)
-            row["same_tokens_as"] = same_as[name]
-            row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same_as[name]]))
+            if same_as[name] in outputs:
+                row["same_tokens_as"] = same_as[name]
+                row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same_as[name]]))
             if name in loads:
                 row["load"] = loads[name]
         rec.emit(row)

@@ -491,7 +491,7 @@ def bench_vllm_kv(model: str = "smollm2-135m-instruct") -> str:
                   f"heads full (copy + echo + induction), the others a {head['window']}-token window, with {sink} sink "
                   f"tokens or none, attending within sink + window in prefill unless the row says full prefill; vLLM "
                   f"{head['vllm']}, VLLM_CPU_KVCACHE_SPACE={head['kv_gib']:g} GiB, --max-num-batched-tokens "
-                  f"{head['batched_tokens']}, --block-size {head.get('block_size', 'default')} for every server; "
+                  f"{head['batched_tokens']}, --block-size {head.get('block_size', 'default')}, prefix caching off for every server; "
                   f"vLLM's figures from its start-up log.*"]
     return "\n".join(lines)
 

@@ -99,13 +99,13 @@ def test_lm_evals_own_ruler_runs_offline_on_a_pulled_model_and_equals_attnkits_l
     essays.mkdir()
     for i in range(3):
         (essays / f"{i}.txt").write_text(" ".join(f"Zebra number {i} grazes near river bend {j}." for j in range(900)))
-    offline_ruler(essays, samples=2)
+    offline_ruler(essays, samples=1)
     from lm_eval.tasks import TaskManager
 
     random.seed(0)
     tasks = TaskManager(metadata={"model": "smollm2-135m-instruct", "max_seq_lengths": [2048]})
     docs = list(tasks.load(["niah_single_2"])["tasks"]["niah_single_2"].test_docs())
-    assert len(docs) == 2
+    assert len(docs) == 1
     ours = set(" ".join(f.read_text() for f in essays.glob("*.txt")).split())
     for doc in docs:
         haystack = doc["input"].split("\n")[1]

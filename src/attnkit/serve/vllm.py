@@ -81,7 +81,8 @@ def command(python: str, model_path: Path, name: str, host: str, port: int, dtyp
         argv += ["--max-model-len", str(max_model_len)]
     if overrides:
         argv += ["--hf-overrides", json.dumps(overrides)]
-        if (overrides.get(PLAN_KEY) or {}).get("sink") and "--enable-prefix-caching" not in extra:
+        given = {"--enable-prefix-caching", "--no-enable-prefix-caching"} & set(extra)
+        if (overrides.get(PLAN_KEY) or {}).get("sink") and not given:
             argv += ["--no-enable-prefix-caching"]  # a sink + window head's cache hits would need its sink blocks
     return argv + list(extra)
 
