@@ -179,19 +179,42 @@ def main():
                 f"attnkit plan, {sink_name}")]
     same_as = {}
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    vkey = hashlib.sha1(json.dumps([key, args.kv_gib, args.batched_tokens, args.block_size, args.sink,
+                                    args.load_new_tokens, clients]).encode()).hexdigest()[:12]
+    vdone = logs / f"vllm_{vkey}.jsonl"  # vLLM's figures, answers and load rows as they come: a rerun resumes
+    kept = [json.loads(x) for x in vdone.read_text().splitlines()] if vdone.is_file() else []
+
+    def keep(entry: dict) -> None:
+        kept.append(entry)
+        with vdone.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
     for name, ov, same in servers:
-        server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args.batched_tokens, args,
-                                                 logs / f"{name.split(',')[0].replace(' ', '_')}_{args.sink if ov else 0}.log")
-        try:
-            outputs[name] = [ask_vllm(base, q["input_ids"], args.max_new_tokens) for q in prompts]
-            same_as[name] = same
-            print(f"{name}: answered", flush=True)
-            if name.startswith("vLLM full") or "sink tokens" in name:
-                loads[name] = [load(base, prompts, c, args.load_new_tokens) for c in clients]
-                print(f"{name}: load {loads[name]}", flush=True)
-        finally:
-            server.terminate()
-            server.wait(30)
+        same_as[name] = same
+        answers = {d["prompt"]: d["ids"] for d in kept if d["system"] == name and "prompt" in d}
+        loads[name] = {d["load"]["clients"]: d["load"] for d in kept if d["system"] == name and "load" in d}
+        figures[name] = next((d["figures"] for d in kept if d["system"] == name and "figures" in d), None)
+        wants_load = name.startswith("vLLM full") or "sink tokens" in name
+        missing_load = [c for c in clients if c not in loads[name]] if wants_load else []
+        if figures[name] is None or len(answers) < len(prompts) or missing_load:
+            server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args.batched_tokens, args,
+                                                     logs / f"{name.split(',')[0].replace(' ', '_')}_{args.sink if ov else 0}.log")
+            keep({"system": name, "figures": figures[name]})
+            try:
+                for q in prompts:
+                    if q["id"] not in answers:
+                        answers[q["id"]] = ask_vllm(base, q["input_ids"], args.max_new_tokens)
+                        keep({"system": name, "prompt": q["id"], "ids": answers[q["id"]]})
+                print(f"{name}: answered", flush=True)
+                for c in missing_load:
+                    loads[name][c] = load(base, prompts, c, args.load_new_tokens)
+                    keep({"system": name, "load": loads[name][c]})
+                    print(f"{name}: load {loads[name][c]}", flush=True)
+            finally:
+                server.terminate()
+                server.wait(30)
+        outputs[name] = [answers[q["id"]] for q in prompts]
+        loads[name] = [loads[name][c] for c in clients if c in loads[name]]
     full = figures.get("vLLM full cache", {})
     for name, outs in outputs.items():
         recalls = [N.recall(answer_of(tok, stopper, ids), q["reference"]) for ids, q in zip(outs, prompts)]
@@ -204,7 +227,7 @@ def main():
             if same_as[name] in outputs:
                 row["same_tokens_as"] = same_as[name]
                 row["same_tokens"] = sum(a == b for a, b in zip(outs, outputs[same_as[name]]))
-            if name in loads:
+            if loads.get(name):
                 row["load"] = loads[name]
         rec.emit(row)
 
