@@ -491,7 +491,8 @@ def bench_vllm_kv(model: str = "smollm2-135m-instruct") -> str:
                   f"heads full (copy + echo + induction), the others a {head['window']}-token window, with {sink} sink "
                   f"tokens or none, attending within sink + window in prefill unless the row says full prefill; vLLM "
                   f"{head['vllm']}, VLLM_CPU_KVCACHE_SPACE={head['kv_gib']:g} GiB, --max-num-batched-tokens "
-                  f"{head['batched_tokens']}, --block-size {head.get('block_size', 'default')}, prefix caching off for every server; "
+                  f"{head['batched_tokens']}, " + (f"--block-size {head['block_size']}, prefix caching off" if "block_size" in head else
+                          "vLLM's default block size and prefix caching") + " for every server; "
                   f"vLLM's figures from its start-up log.*"]
     return "\n".join(lines)
 
