@@ -133,7 +133,7 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
         group = heads // kv_heads
         one = [i for i in range(len(lengths)) if starts[i + 1] - starts[i] == 1]
         if one:  # decoding requests together: each reads sink + window keys, gathered in one go
-            self._decode(query, keys, values, table, starts, lengths, one, output)
+            self._decode(query, keys, values, table, starts, lengths, one, output, attn_metadata)
         for i, length in enumerate(lengths):
             a, b = starts[i], starts[i + 1]
             if b - a <= 1:
@@ -155,10 +155,14 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
                 output[a + c0 - first:a + c1 - first] = out.reshape(c1 - c0, heads, -1).to(output.dtype)
         return output
 
-    def _decode(self, query, keys, values, table, starts, lengths, rows, output) -> None:
-        """One query per request in `rows`: keys at positions [0, sink) and (p - window, p], where p
-        is the request's last position; positions past p or below 0 masked."""
-        size = keys.shape[2]
+    def _decode_index(self, attn_metadata, table, starts, lengths, rows, size):
+        """Where the decoding rows' sink + window keys lie: (query index [R], blocks [R, P], positions
+        [R, P], seen [R, P]). The same for every layer of the group in a step, so kept on the step's
+        metadata and built once."""
+        key = (self.sink, self.sliding_window, size)
+        found = getattr(attn_metadata, "_attnkit_decode_index", None)
+        if found is not None and found[0] == key:
+            return found[1]
         at = torch.tensor([starts[i] for i in rows])
         last = torch.tensor([lengths[i] - 1 for i in rows])[:, None]  # [R, 1]
         pos = torch.cat([torch.arange(self.sink).expand(len(rows), -1),
@@ -167,6 +171,14 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
         seen[:, self.sink:] &= pos[:, self.sink:] >= self.sink  # a window position inside the sink: read once
         pos = pos.clamp(0)
         blocks = table[torch.tensor(rows)[:, None], pos // size].long()
+        attn_metadata._attnkit_decode_index = (key, (at, blocks, pos, seen))
+        return at, blocks, pos, seen
+
+    def _decode(self, query, keys, values, table, starts, lengths, rows, output, attn_metadata) -> None:
+        """One query per request in `rows`: keys at positions [0, sink) and (p - window, p], where p
+        is the request's last position; positions past p or below 0 masked."""
+        at, blocks, pos, seen = self._decode_index(attn_metadata, table, starts, lengths, rows, keys.shape[2])
+        size = keys.shape[2]
         k = keys[blocks, :, pos % size].float()  # [R, P, kv heads, dim]
         v = values[blocks, :, pos % size].float()
         q = query[at].float().view(len(rows), self.num_kv_heads, self.num_heads // self.num_kv_heads, -1)
@@ -209,17 +221,14 @@ class HeadSplit(nn.Module):
         full = {tuple(h) for h in plan["full"]}
         heads = []
         for h in range(self.kv_heads):
-            prefix = f"{stock.layer_name}_{head_letters(h)}"
-            common = dict(num_kv_heads=1, cache_config=cache_config, quant_config=quant_config, prefix=prefix)
-            if (layer, h) in full:  # an explicit window of None would inherit the model's own window
-                heads.append(Attention(self.group, self.dim, stock.impl.scale,
-                                       per_layer_sliding_window=stock.sliding_window, **common))
-            elif plan["sink"]:
-                heads.append(SinkWindowAttention(self.group, self.dim, stock.impl.scale,
-                                                 per_layer_sliding_window=plan["window"], sink=plan["sink"], **common))
-            else:
-                heads.append(Attention(self.group, self.dim, stock.impl.scale,
-                                       per_layer_sliding_window=plan["window"], **common))
+            windowed = (layer, h) not in full
+            sink = {"sink": plan["sink"]} if windowed and plan["sink"] else {}
+            kind = SinkWindowAttention if sink else Attention
+            heads.append(kind(self.group, self.dim, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
+                              quant_config=quant_config, prefix=f"{stock.layer_name}_{head_letters(h)}",
+                              # a full head keeps the model's own window (None would inherit it anyway)
+                              per_layer_sliding_window=plan["window"] if windowed else stock.sliding_window,
+                              **sink))
         self.heads = nn.ModuleList(heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
