@@ -13,6 +13,14 @@ combined head scores with attnkit's sink and window. Every cache of a prompt, at
 kvpress's alike, shares that prompt's one prefill (`core.kvfork`, and the worker's shared mode):
 each compresses the same whole-prompt forward pass, so the answers equal separate prefills.
 
+`--memory 0.5,0.25,0.125,0.1` adds attnkit's memory targets (the fraction of the model's own cache kept;
+kvpress's compression ratio is 1 minus it): the full heads and token budgets chosen at each prompt's
+length (`HeadKVConfig.resolve`). Memory is measured, not only counted: every attnkit system runs the
+first prompt once more alone, the prompt in one forward (`--probe-tokens`), for the key and value bytes
+held after it and at its peak and the process's peak resident memory; each press does the same in
+kvpress's own process at `--probe-target`, and every press answer carries the bytes kvpress holds
+(masked keys included) and the most it held at once.
+
 `--question-after` prefills and compresses each prompt's context before its question arrives
 (query-agnostic, kvpress's own pipeline setting), for attnkit's caches and kvpress's presses alike;
 KVzipPress (query-agnostic by design: it scores keys by reconstructing the context) runs its own
@@ -37,6 +45,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from _common import Record, add_record_option
@@ -47,6 +56,7 @@ from attnkit.errors import AttnkitError
 from attnkit.evals import ruler as R
 from attnkit.evals import stats
 from attnkit.evals.systems import System
+from attnkit.core.family import architecture
 from attnkit.kvcache.compare import kv_ratio, label
 from attnkit.kvcache.plan import RECIPE, budget_for_ratio, load_score_sets, plan
 from attnkit.heads.patterns import pattern_scores
@@ -54,8 +64,8 @@ from attnkit.heads.patterns import pattern_scores
 
 def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, window: int, chunk: int,
                 recipe: bool, all_window: bool = True, random_at: list[float] | None = None,
-                token_budgets: list[tuple[float, float, str]] = (), tokens: int = 4096
-                ) -> list[tuple[System, HeadKVConfig | None]]:
+                token_budgets: list[tuple[float, float, str]] = (), tokens: int = 4096,
+                memory: list[float] = (), memory_full: float = 0.5) -> list[tuple[System, HeadKVConfig | None]]:
     sets = load_score_sets(scores_path)
     if recipe:
         sets = sets + list(pattern_scores(model, tok))
@@ -87,6 +97,47 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
             cfg = dataclasses.replace(cfg, select_kernel=kernel[0])
         name = label("retrieval" if full > 0 else "none", full, cfg, importance=importance, split=split)
         out.append((System(name, {"cache": name, "head_tokens": per_head}, cfg), cfg))
+    for target in memory:  # a memory target: full heads and token budgets chosen at each prompt's length
+        cfg = plan(sets, model.config, memory=target, memory_full=memory_full, **options)
+        name = f"memory {target:g} ({importance}, {memory_full:g} of it on full heads) sink {sink} window {window}"
+        out.append((System(name, {"cache": name, "memory": target}, cfg), cfg))
+    return out
+
+
+def probe_memory(model, tok, chosen, example, chat: bool, new_tokens: int) -> dict[str, dict]:
+    """Each system's memory on one prompt run alone, the prompt in one forward: key and value bytes
+    held after it and the most held at once (`HeadKVCache.peak_kv_bytes`; the model's own cache holds
+    all of it), the process's peak resident memory over the prefill and `new_tokens` decoding steps,
+    prefill seconds and median decoding ms per token."""
+    import statistics
+    import time
+
+    from _rss import PeakRSS
+
+    from attnkit.core.generate import encode_prompts, prefill_prompt, step_logits, _session
+
+    ids = encode_prompts(tok, [example.prompt(chat)], chat)[0]
+    out = {}
+    for system, _ in chosen:
+        with PeakRSS() as rss, torch.no_grad():
+            started = time.perf_counter()
+            done = prefill_prompt(model, system.technique, ids, chunk=ids.shape[1])
+            prefill_s = time.perf_counter() - started
+            cache = done.cache
+            held = cache.kv_bytes() if hasattr(cache, "kv_bytes") else sum(
+                t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                if isinstance(t, torch.Tensor))
+            peak = max(getattr(cache, "peak_kv_bytes", held), held)
+            steps, token = [], done.logits.argmax(-1)
+            with _session(model, system.technique) as session:
+                for _ in range(new_tokens):
+                    t = time.perf_counter()
+                    token = step_logits(model, session, cache, token).argmax(-1)
+                    steps.append(time.perf_counter() - t)
+        out[system.name] = {"held_kv_bytes": held, "peak_kv_bytes": peak, "peak_rss_gib": rss.gib,
+                            "prefill_s": round(prefill_s, 3), "decode_ms": round(1000 * statistics.median(steps), 3),
+                            "prompt_tokens": ids.shape[1]}
+        print(f"memory of {system.name}: peak KV {peak / 2**20:.1f} MiB, peak RSS {rss.gib} GiB", flush=True)
     return out
 
 
@@ -97,9 +148,21 @@ def main() -> None:
     ap.add_argument("--tasks", default="niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue")
     ap.add_argument("--lengths", default="4096")
     ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--other-samples", type=int, default=None, help="prompts per non-NIAH task (vt, cwe, fwe; "
+                    "default: --samples): fewer where each is indicative only")
     ap.add_argument("--budgets", default="0.25", help="fractions of KV heads with the full cache")
     ap.add_argument("--random-at", default=None, help="fractions of --budgets with a random-heads row (default: all; 'none')")
     ap.add_argument("--token-budgets", default="", help="RATIO:FULL:SPLIT,... caches with token budgets (see above)")
+    ap.add_argument("--memory", default="", help="memory targets, fractions of the model's own cache "
+                    "(e.g. 0.5,0.25,0.125,0.1): full heads and token budgets chosen at each prompt's length")
+    ap.add_argument("--memory-full", type=float, default=0.5, help="with --memory: the share of the target "
+                    "spent on full heads")
+    ap.add_argument("--probe-tokens", type=int, default=16, help="memory probe: every attnkit system (and each "
+                    "press at --probe-target) runs the first prompt alone, the prompt in one forward, then decodes "
+                    "this many tokens: held and peak KV bytes, peak resident memory, prefill s, decode ms/token "
+                    "(0: no probe; the presses' held and peak KV bytes come with every answer anyway)")
+    ap.add_argument("--probe-target", type=float, default=0.25, help="the --kvpress-targets memory at which "
+                    "each press runs the memory probe (a prefill of its own each)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--haystack", type=Path, default=None, help="essays for the essay tasks (a .txt or a folder, "
@@ -111,6 +174,8 @@ def main() -> None:
     ap.add_argument("--kvpress-targets", default="0.3,0.15", help="KV memory of the presses (fractions of the full cache)")
     ap.add_argument("--kvpress-samples", type=int, default=None, help="the first N examples per task and length for "
                     "the presses (default: --samples); their paired differences use those prompts only")
+    ap.add_argument("--own-pass-samples", type=int, default=None, help="presses that run passes of their own "
+                    "over the context (KVzipPress) answer only the first N prompts per task (default: all)")
     ap.add_argument("--kvpress-venv", type=Path, default=Path(__file__).resolve().parent / ".kvpress-venv")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward, every "
                     "system (0: the whole prompt at once; chunks spare a hybrid model's sliding layers)")
@@ -122,7 +187,7 @@ def main() -> None:
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    budgets = [float(x) for x in args.budgets.split(",")]
+    budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
     random_at = None if args.random_at is None else [] if args.random_at == "none" else \
         [float(x) for x in args.random_at.split(",")]
     token_budgets = []
@@ -134,11 +199,14 @@ def main() -> None:
                 raise ValueError
         except ValueError:
             ap.error(f"--token-budgets: {spec!r} is not RATIO:FULL:SPLIT[:KERNEL] (e.g. 0.27:0.1:importance)")
+    memory = [float(x) for x in args.memory.split(",") if x.strip()]
     args.dtype = "float32"
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     record = Record(args, "kv_ruler", {"tasks": tasks, "lengths": lengths, "samples": args.samples,
+                                       "other_samples": args.other_samples,
                                        "scores": args.scores, "recipe": not args.no_recipe, "all_window": not args.no_all_window,
-                                       "budgets": budgets, "random_at": random_at, "token_budgets": token_budgets, "sink": args.sink,
+                                       "budgets": budgets, "random_at": random_at, "token_budgets": token_budgets,
+                                       "memory": memory, "memory_full": args.memory_full, "sink": args.sink,
                                        "window": args.window, "prefill": "full (the whole prompt, then trimmed)",
                                        "prefill_chunk": args.prefill_chunk or "whole prompt",
                                        "question": "after compression (query-agnostic)" if args.question_after
@@ -146,14 +214,28 @@ def main() -> None:
                                        "haystack": args.haystack.name if args.haystack else "attnkit filler prose"})
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
     chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, args.prefill_chunk or max(lengths) + 256,
-                         not args.no_recipe, not args.no_all_window, random_at, token_budgets, max(lengths))
+                         not args.no_recipe, not args.no_all_window, random_at, token_budgets, max(lengths),
+                         memory, args.memory_full)
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(args.haystack) if args.haystack else None
-    rows = R.evaluate_ruler(model, tok, tasks, lengths, args.samples, [s for s, _ in chosen], trials, essays=essays,
+    samples = {t: args.samples if t in R.NIAH_TASKS or args.other_samples is None else args.other_samples
+               for t in tasks}
+    rows = R.evaluate_ruler(model, tok, tasks, lengths, samples, [s for s, _ in chosen], trials, essays=essays,
                             prefill_chunk=args.prefill_chunk or None, question_after=args.question_after)
-    press_rows = []
+    from attnkit.core.decode import use_chat_template
+    probe_example = R.make_example(tasks[0], tok, max(lengths), 0, essays, 0)
+    probes = {}
+    if args.probe_tokens:
+        probes = probe_memory(model, tok, chosen, probe_example, use_chat_template(tok, None), args.probe_tokens)
+    press_rows, press_probes = [], {}
     if args.kvpress:
-        press_rows = kvpress_rows(model, tok, args, tasks, lengths, essays, trials)
+        job = kvpress_job(model, tok, args, tasks, lengths, essays, trials, samples)
+        config = model.config
+        del model  # kvpress's worker loads the model again: one copy in memory at a time
+        import gc
+        gc.collect()
+        press_rows, press_probes = run_kvpress(tok, args, *job)
+        model = SimpleNamespace(config=config)
     pairs = [c for c in chosen if c[1] is not None and c[1].full and not c[1].budgets]  # recipe, then its random
     controls = {a[0].name: b[0].name for a, b in zip(pairs, pairs[1:]) if b[0].name.startswith("random")
                 and not a[0].name.startswith("random")}
@@ -176,8 +258,10 @@ def main() -> None:
             by_key = {(r["task"], r["index"]): r["score"] for r in mine}
             niah = stats.bootstrap_mean([by_key[k] for k in keys if k[0] in R.NIAH_TASKS])
             diff = stats.paired_difference([full.get(k) for k in keys], [by_key[k] for k in keys])
-            record.emit({"length": L, "system": system.name, "full_heads": None if cfg is None else len(cfg.full),
-                         "head_tokens": system.fields.get("head_tokens", 0),
+            shown = cfg.resolve(architecture(model.config), L) if cfg is not None and cfg.memory else cfg
+            record.emit({"length": L, "system": system.name, "full_heads": None if cfg is None else len(shown.full),
+                         "head_tokens": system.fields.get("head_tokens", 0) or (
+                             round(sum(n for _, n in shown.budgets) / len(shown.budgets)) if shown and shown.budgets else 0),
                          "kv_ratio": 1.0 if cfg is None else round(kv_ratio(cfg, model.config, L), 4),
                          "tasks": {t: stats.bootstrap_mean([r["score"] for r in mine if r["task"] == t]).as_dict()
                                    for t in tasks},
@@ -189,24 +273,20 @@ def main() -> None:
                              [scores_of(same_memory[system.name]).get(k) for k in keys],
                              [by_key[k] for k in keys]).as_dict()}} if system.name in same_memory else {})})
         emit_presses(record, rows, press_rows, chosen, model.config, L, tasks)
+        if L == max(lengths):
+            emit_probes(record, probes, press_probes, L, tasks[0])
     if record.path is not None:
         plot(record.rows, record.path.with_suffix(".png"), args.model)
 
 
-def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]:
-    """kvpress's presses on the RULER prompts attnkit answered (the same token ids), one prefill per
-    prompt for all presses (the worker's shared mode); rows {task, length, index, system, target,
-    kv_ratio, answer, score}. The worker's answers resume from the file beside --trials, which holds
-    rows of one prompt set and decoding only (a marker file says which)."""
-    import os
-    import subprocess
-
-    from kv_vs_kvpress import count_for, duo_scores, ensure_kvpress_venv
+def kvpress_job(model, tok, args, tasks, lengths, essays, trials, samples: dict) -> tuple:
+    """The kvpress worker's job for the RULER prompts attnkit answered (the same token ids): every
+    press at every target, one prefill per prompt for all presses (the worker's shared mode), and with
+    --probe-tokens each press's memory on the first prompt alone. Returns what `run_kvpress` needs."""
+    from kv_vs_kvpress import count_for, duo_scores
 
     from attnkit.core.decode import eos_ids, use_chat_template
-    from attnkit.core.family import architecture
-    from attnkit.core.generate import answer_text, encode_prompts
-    from attnkit.kvcache.config import native_kv_bytes
+    from attnkit.core.generate import encode_prompts
     from attnkit.core.models import pulled_path
     from attnkit.evals.runner import digest
 
@@ -216,12 +296,14 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     examples, prompts = {}, []
     for t in tasks:
         for L in lengths:
-            for i in range(min(args.samples, args.kvpress_samples or args.samples)):
+            for i in range(min(samples[t], args.kvpress_samples or samples[t])):
                 ex = R.make_example(t, tok, L, i, essays, 0)
                 ids = encode_prompts(tok, [ex.prompt(chat)], chat)[0][0].tolist()
                 key = f"{t}-{L}-{i}-{digest(ids)}"  # rows never mix prompts
                 examples[key] = (t, L, i, ex, len(ids))
                 prompts.append({"id": key, "input_ids": ids, "max_new_tokens": R.ANSWER_TOKENS.get(t, 128),
+                                **({"no_own_pass": True} if args.own_pass_samples is not None
+                                   and i >= args.own_pass_samples else {}),
                                 **({"question_from": R.question_start(tok, ex, chat)} if args.question_after else {})})
     targets = [float(x) for x in args.kvpress_targets.split(",")]
     sets = load_score_sets(args.scores) + ([] if args.no_recipe else list(pattern_scores(model, tok)))
@@ -245,20 +327,42 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
     if marker.is_file() and json.loads(marker.read_text()) != mine:
         raise SystemExit(f"{out} holds kvpress rows of other settings ({marker.read_text().strip()}): move it away")
     marker.write_text(json.dumps(mine))
-    python = ensure_kvpress_venv(args.kvpress_venv)
     job = {"model": str(pulled_path(args.model)), "eos": sorted(eos_ids(model, tok)), "sink": args.sink,
            "window": args.window, "max_new_tokens": 128, "duo_scores": duo, "presses": presses,
-           "threads": torch.get_num_threads(), "stop": mine["stop"], "shared_prefill": True, "prompts": prompts}
+           "threads": torch.get_num_threads(), "stop": mine["stop"], "shared_prefill": True, "prompts": prompts,
+           **({"probe": {"prompt": prompts[0]["id"], "max_new_tokens": args.probe_tokens,
+                         "presses": [p for p in presses if target_of[(p["name"], p["ratio"])] == args.probe_target]}}
+              if args.probe_tokens else {})}
+    return job, out, examples, target_of, arch, stop
+
+
+def run_kvpress(tok, args, job, out, examples, target_of, arch, stop) -> tuple[list[dict], dict]:
+    """Runs the worker in kvpress's venv; rows {task, length, index, system, target, kv_ratio, answer,
+    score} and {(press, target): memory probe}. The worker's answers resume from the file beside --trials,
+    which holds rows of one prompt set and decoding only (a marker file says which)."""
+    import os
+    import subprocess
+
+    from kv_vs_kvpress import ensure_kvpress_venv
+
+    from attnkit.core.generate import answer_text
+    from attnkit.kvcache.config import native_kv_bytes
+
+    python = ensure_kvpress_venv(args.kvpress_venv)
     job_path = out.with_suffix(".job.json")
     job_path.write_text(json.dumps(job))
     subprocess.run([python, Path(__file__).resolve().parent / "kvpress_worker.py", job_path, out], check=True,
                    env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     job_path.unlink()
-    rows, failed = [], {}
+    rows, failed, probes = [], {}, {}
     for line in out.read_text().splitlines():
         r = json.loads(line)
         if r["prompt"] not in examples or (r["press"], r["ratio"]) not in target_of:
             continue  # another run's presses or prompts: left in the file, unused
+        if r.get("probe"):
+            if r["prompt"] == job.get("probe", {}).get("prompt"):
+                probes[(r["press"], target_of[(r["press"], r["ratio"])])] = r
+            continue
         if "error" in r:  # counted and left out of the press's rows (its n says how many it answered)
             failed.setdefault((r["press"], r["ratio"], r["error"]), []).append(r["prompt"])
             continue
@@ -267,10 +371,30 @@ def kvpress_rows(model, tok, args, tasks, lengths, essays, trials) -> list[dict]
         rows.append({"task": t, "length": L, "index": i, "system": f"kvpress {r['press']}",
                      "target": target_of[(r["press"], r["ratio"])], "answer": text, "score": R.score(text, ex.answers),
                      "kv_ratio": r["kv_bytes"] / native_kv_bytes(arch, n, bytes_per_value=4),
+                     **({"held_ratio": r["held_kv_bytes"] / native_kv_bytes(arch, n, bytes_per_value=4),
+                         "peak_ratio": r["peak_kv_bytes"] / native_kv_bytes(arch, n, bytes_per_value=4)}
+                        if "peak_kv_bytes" in r else {}),
                      "decode_ms": r["decode_ms"]})
     for (press, ratio, error), which in failed.items():
         print(f"kvpress {press} at ratio {ratio}: {len(which)} of {len(examples)} prompts skipped: {error}")
-    return rows
+    return rows, probes
+
+
+def emit_probes(record, probes: dict, press_probes: dict, L: int, task: str) -> None:
+    """One row per system and press: its memory on the first prompt run alone (see `probe_memory`), and
+    its KV bytes against the model's own cache on the same prompt."""
+    full = probes.get("full cache", {}).get("held_kv_bytes")
+    fields = ("held_kv_bytes", "peak_kv_bytes", "peak_rss_gib", "prefill_s", "decode_ms")
+    for name, p in probes.items():
+        record.emit({"length": L, "system": name, "memory_probe": {
+            "prompt": f"{task} 0", **{k: p[k] for k in fields},
+            **({"held_over_full": round(p["held_kv_bytes"] / full, 4),
+                "peak_over_full": round(p["peak_kv_bytes"] / full, 4)} if full else {})}})
+    for (press, target), p in press_probes.items():
+        record.emit({"length": L, "system": f"kvpress {press} {target:g}", "press": press, "target": target,
+                     "memory_probe": {"prompt": f"{task} 0", "process": "kvpress's own", **{k: p[k] for k in fields},
+                                      **({"held_over_full": round(p["held_kv_bytes"] / full, 4),
+                                          "peak_over_full": round(p["peak_kv_bytes"] / full, 4)} if full else {})}})
 
 
 def emit_presses(record, rows, press_rows, chosen, model_config, L, tasks) -> None:
@@ -289,6 +413,8 @@ def emit_presses(record, rows, press_rows, chosen, model_config, L, tasks) -> No
         niah = stats.bootstrap_mean([by_key[k] for k in keys if k[0] in R.NIAH_TASKS])
         record.emit({"length": L, "system": f"{name} {target:g}", "press": name, "target": target,
                      "kv_ratio": round(sum(r["kv_ratio"] for r in mine) / len(mine), 4),
+                     **({k: round(sum(r[k] for r in mine) / len(mine), 4) for k in ("held_ratio", "peak_ratio")}
+                        if all("peak_ratio" in r for r in mine) else {}),
                      "tasks": {t: stats.bootstrap_mean([r["score"] for r in mine if r["task"] == t]).as_dict()
                                for t in tasks},
                      "niah_average": niah.as_dict(),

@@ -5,7 +5,8 @@ It imports no attnkit (kvpress 0.5.5 pins transformers < 5.3, attnkit tracks the
 job file (model folder, prompts as token ids, presses), and for every (press, ratio, prompt) not
 yet in the output JSONL prefills the prompt under the press, decodes greedily without it, and
 appends {press, ratio, prompt, ids, kv_bytes, prefill_s, decode_ms} (or {press, ratio, prompt, error,
-kv_bytes} where kvpress raised on that prompt). Decoding ends by attnkit's clean
+kv_bytes} where kvpress raised on that prompt). With job "probe", each press first runs one prompt
+alone for its memory (`probe_one`: rows marked "probe"). Decoding ends by attnkit's clean
 rule (EOS, or a newline once the answer has begun), rebuilt here from the tokenizer, or at EOS alone
 (job "stop": "eos"); the caller applies attnkit's own rule to the ids again and scores them. With
 job "shared_prefill", every press of a prompt compresses one prefill (`run_shared`: the same
@@ -13,7 +14,7 @@ answers, tested, at one prefill per prompt instead of one per press); a prompt m
 "max_new_tokens", and "question_from": the index where its question starts, which then reaches the
 cache only after the press compressed the tokens before it (query-agnostic, kvpress's own pipeline
 setting). Presses that run passes of their own over the context (KVzipPress reconstructs it) run one
-prefill each, also in the shared mode.
+prefill each, also in the shared mode, and skip prompts marked "no_own_pass".
 
     venv/bin/python benchmarks/kvpress_worker.py JOB.json OUT.jsonl
 """
@@ -125,6 +126,54 @@ def run_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict
             "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None}
 
 
+def held_bytes(cache) -> int:
+    """Bytes of the keys and values the cache holds now (a masked key is still held)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+
+
+def probe_one(model, ids: list[int], press, eos: set[int], max_new: int, job: dict, stops) -> dict:
+    """What kvpress's own process holds for one prompt under `press`, the prompt in one forward as
+    kvpress's pipeline runs it: the keys and values held after the prompt, the most held at once (read
+    after each layer's attention, before the press's hook compresses that layer) and the process's peak
+    resident memory over the prefill and `max_new` decoding steps."""
+    from transformers import DynamicCache
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _rss import PeakRSS
+
+    lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    cache = DynamicCache(config=model.config)
+    peak = [0]
+
+    def watch(module, _input, _kwargs, _output):
+        peak[0] = max(peak[0], held_bytes(cache))
+
+    hooks = [layer.self_attn.register_forward_hook(watch, with_kwargs=True) for layer in lm.layers]  # before the press's
+    try:
+        with PeakRSS() as rss, torch.no_grad():
+            started = time.perf_counter()
+            if press is None:
+                out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            else:
+                with press(model):
+                    out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill_s = time.perf_counter() - started
+            held = held_bytes(cache)
+            for h in hooks:
+                h.remove()
+            hooks = []
+            _, steps = _decode(model, cache, out.logits, len(ids), eos, max_new, stops, "eos")
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in model.modules():
+            if hasattr(m, "masked_key_indices"):
+                m.masked_key_indices = None
+    return {"probe": True, "held_kv_bytes": held, "peak_kv_bytes": max(peak[0], held), "peak_rss_gib": rss.gib,
+            "prefill_s": round(prefill_s, 3), "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None}
+
+
 def _decode(model, cache, logits, n_prompt: int, eos: set[int], max_new: int, stops, stop: str) -> tuple[list, list]:
     """Greedy decoding from a prefilled cache; ends by attnkit's clean rule or (stop "eos") at EOS only."""
     generated, steps, begun = [], [], False
@@ -207,6 +256,13 @@ def run_shared(model, ids: list[int], specs: list[dict], presses: list, eos: set
         # a masked key (and its value) is still in memory under kvpress; counted as freed, as a real
         # head-wise cache would free it
         size = sum(t.numel() * t.element_size() for t in held) - 2 * masked * held[0].shape[-1] * held[0].element_size()
+        # what kvpress's own process holds: masked keys included; at its peak, the layers before one
+        # compressed and that one's whole prompt, as its hook compresses each layer after its attention
+        per_layer = [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                     for layer in mine.layers]
+        whole = [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                 for layer in cache.layers]
+        peak = max([sum(per_layer[:i]) + whole[i] for i in range(len(whole))] + [sum(per_layer)])
         try:
             logits = ask(model, mine, ids, split, out.logits)
             generated, steps = _decode(model, mine, logits, len(ids), eos, spec.get("max_new_tokens", max_new), stops,
@@ -217,7 +273,8 @@ def run_shared(model, ids: list[int], specs: list[dict], presses: list, eos: set
         finally:
             for m in attn.values():
                 m.masked_key_indices = None
-        rows.append({"ids": generated, "kv_bytes": size, "prefill_s": round(prefill_s, 4),
+        rows.append({"ids": generated, "kv_bytes": size, "held_kv_bytes": sum(per_layer), "peak_kv_bytes": peak,
+                     "prefill_s": round(prefill_s, 4),
                      "compress_s": round(timing[i], 4), "prefill_shared_by": len(presses),
                      "decode_ms": round(1000 * statistics.median(steps), 3) if steps else None})
     return rows
@@ -237,19 +294,32 @@ def main(job_path: str, out_path: str) -> None:
         for line in out.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done.add((r["press"], r["ratio"], r["prompt"]))
+                done.add((r["press"], r["ratio"], r["prompt"], r.get("probe", False)))
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
     stops = stop_sets(AutoTokenizer.from_pretrained(job["model"]))
     eos = set(job["eos"])
     todo = [(p["name"], p["ratio"], q) for p in job["presses"] for q in job["prompts"]
-            if (p["name"], p["ratio"], q["id"]) not in done]
+            if (p["name"], p["ratio"], q["id"], False) not in done and not (q.get("no_own_pass") and p["name"] in OWN_PASS)]
     print(f"kvpress worker: {len(todo)} runs to do, {len(done)} done", flush=True)
+    probe = job.get("probe")  # {"prompt": id, "max_new_tokens": n}: each press's memory on that prompt alone
+    if probe:
+        prompt = next(q for q in job["prompts"] if q["id"] == probe["prompt"])
+        with out.open("a") as f:
+            for p in probe.get("presses", job["presses"]):
+                if (p["name"], p["ratio"], prompt["id"], True) in done:
+                    continue
+                row = probe_one(model, prompt["input_ids"], make_press(p["name"], p["ratio"], job), eos,
+                                probe["max_new_tokens"], job, stops)
+                f.write(json.dumps({"press": p["name"], "ratio": p["ratio"], "prompt": prompt["id"], **row}) + "\n")
+                f.flush()
+                print(f"kvpress worker: memory of {p['name']} at {p['ratio']}: {row['peak_rss_gib']} GiB peak", flush=True)
     if job.get("shared_prefill"):  # one prefill per prompt for all of its presses still to do
         with out.open("a") as f:
             for n, prompt in enumerate(job["prompts"]):
-                specs = [p for p in job["presses"] if (p["name"], p["ratio"], prompt["id"]) not in done]
+                specs = [p for p in job["presses"] if (p["name"], p["ratio"], prompt["id"], False) not in done
+                         and not (prompt.get("no_own_pass") and p["name"] in OWN_PASS)]
                 if not specs:
                     continue
                 budget, split = prompt.get("max_new_tokens", job["max_new_tokens"]), prompt.get("question_from")

@@ -224,6 +224,7 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", va
     head, rows = read_jsonl(path)
     tasks = head["tasks"]
     against = {r["system"]: r["against_best_press"] for r in rows if "against_best_press" in r}
+    probes = [r for r in rows if "memory_probe" in r]
     rows = sorted([r for r in rows if "niah_average" in r],
                   key=lambda r: (r["length"], r["system"] != "full cache", -r["kv_ratio"], "press" in r))
     presses = any("press" in r for r in rows)
@@ -291,6 +292,7 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", va
                       f"{_est(best['niah_average'])} against the full cache's {full[best['length']]:.1f}, paired "
                       f"{_est(best['minus_full'], signed=True)}: {gap:+.1f} points "
                       f"({'met' if gap >= -points else 'not met'}){bound}."]
+    lines += memory_probe_table(probes, rows)
     after = str(head.get("question", "")).startswith("after")
     kvzip = " KVzipPress runs its own passes that reconstruct the context;" if any(
         "KVzip" in r.get("press", "") for r in rows) else ""
@@ -303,6 +305,33 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", va
                   f"scores, full prefill{_chunks(head)} then trimmed; token budgets chosen by the "
                   f"{_question(head)}; the same generated prompts for every cache.{how}*"]
     return "\n".join(lines)
+
+
+def memory_probe_table(probes: list[dict], rows: list[dict]) -> list[str]:
+    """Memory measured, not counted: each attnkit cache and each press on one prompt run alone (the prompt in
+    one forward), and for every press at every target the KV bytes its process held with each answer."""
+    lines = []
+    if probes:
+        def order(r):
+            return ("press" in r, -(r["memory_probe"].get("held_over_full") or 0), r["system"])
+        body = [[r["system"], r["memory_probe"].get("process", "attnkit's"), _mib(m["held_kv_bytes"]),
+                 _ratio(m.get("held_over_full")), _mib(m["peak_kv_bytes"]), _ratio(m.get("peak_over_full")),
+                 "" if m["peak_rss_gib"] is None else f"{m['peak_rss_gib']:.2f} GiB", m["prefill_s"], m["decode_ms"]]
+                for r in sorted(probes, key=order) for m in [r["memory_probe"]]]
+        prompt = probes[0]["memory_probe"]["prompt"]
+        lines += ["", f"Memory measured on one prompt ({prompt}, {probes[0]['length']} tokens) run alone by each "
+                      "system, the prompt in one forward, then 16 decoding steps:", ""] + _table(
+            ["cache", "process", "KV held after the prompt", "of the full cache", "KV at its peak", "of the full cache",
+             "peak resident memory", "prefill s", "decode ms/token"], body)
+    held = [r for r in rows if "press" in r and "peak_ratio" in r]
+    if held:
+        body = [[r["system"], _ratio(r["kv_ratio"]), _ratio(r["held_ratio"]), _ratio(r["peak_ratio"])]
+                for r in sorted(held, key=lambda r: (r["target"], r["press"]), reverse=True)]
+        lines += ["", "kvpress's presses, averaged over their answers: the KV memory counted as freed (a key AdaKV or "
+                      "DuoAttention masks counts as freed), what kvpress's process held (masked keys included), and "
+                      "the most it held at once (the layers before one compressed, that one whole):", ""] + _table(
+            ["press", "counted", "held", "at its peak"], body)
+    return lines
 
 
 def question_placement(model: str = "smollm2-135m-instruct", aware: str = "_8k", after: str = "_8k_question_after"

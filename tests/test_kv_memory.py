@@ -133,3 +133,36 @@ def test_a_memory_target_shares_one_prefill_with_the_full_cache(embedded):
     shared = R.evaluate_ruler(*args, quiet=True, share_prefill=True)
     alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False)
     assert [r["answer"] for r in shared] == [r["answer"] for r in alone]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_prompt_in_one_forward_peaks_at_the_trimmed_cache_plus_one_layer(family, monkeypatch):
+    """Each layer trims as soon as its attention has read the prompt's last token, so the full keys of at
+    most one layer are held at once; the answers are those of trimming every layer after the prompt."""
+    from attnkit.kvcache.cache import HeadKVCache, head_kv
+
+    model = tiny_model(family, 2)
+    arch = architecture(model.config)
+    ids, mask = _prompts(model.config.vocab_size, 5)
+    target = HeadKVConfig(sink=2, window=6, prefill="full", memory=0.35, importance=_importance(model),
+                          select_window=8)
+    chosen = target.resolve(arch, ids.shape[1])
+    assert chosen.full and chosen.budgets
+    full = native_kv_bytes(arch, ids.shape[1], batch=2, bytes_per_value=4)
+    one_layer = full // arch.layers
+
+    def peak_and_held(technique):
+        with torch.no_grad(), (technique.prepare(model) if technique.memory else head_kv(model, technique)) as kv:
+            cache = kv.new_cache()
+            kv.prefill(ids, mask, cache=cache)
+        return cache.peak_kv_bytes, cache.kv_bytes()
+
+    for technique in (chosen, target):  # a plan, and a memory target planned before the prompt runs
+        peak, held = peak_and_held(technique)
+        assert held == chosen.kv_bytes(arch, ids.shape[1], batch=2, bytes_per_value=4)
+        assert held < peak <= held + one_layer < full, (peak, held, one_layer, full)
+    fast = generate(model, TOK, ids, mask, chosen, 10, stop_rule="eos").ids
+    monkeypatch.setattr(HeadKVCache, "expect_prompt", lambda self, tokens: None)  # trim after the whole prompt
+    peak, held = peak_and_held(chosen)
+    assert peak == full and held == chosen.kv_bytes(arch, ids.shape[1], batch=2, bytes_per_value=4)
+    assert generate(model, TOK, ids, mask, chosen, 10, stop_rule="eos").ids == fast

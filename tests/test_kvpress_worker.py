@@ -74,3 +74,28 @@ def test_the_question_after_compression_reaches_the_cache_after_the_press(tmp_pa
     rows = outs[True]
     assert all(rows[("none", f"q{i}")] == rows[("none", f"p{i}")] for i in range(3))  # the split alone changes nothing
     assert any(rows[("SnapKVPress", f"q{i}")] != rows[("SnapKVPress", f"p{i}")] for i in range(3))  # the choice moved
+
+
+@needs_kvpress
+def test_the_memory_probe_shows_what_kvpress_frees_and_what_it_only_masks(tmp_path):
+    """A press that drops keys holds less after the prompt, and at its peak, than no press; AdaKV masks the
+    keys it drops, so its process still holds all of them."""
+    model = tiny_model("llama", 2)
+    model.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(2)
+    prompts = [{"id": "p0", "input_ids": torch.randint(3, 97, (200,), generator=g).tolist()}]
+    presses = [{"name": "none", "ratio": 0.0}, {"name": "SnapKVPress", "ratio": 0.75},
+               {"name": "AdaKVPress(SnapKVPress)", "ratio": 0.75}]
+    job = {"model": str(tmp_path / "model"), "eos": [], "sink": 2, "window": 8, "max_new_tokens": 4,
+           "duo_scores": [], "presses": presses, "threads": 2, "stop": "eos", "prompts": prompts,
+           "probe": {"prompt": "p0", "max_new_tokens": 4}}
+    rows = run_worker(tmp_path, job, True)
+    probe = {r["press"]: r for r in rows if r.get("probe")}
+    assert probe.keys() == {"none", "SnapKVPress", "AdaKVPress(SnapKVPress)"}
+    full = probe["none"]["held_kv_bytes"]
+    assert probe["none"]["peak_kv_bytes"] == full > 0
+    snap = probe["SnapKVPress"]
+    assert snap["held_kv_bytes"] < 0.3 * full and snap["held_kv_bytes"] <= snap["peak_kv_bytes"] < full
+    assert probe["AdaKVPress(SnapKVPress)"]["held_kv_bytes"] == full
+    assert all(r["peak_rss_gib"] and r["peak_rss_gib"] > 0 for r in probe.values())
+    assert len([r for r in rows if not r.get("probe")]) == len(presses)  # the answers as before

@@ -26,12 +26,20 @@ def test_passkey_needles_are_deterministic_copy_probes(tmp_path, monkeypatch):
     assert N.load_needles("passkey") == [N.Needle("a b.", "q?", "b")]
 
 
+@pytest.fixture(scope="module")
+def passkey_heads(embedded):
+    """Retrieval scores of the embedded model from passkey needles at 512 tokens, and detection's rows."""
+    model, tok = embedded
+    needles = N.passkey_needles()
+    return D.detect(model, tok, needles, [N.load_haystack()] * len(needles), [512], [20, 80], quiet=True,
+                    prompt="clean")
+
+
 @pytest.mark.slow
-def test_masking_top_retrieval_heads_breaks_retrieval_far_more_than_random_heads(embedded):
+def test_masking_top_retrieval_heads_breaks_retrieval_far_more_than_random_heads(embedded, passkey_heads):
     model, tok = embedded
     needles, haystack = N.passkey_needles(), N.load_haystack()
-    per_head, rows = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True,
-                           prompt="clean")
+    per_head, rows = passkey_heads
     assert sum(r["recall"] > D.MIN_RECALL for r in rows) >= 9  # the model answers passkey needles
     # K = 2 of 64 heads, query zeroed in decoding (the authors' mode); random heads come from the
     # heads that scored 0. In a model this small random heads still cost something, hence the margins.
@@ -62,15 +70,14 @@ def test_ablate_cli_sweeps_k(tmp_path):
 
 
 @pytest.mark.slow
-def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not(embedded):
+def test_retrieval_heads_keep_retrieval_with_a_windowed_cache_random_heads_do_not(embedded, passkey_heads):
     """The KV cache's thesis: at the same KV memory, keeping the retrieval heads' full cache keeps the answer."""
     from attnkit.kvcache.config import HeadKVConfig
     from attnkit.kvcache.compare import compare_caches
 
     model, tok = embedded
     needles, haystack = N.passkey_needles(), N.load_haystack()
-    per_head, _ = D.detect(model, tok, needles, [haystack] * len(needles), [512], [20, 80], quiet=True,
-                           prompt="clean")
+    per_head, _ = passkey_heads
     res = {r["system"]: r for r in compare_caches(model, tok, per_head, [0.25], N.Grid(needles, haystack, [2048], [10, 90]),
                                            HeadKVConfig(sink=16, window=128, prefill_chunk=1024), quiet=True)}
     assert res["retrieval"]["kv_ratio"] <= 0.32

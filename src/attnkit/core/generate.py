@@ -168,6 +168,9 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, chunk: i
     returns the last forward's output (its logits: the last position only where the model allows)."""
     chunk = chunk or ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp_min(0) if mask is not None else None
+    expect = getattr(cache, "expect_prompt", None)  # a cache that compresses each layer as the prompt's end reaches it
+    if expect is not None:
+        expect(ids.shape[1])
     out = None
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])

@@ -274,12 +274,13 @@ def question_start(tokenizer, example: RulerExample, chat: bool) -> int:
     return split
 
 
-def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: int, systems: list,
+def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: int | dict, systems: list,
                    out=None, quiet: bool = False, chat_template: bool | None = None, essays: str | None = None,
                    seed: int = 0, share_prefill: bool | None = None, prefill_chunk: int | None = None,
                    question_after: bool = False) -> list[dict]:
     """Rows {task, length, index, system, answer, score} for every (task, length, sample, system),
-    through the one generation loop; rows go to `out` as they finish and a rerun resumes.
+    through the one generation loop; rows go to `out` as they finish and a rerun resumes. `samples`:
+    prompts per task and length, or {task: prompts}.
     `share_prefill` (None: when there are several systems and each can): one prefill per prompt
     for every system whose record `shares_prefill` (the full cache and full-prefill KV caches), the same answers
     at a fraction of the time on long prompts. `prefill_chunk`: prompt tokens per prefill forward for
@@ -304,8 +305,10 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
         raise AttnkitError(f"length {too_long[0]} with its answer passes the model's {limit} positions")
     chat = use_chat_template(tokenizer, chat_template)
     by_name = {s.name: s for s in systems}
-    cells = [{"task": t, "length": L, "index": i, "system": s} for t in tasks for L in lengths
-             for i in range(samples) for s in by_name]  # a prompt's systems run one after another
+    per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
+    # sample-major: a run stopped early has about as many prompts of every task; a prompt's systems in a row
+    cells = [{"task": t, "length": L, "index": i, "system": s} for i in range(max(per_task.values(), default=0))
+             for t in tasks for L in lengths if i < per_task.get(t, 0) for s in by_name]
     shareable = all(s.technique is None or getattr(s.technique, "shares_prefill", False) for s in systems)
     runs_prefill = next((s.technique for s in systems if hasattr(s.technique, "prefill_once")), None)
     if share_prefill and not shareable:

@@ -168,6 +168,9 @@ def make_attention(base: str):
             return fn(module, query, key, value, attention_mask, **kwargs)
         if layer.layer_idx != module.layer_idx:
             raise AttnkitError(f"KV cache layer {layer.layer_idx} reached attention of layer {module.layer_idx}")
-        return layer.attend(module, fn, query, key, value, attention_mask, kwargs, additive=base == "eager")
+        out = layer.attend(module, fn, query, key, value, attention_mask, kwargs, additive=base == "eager")
+        if layer.ends_at and layer.holding and layer.seen >= layer.ends_at:
+            layer.end_prefill()  # the prompt's last forward: this layer trims now, before the next one fills
+        return out
 
     return attention

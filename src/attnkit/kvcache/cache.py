@@ -77,6 +77,9 @@ class HeadKVCache(Cache):
         # an int, once that many positions (the prompt's, padding included) are in
         self.ends_prompt = ends_prompt
         self._first = next((i for i, layer in enumerate(layers) if isinstance(layer, HeadKVLayer)), None)
+        # the most key and value bytes held at once so far, read after each layer's update (its window heads'
+        # candidate keys included: the store and the prompt's new keys, which its attention reads next)
+        self.peak_kv_bytes = 0
 
     def update(self, key_states, value_states, layer_idx, *args, kwargs: dict | None = None, **_):
         if not self._model_config._attn_implementation.startswith(KV_PREFIX):
@@ -90,7 +93,20 @@ class HeadKVCache(Cache):
                 raise AttnkitError("this model's attention does not pass its keyword arguments to the cache "
                                    "(cache.update(..., kwargs=kwargs)), which the retrieval-head KV cache needs")
             kwargs[KV_LAYER_KWARG] = layer
-        return layer.update(key_states, value_states)
+        out = layer.update(key_states, value_states)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes() + (
+            layer.pending_bytes() if isinstance(layer, HeadKVLayer) else 0))
+        return out
+
+    def expect_prompt(self, tokens: int) -> None:
+        """`tokens` more prompt tokens are coming (`core.generate.prefill` says so before its first forward):
+        each layer then ends its prefill (trims, chooses its budgets' tokens) right after its attention has
+        read the last of them, so at most one layer holds its whole prompt at a time: with the prompt in
+        one forward, the peak is the trimmed cache plus one layer's full keys, as when a press compresses
+        each layer in its forward hook."""
+        for layer in self.layers:
+            if isinstance(layer, HeadKVLayer) and layer.holding:
+                layer.ends_at = layer.seen + tokens
 
     def _prompt_is_in(self, new: int) -> bool:
         held = [x for x in self.layers if isinstance(x, HeadKVLayer) and x.holding and x.seen > 0]
@@ -106,11 +122,13 @@ class HeadKVCache(Cache):
         for layer in self.layers:
             if isinstance(layer, HeadKVLayer):
                 layer.end_prefill()
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now."""
         return sum(layer.kv_bytes() if isinstance(layer, HeadKVLayer) else
-                   sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                   sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
+                       if isinstance(t, torch.Tensor))
                    for layer in self.layers)
 
 

@@ -42,6 +42,9 @@ class Recorder(HeadKVCache):
     def end_prefill(self) -> None:
         pass
 
+    def expect_prompt(self, tokens: int) -> None:
+        pass
+
 
 @dataclass
 class SharedPrefill:

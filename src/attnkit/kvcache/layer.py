@@ -51,6 +51,8 @@ class HeadKVLayer(WindowAttention, TokenSelection, CacheLayerMixin):
         self._obs = None  # while choosing: (queries [b, window heads x group, <= select_window, d], their positions, scale)
         self._real = None  # while holding: [b, seen] which positions are real tokens
         self.seen = 0  # tokens this layer has been given, padding included (cache coordinates)
+        self.ends_at = 0  # > 0: the prompt ends at this many tokens, so this layer ends its prefill right after
+        # its attention reads them (the next layer's forward does not need it: memory is freed layer by layer)
         self.keys = self.values = None  # full heads
         self.win_keys = self.win_values = None
         self.win_pos = self.win_sink = None  # [batch, kept]: position and sink flag of each kept window key
@@ -220,6 +222,10 @@ class HeadKVLayer(WindowAttention, TokenSelection, CacheLayerMixin):
         tensors = [self.keys, self.values, self.win_keys, self.win_values, self.comp_keys, self.comp_values]
         tensors += [t for k, v, _ in self.mid.values() for t in (k, v)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def pending_bytes(self) -> int:
+        """Bytes of the window heads' candidate keys and values that `update` left for the attention."""
+        return sum(t.numel() * t.element_size() for t in (self.pending or ())[:2])
 
     def _decode_steady(self) -> bool:
         """Whether this one-token step (no padding: the model passed no mask) can skip the generic

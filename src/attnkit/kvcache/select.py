@@ -63,7 +63,7 @@ class TokenSelection:
         rest empty. Query-aware when the question is in the prompt, query-agnostic when it comes after."""
         if not self.holding:
             return
-        self.holding = False
+        self.holding, self.ends_at = False, 0
         if self.win_pos is None:  # nothing was prefilled
             return
         if not self.choosing or self._obs is None:

@@ -6,7 +6,10 @@ wait until then: the prompt runs into a recording cache (every KV head kept, as 
 keeps it), and at `end_prefill` the target is resolved at the prompt's length
 (`HeadKVConfig.resolve`: the most important heads full, token budgets for the rest) and the cache
 becomes, from copies of the recorded tensors, exactly the cache that plan's own prefill would have
-left (`fork.SharedPrefill.start`). Decoding then runs on it as on any retrieval-head cache.
+left (`fork.SharedPrefill.start`). Decoding then runs on it as on any retrieval-head cache. Where the
+prompt's length is known before it runs (`core.generate.prefill` says so: `expect_prompt`), the plan is
+chosen then and the cache is that plan's from the first token, recording nothing: the peak memory is
+the plan's own.
 
     with HeadKVConfig(memory=0.1, importance=imp, prefill="full").prepare(model) as session:
         out = generate(model, tok, ids, mask, session)      # session.plans: the plan chosen per length
@@ -18,7 +21,7 @@ from contextlib import contextmanager
 
 from attnkit.core.family import architecture
 from attnkit.core.say import say
-from attnkit.kvcache.cache import HeadKV, head_kv
+from attnkit.kvcache.cache import HeadKV, HeadKVCache, head_kv
 from attnkit.kvcache.fork import Recorder, SharedPrefill
 from attnkit.kvcache.layer import HeadKVLayer
 
@@ -32,8 +35,20 @@ class TargetCache(Recorder):
         self.plan = None
         super().__init__(model, config.recording(architecture(model.config)), ends_prompt)
 
+    def expect_prompt(self, tokens: int) -> None:
+        """A prompt of `tokens` tokens is coming into this empty cache: its plan is known now, so the cache
+        is that plan's from the start (nothing recorded, each layer trimmed as the prompt's end reaches it)."""
+        if self.plan is not None or any(layer.seen for layer in self.layers if isinstance(layer, HeadKVLayer)):
+            return
+        arch = architecture(self._model.config)
+        self.plan = self._target.resolve(arch, tokens)
+        self.layers = HeadKVCache(self._model, self.plan).layers
+        self._session.chose(tokens, self.plan, arch)
+        HeadKVCache.expect_prompt(self, tokens)
+
     def end_prefill(self) -> None:
         if self.plan is not None:
+            HeadKVCache.end_prefill(self)
             return
         tokens = next(layer.seen for layer in self.layers if isinstance(layer, HeadKVLayer))
         arch = architecture(self._model.config)
