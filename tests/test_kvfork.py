@@ -1,5 +1,7 @@
 """One prefill shared by many caches (kvcache/fork.py) gives what each cache's own prefill gives."""
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,36 @@ def test_a_shared_prefill_refuses_what_it_cannot_serve():
     first = generate(model, TOK, ids, mask, PLAIN, 5, stop_rule="eos", prefilled=shared.start(model))
     again = generate(model, TOK, ids, mask, PLAIN, 5, stop_rule="eos", prefilled=shared.start(model))
     assert first.ids == again.ids
+
+
+def test_a_niah_grid_of_several_caches_prefills_each_prompt_once_with_the_answers_of_one_prefill_each(
+        embedded, tmp_path, monkeypatch):
+    import attnkit.kvcache.fork as kvfork
+    from attnkit.evals import niah as N
+    from attnkit.evals.systems import System
+
+    model, tok = embedded
+    arch = architecture(model.config)
+    heads = [(l, h) for l in arch.full_layers for h in range(arch.kv_heads)]
+    systems = [System("full", {"cache": "full"}),
+               System("a few full", {"cache": "a few full"},
+                      HeadKVConfig(frozenset(heads[:3]), sink=4, window=16, prefill="full", prefill_chunk=256)),
+               System("budgets", {"cache": "budgets"},
+                      HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full", prefill_chunk=256,
+                                   budgets=tuple((k, 12) for k in heads[1:])))]
+    grid = N.Grid(N.passkey_needles()[:3], N.load_haystack(), [400], [30, 70])
+    seen, once = [], kvfork.record_prefill
+    monkeypatch.setattr(kvfork, "record_prefill", lambda *a, **k: seen.append(1) or once(*a, **k))
+    shared = N.compare_systems(model, tok, grid, systems, tmp_path / "rows.jsonl", quiet=True)
+    assert len(seen) == 6  # one prefill per prompt, not per system
+    alone = N.compare_systems(model, tok, grid, systems, quiet=True, share_prefill=False)
+    assert len(seen) == 6
+    for s in systems:
+        assert shared[s.name]["recalls"] == alone[s.name]["recalls"], s.name
+    rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines() if '"cache"' in x]
+    answers = {s.name: [r["answer"] for r in rows if r["cache"] == s.name] for s in systems}
+    assert answers["budgets"] != answers["full"] or answers["a few full"] != answers["full"]  # the caches differ
+    again = N.compare_systems(model, tok, grid, systems, tmp_path / "rows.jsonl", quiet=True)
+    assert again == shared and len(seen) == 6  # resumed from the file, nothing rerun
+    with pytest.raises(AttnkitError, match="full prefill"):
+        N.shared_prefill_of([systems[0], System("window", {"cache": "w"}, HeadKVConfig(sink=4, window=16))])

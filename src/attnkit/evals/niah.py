@@ -201,11 +201,14 @@ def prompt_builder(kind: str, tokenizer, haystack: str, chat_template: bool = Fa
 
 
 def run_trial(model, tokenizer, prompt: NiahPrompt, needle: Needle, max_new_tokens: int = ANSWER_ROOM,
-              technique=None, stop_rule: PromptKind = "clean") -> dict:
-    """Answer one prompt greedily with `technique` (None: the model as it is; see `core.generate`)."""
-    from attnkit.core.generate import greedy_decode
+              technique=None, stop_rule: PromptKind = "clean", shared=None) -> dict:
+    """Answer one prompt greedily with `technique` (None: the model as it is; see `core.generate`);
+    `shared`: the prompt already prefilled once for several caches (`HeadKVConfig.prefill_once`)."""
+    from attnkit.core.generate import generate
 
-    ids = greedy_decode(model, tokenizer, prompt.input_ids, max_new_tokens, technique, stop_rule=stop_rule)
+    start = shared.start(model, technique) if shared is not None else None
+    ids = generate(model, tokenizer, prompt.input_ids, None, technique, max_new_tokens, stop_rule,
+                   prefilled=start).ids[0]
     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return {"answer": answer, "recall": recall(answer, needle.real_needle)}
 
@@ -242,16 +245,27 @@ def grid_cells(needles: list[Needle], lengths: list[int], depths: list[float], *
 
 def evaluate_niah(model, tokenizer, needles: list[Needle], haystack: str, lengths: list[int], depths: list[float],
              out: Path | None = None, chat_template: bool | None = None, quiet: bool = False, label: str = "niah",
-             extra: dict | None = None, technique=None, prompt: PromptKind = "clean") -> list[dict]:
+             extra: dict | None = None, technique=None, prompt: PromptKind = "clean",
+             systems: list[System] | None = None) -> list[dict]:
     """Run the NIAH grid; rows carry length, depth, needle, answer, recall (None with `skipped`).
     Trials generate with `technique` (None: the model as it is); `extra` must name it when rows of
-    several share a file, since rows are resumed by their extra fields, needle, length and depth."""
+    several share a file, since rows are resumed by their extra fields, needle, length and depth.
+
+    `systems` instead of `technique` and `extra`: every system on each prompt in turn, the prompt
+    prefilled once for all of them (each system's `fields` name it in the rows, and each must
+    `shares_prefill`: the model as it is, or a retrieval-head cache with the full prefill); the answers
+    equal one prefill per system (`kvcache.fork`)."""
     from attnkit.evals.runner import run_grid
 
     check_lengths(model, lengths)
     check_depths(depths)
     chat_template = use_chat_template(tokenizer, chat_template)
     builder = prompt_builder(prompt, tokenizer, haystack, chat_template, max(lengths))
+    by_fields, share = {}, None
+    if systems is not None:
+        share = shared_prefill_of(systems)
+        by_fields = {tuple(sorted(s.fields.items())): s.technique for s in systems}
+    prefilled: dict = {}  # the current prompt's shared prefill (one at a time)
 
     def work(cell):
         needle = needles[cell["needle"]]
@@ -259,10 +273,22 @@ def evaluate_niah(model, tokenizer, needles: list[Needle], haystack: str, length
             built = builder.build(needle, cell["length"], cell["depth"])
         except AttnkitError as e:
             return {"answer": None, "recall": None, "skipped": str(e)}
-        return run_trial(model, tokenizer, built, needle, technique=technique, stop_rule=prompt)
+        if systems is None:
+            return run_trial(model, tokenizer, built, needle, technique=technique, stop_rule=prompt)
+        key = (cell["needle"], cell["length"], cell["depth"])
+        if key not in prefilled:
+            prefilled.clear()
+            prefilled[key] = share.prefill_once(model, built.input_ids, None, chunk=share.prefill_chunk,
+                                                select_window=share.select)
+        mine = by_fields[tuple(sorted((k, cell[k]) for k in systems[0].fields))]
+        return run_trial(model, tokenizer, built, needle, technique=mine, stop_rule=prompt, shared=prefilled[key])
 
-    cells = grid_cells(needles, lengths, depths, **(extra or {}))
-    fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")
+    if systems is None:
+        cells = grid_cells(needles, lengths, depths, **(extra or {}))
+        fields = tuple((extra or {}).keys()) + ("needle", "length", "depth")
+    else:  # a prompt's systems one after another
+        cells = [{**s.fields, **c} for c in grid_cells(needles, lengths, depths) for s in systems]
+        fields = tuple(systems[0].fields) + ("needle", "length", "depth")
     settings = run_settings("niah", model, needles, [haystack], lengths, depths, chat_template=chat_template,
                             max_new_tokens=ANSWER_ROOM, prompt=prompt) if out is not None else None
     return run_grid(cells, fields, work, out, description=label, quiet=quiet, settings=settings)
@@ -280,9 +306,41 @@ def run_settings(kind: str, model, needles: list[Needle], haystacks: list[str], 
             "depths": [float(d) for d in depths], **options}
 
 
+@dataclass(frozen=True)
+class _Shared:
+    prefill_once: object  # HeadKVConfig.prefill_once
+    prefill_chunk: int | None
+    select: int  # the most of the prompt's last queries a system's token budgets are chosen by
+
+
+def shared_prefill_of(systems: list[System]) -> _Shared:
+    """How one prefill of a prompt serves every system of `systems`, or a clear error why it cannot."""
+    cfgs = [s.technique for s in systems if s.technique is not None]
+    if not cfgs or not all(hasattr(c, "prefill_once") and c.shares_prefill for c in cfgs):
+        raise AttnkitError("one prefill serves the model as it is and retrieval-head caches with the full prefill only")
+    chunks = {c.prefill_chunk for c in cfgs}
+    if len(chunks) > 1:
+        raise AttnkitError(f"one prefill serves caches of one prefill chunk, not {sorted(chunks)}")
+    if len({tuple(sorted(s.fields)) for s in systems}) > 1 or len({tuple(sorted(s.fields.items())) for s in systems}) < len(systems):
+        raise AttnkitError("systems sharing a prefill need fields of the same names and distinct values")
+    return _Shared(cfgs[0].prefill_once, chunks.pop(), max([c.observed_queries for c in cfgs] + [1]))
+
+
 def compare_systems(model, tokenizer, grid: Grid, systems: list[System], out: Path | None = None,
-                    quiet: bool = False, **options) -> dict[str, dict]:
-    """The same grid under each system (rows of all of them may share `out`); summaries by name."""
+                    quiet: bool = False, share_prefill: bool | None = None, **options) -> dict[str, dict]:
+    """The same grid under each system (rows of all of them may share `out`); summaries by name.
+    `share_prefill` (None: where there are several systems and one prefill can serve them all, see
+    `evaluate_niah`'s `systems`): each prompt prefilled once for every system, the same answers."""
+    if share_prefill is None:
+        try:
+            share_prefill = len(systems) > 1 and shared_prefill_of(systems) is not None
+        except AttnkitError:
+            share_prefill = False
+    if share_prefill:
+        rows = evaluate_niah(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out,
+                             quiet=quiet, label="systems", systems=systems, **options)
+        return {s.name: summarize_niah([r for r in rows if all(r.get(k) == v for k, v in s.fields.items())])
+                for s in systems}
     summaries = {}
     for d in systems:
         rows = evaluate_niah(model, tokenizer, grid.needles, grid.haystack, grid.lengths, grid.depths, out=out, quiet=quiet,
