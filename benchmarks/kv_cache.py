@@ -81,6 +81,8 @@ def measure(model, ids, args, new_cache) -> dict:
         sync(args.device)
         prefill_s.append(time.perf_counter() - t)
         row.update(kv_bytes=kv_bytes(cache), rss_after_prefill_mib=round(rss_mib(), 1))
+        if hasattr(cache, "peak_kv_bytes"):  # the most it held at once during the prefill
+            row["peak_kv_bytes"] = cache.peak_kv_bytes
         for _ in range(args.steps):
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
@@ -126,6 +128,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk for both caches")
     ap.add_argument("--prefill", default="window", help="window, full or both (window,full): how window heads prefill")
     ap.add_argument("--scores", default=None, help="choose heads from this score file (default: seeded random)")
+    ap.add_argument("--memory", default="", help="memory targets too (fractions of the model's own cache, e.g. "
+                    "0.25,0.1; needs --scores): full heads and token budgets planned at each length, full prefill")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
@@ -141,7 +145,15 @@ def main():
     configs = {p: HeadKVConfig(full, args.sink, args.window, args.chunk, prefill=p) for p in args.prefill.split(",")}
     rec = Record(args, "kv_cache", {"full_fraction": args.full, "sink": args.sink, "window": args.window,
                       "chunk": args.chunk, "steps": args.steps, "repeats": args.repeats, "prefill": args.prefill,
-                      "scores": args.scores})
+                      "scores": args.scores, "memory": args.memory})
+    targets = []
+    if args.memory:
+        if not args.scores:
+            ap.error("--memory ranks the KV heads by importance: give --scores")
+        from attnkit.kvcache.plan import load_score_sets, plan
+        targets = [plan(load_score_sets(args.scores), model.config, memory=float(m), sink=args.sink,
+                        window=args.window, prefill_chunk=args.chunk, prefill_mode="full")
+                   for m in args.memory.split(",") if m.strip()]
     with head_kv(model, next(iter(configs.values()))):
         caches = {"full cache": lambda: DynamicCache(config=model.config)}
         for p, config in configs.items():
@@ -152,7 +164,11 @@ def main():
                 continue
             ids = torch.randint(3, model.config.vocab_size, (1, length), device=args.device)
             rows = {}
-            for name, new_cache in caches.items():
+            at_length = dict(caches)
+            for target in targets:  # planned at this length: the most important heads full, token budgets
+                plan_here = target.resolve(architecture(model.config), length)
+                at_length[f"memory {target.memory:g}, full prefill"] = lambda c=plan_here: HeadKVCache(model, c)
+            for name, new_cache in at_length.items():
                 try:
                     rows[name] = measure(model, ids, args, new_cache)
                 except torch.OutOfMemoryError:
