@@ -7,15 +7,17 @@ same plan in attnkit's HF cache, on the same prompts (the same token ids for eve
 The plan: the full-cache KV heads by copy + echo + induction scores (the recipe), as many as fit
 --target of the model's own cache at --length with 16 sink tokens, the other heads a --window token
 window attending within sink + window in prefill too (what vLLM's cache can hold: it frees a window head's
-blocks as the prefill moves on). Two routes in vLLM: the plugin's sink + window heads (`--kv-sink 16`, the
-default) and vLLM's own sliding window without sinks (`--kv-sink 0`); attnkit's HF cache runs both, and
-its default full prefill too (window heads reading the whole prompt, trimmed after it), to show what the
-window prefill costs. Every vLLM server starts with the same KV memory (VLLM_CPU_KVCACHE_SPACE) and block
-size; the rows carry vLLM's own figures from its start-up log (KV cache tokens, maximum concurrency at
---length tokens per request) and their ratio, recall on the number needles (6 needles x depths, ROUGE-1
-recall as attnkit's NIAH scores it, bootstrap 95%), how many prompts vLLM decodes token for token as
-attnkit's HF cache with the same plan does (greedy, float32), and, under load (--clients), requests and
-generated tokens per second with that many clients sending the long prompts at once.
+blocks as the prefill moves on). Three routes in vLLM (`--servers`): the plugin's sink + window heads with
+the window prefill (`sink`), the same with the full prefill (`sink-full-prefill`: window heads read the
+whole prompt, their blocks held until it ends, then trimmed), and vLLM's own sliding window without sinks
+(`no-sink`); attnkit's HF cache runs each with the same plan. Every vLLM server starts with the same KV
+memory (VLLM_CPU_KVCACHE_SPACE) and block size; the rows carry vLLM's own figures from its start-up log
+(KV cache tokens, maximum concurrency at --length tokens per request: what vLLM promises before any
+request, the full prefill's reservation of the whole prompt included) and their ratio, recall on the
+number needles (6 needles x depths, ROUGE-1 recall as attnkit's NIAH scores it, bootstrap 95%), how many
+prompts vLLM decodes token for token as attnkit's HF cache with the same plan does (greedy, float32), and,
+under load (--clients), requests and generated tokens per second with that many clients sending the long
+prompts at once, with the most requests vLLM ran at once (its own metrics, read every half second).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,15 +84,41 @@ def ask_vllm(base: str, ids: list[int], max_new: int, ignore_eos: bool = False) 
     return list(r.json()["choices"][0]["token_ids"])
 
 
+RUNNING = re.compile(r"^vllm:num_requests_running\{[^}]*\} ([\d.e+]+)$", re.M)
+
+
+def running(base: str) -> int | None:
+    """Requests vLLM is running now (prefilling or decoding), from its own metrics."""
+    try:
+        return int(sum(float(v) for v in RUNNING.findall(httpx.get(base + "/metrics", timeout=5).text)))
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def load(base: str, prompts: list[dict], clients: int, new_tokens: int) -> dict:
-    """`clients` requests at once, each a long prompt (cycled) generating `new_tokens` tokens."""
+    """`clients` requests at once, each a long prompt (cycled) generating `new_tokens` tokens; the most
+    requests vLLM ran at once, read every half second while they go."""
     jobs = [prompts[i % len(prompts)]["input_ids"] for i in range(clients)]
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.wait(0.5):
+            now = running(base)
+            if now is not None:
+                seen.append(now)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     t = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        outs = list(pool.map(lambda ids: ask_vllm(base, ids, new_tokens, ignore_eos=True), jobs))
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            outs = list(pool.map(lambda ids: ask_vllm(base, ids, new_tokens, ignore_eos=True), jobs))
+    finally:
+        stop.set()
+        watcher.join()
     wall = time.perf_counter() - t
     return {"clients": clients, "requests": len(jobs), "wall_s": round(wall, 1), "req_per_s": round(len(jobs) / wall, 3),
-            "gen_tok_per_s": round(sum(map(len, outs)) / wall, 2)}
+            "gen_tok_per_s": round(sum(map(len, outs)) / wall, 2), "peak_running": max(seen, default=None)}
 
 
 def main():
@@ -110,6 +139,10 @@ def main():
     ap.add_argument("--attnkit-systems", default="full,no-sink,sink,sink-full-prefill",
                     help="which of attnkit's HF systems to run (a slow model: 'sink' alone is the one the target "
                          "compares with)")
+    ap.add_argument("--servers", default="full,no-sink,sink,sink-full-prefill",
+                    help="which vLLM servers to run: vLLM's full cache and the plugin's routes (no-sink: vLLM's "
+                         "own window; sink: sink + window, window prefill; sink-full-prefill: sink + window, full "
+                         "prefill); each is compared with attnkit's HF system of the same name where it ran")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     ap.add_argument("--start-timeout", type=float, default=600)
@@ -141,7 +174,8 @@ def main():
                                    "full_heads": len(kv[0].full), "kv_heads": len(choosable(model.config)),
                                    "kv_gib": args.kv_gib, "batched_tokens": args.batched_tokens,
                                    "block_size": args.block_size, "max_new_tokens": args.max_new_tokens,
-                                   "load_new_tokens": args.load_new_tokens, "prompts": len(prompts), "vllm": subprocess.run(
+                                   "load_new_tokens": args.load_new_tokens, "prompts": len(prompts),
+                                   "servers": args.servers, "vllm": subprocess.run(
                                        [python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                        text=True).stdout.strip()})
 
@@ -172,11 +206,18 @@ def main():
         print(f"{name}: done", flush=True)
     del model
     figures, loads = {}, {}
-    servers = [("vLLM full cache", None, "attnkit full cache"),
-               ("vLLM + attnkit plugin, no sink (vLLM's window)", vllm_overrides(kv[0], load_config(args.model)),
-                "attnkit plan, no sink"),
-               (f"vLLM + attnkit plugin, {sink_name}", vllm_overrides(kv[args.sink], load_config(args.model)),
-                f"attnkit plan, {sink_name}")]
+    config = load_config(args.model)
+    every_server = {"full": ("vLLM full cache", None, "attnkit full cache"),
+                    "no-sink": ("vLLM + attnkit plugin, no sink (vLLM's window)", vllm_overrides(kv[0], config),
+                                "attnkit plan, no sink"),
+                    "sink": (f"vLLM + attnkit plugin, {sink_name}", vllm_overrides(kv[args.sink], config),
+                             f"attnkit plan, {sink_name}"),
+                    "sink-full-prefill": (f"vLLM + attnkit plugin, {sink_name}, full prefill",
+                                          vllm_overrides(kv_full_prefill, config), f"attnkit plan, {sink_name}, full prefill")}
+    chosen = [w.strip() for w in args.servers.split(",") if w.strip()]
+    if not chosen or set(chosen) - set(every_server):
+        sys.exit(f"--servers: choose among {', '.join(every_server)}")
+    servers = [(w, *every_server[w]) for w in every_server if w in chosen]
     same_as = {}
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     vkey = hashlib.sha1(json.dumps([key, args.kv_gib, args.batched_tokens, args.block_size, args.sink,
@@ -189,7 +230,7 @@ def main():
         with vdone.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
 
-    for name, ov, same in servers:
+    for short, name, ov, same in servers:
         same_as[name] = same
         answers = {d["prompt"]: d["ids"] for d in kept if d["system"] == name and "prompt" in d}
         loads[name] = {d["load"]["clients"]: d["load"] for d in kept if d["system"] == name and "load" in d}
@@ -198,7 +239,7 @@ def main():
         missing_load = [c for c in clients if c not in loads[name]] if wants_load else []
         if figures[name] is None or len(answers) < len(prompts) or missing_load:
             server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args.batched_tokens, args,
-                                                     logs / f"{name.split(',')[0].replace(' ', '_')}_{args.sink if ov else 0}.log")
+                                                     logs / f"vllm_{short}.log")
             keep({"system": name, "figures": figures[name]})
             try:
                 for q in prompts:

@@ -23,7 +23,7 @@ from attnkit.kvcache.config import HeadKVConfig
 from attnkit.core.registry import choice
 from attnkit.errors import AttnkitError
 from attnkit.kvcache.technique import vllm_overrides
-from attnkit.kvcache.vllm_form import ARCHITECTURE, ARCHITECTURES, PLAN_KEY, head_letters
+from attnkit.kvcache.vllm_form import ARCHITECTURE, ARCHITECTURES, PLAN_KEY, head_letters, read_plan
 from attnkit.serve import vllm
 from conftest import result_lines, tiny_config
 
@@ -38,10 +38,15 @@ def test_the_plan_in_vllm_form_and_what_it_refuses():
     config.architectures = ["LlamaForCausalLM"]
     kv = HeadKVConfig(frozenset({(2, 1), (0, 0)}), sink=16, window=32, prefill="window")
     found = vllm_overrides(kv, config)
-    assert found == {"architectures": [ARCHITECTURE], PLAN_KEY: {"full": [[0, 0], [2, 1]], "window": 32, "sink": 16}}
+    assert found == {"architectures": [ARCHITECTURE],
+                     PLAN_KEY: {"full": [[0, 0], [2, 1]], "window": 32, "sink": 16, "prefill": "window"}}
     json.dumps(found)  # travels as --hf-overrides
-    refused = {"--kv-prefill window": HeadKVConfig(kv.full, sink=16, window=32, prefill="full"),
-               "compensation": HeadKVConfig(kv.full, sink=16, window=32, prefill="window", compensate=True),
+    full_prefill = vllm_overrides(HeadKVConfig(kv.full, sink=16, window=32, prefill="full"), config)
+    assert full_prefill[PLAN_KEY]["prefill"] == "full"
+    assert read_plan(full_prefill[PLAN_KEY])["prefill"] == "full" and read_plan({"full": [], "window": 8})["prefill"] == "window"
+    with pytest.raises(ValueError, match="'full' or 'window'"):
+        read_plan({"full": [], "window": 8, "prefill": "chunked"})
+    refused = {"compensation": HeadKVConfig(kv.full, sink=16, window=32, prefill="window", compensate=True),
                "token budgets": HeadKVConfig(kv.full, sink=16, window=32, prefill="full", budgets={(1, 0): 8})}
     for why, cfg in refused.items():
         with pytest.raises(AttnkitError, match="vLLM"):
@@ -179,10 +184,13 @@ def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
 
 @needs_vllm
 @pytest.mark.slow
-def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
+@pytest.mark.parametrize("prefill", ["full", "window"])
+def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path, prefill):
     """vLLM with the per-head split against attnkit's HF cache with the same plan (16 sink tokens, a
-    window of 64, window prefill), greedy in float32, on three prompts of 500-900 tokens sent at once
-    (decoded together by vLLM): the window heads' middle blocks freed, their sink blocks kept and read."""
+    window of 64) and prefill, greedy in float32, on three prompts of 500-900 tokens sent at once
+    (decoded together by vLLM, the prompts prefilled in chunks of 256 tokens): the window heads' middle
+    blocks freed (with the full prefill: only once the prompt has run), their sink blocks kept and read.
+    The prefill modes decode differently here, so each is told apart from the other."""
     from concurrent.futures import ThreadPoolExecutor
 
     from attnkit.core.generate import generate
@@ -190,8 +198,9 @@ def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
 
     model, tok = smollm2
     full = sorted({(layer, 0) for layer in range(0, 30, 2)} | {(5, 2), (23, 1)})
-    kv = HeadKVConfig(frozenset(full), sink=16, window=64, prefill="window")
-    no_sink = HeadKVConfig(frozenset(full), sink=0, window=64, prefill="window")
+    kv = HeadKVConfig(frozenset(full), sink=16, window=64, prefill=prefill)
+    other = HeadKVConfig(frozenset(full), sink=16, window=64, prefill={"full": "window", "window": "full"}[prefill])
+    no_sink = HeadKVConfig(frozenset(full), sink=0, window=64, prefill=prefill)
     haystack = N.load_haystack(None)
     prompts = [N.prompt_builder("clean", tok, haystack, True, n).build(needle, n, 50).input_ids
                for n, needle in zip((900, 700, 500), N.passkey_needles())]
@@ -200,12 +209,13 @@ def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path):
     plain = generate(model, tok, ids, None, None, 24, stop_rule="eos").ids[0]
     without = generate(model, tok, ids, None, no_sink, 24, stop_rule="eos").ids[0]
     assert want[0] != plain and want[0] != without, "the sinks or the window change nothing here: the test could not fail"
+    assert want[0] != generate(model, tok, ids, None, other, 24, stop_rule="eos").ids[0], "the prefill changes nothing"
     scores = tmp_path / "scores.json"  # the plan's full heads as a score file: exactly those are chosen
     scores.write_text(json.dumps({f"{layer}-{q}": [1.0 if (layer, q // 3) in full else 0.0]
                                   for layer in range(30) for q in range(9)}))  # 9 query heads, 3 per KV head
     flags = ["--kv-scores", str(scores), "--kv-full", str(len(full) / 90), "--no-kv-recipe", "--kv-sink", "16",
-             "--kv-window", "64", "--kv-prefill", "window"]
-    server = VLLMServer(tmp_path, *flags)
+             "--kv-window", "64", "--kv-prefill", prefill]
+    server = VLLMServer(tmp_path, *flags, "--vllm-arg=--max-num-batched-tokens=256")
 
     def ask(ids):
         r = httpx.post(server.url + "/completions", json={"model": "smollm2-135m-instruct", "prompt": ids[0].tolist(),

@@ -92,14 +92,12 @@ def vllm_overrides(kv, model_config) -> dict:
     if base is None:
         raise AttnkitError(f"the KV cache through vLLM runs on {', '.join(ARCHITECTURES)} models; "
                            f"this one is {', '.join(archs) or 'unnamed'}")
-    if kv.prefill != "window":
-        raise AttnkitError("vLLM frees a window head's blocks as its prefill moves on, so its window heads attend "
-                           "within sink + window during prefill too: give --kv-prefill window with --engine vllm")
     if kv.compensate or kv.budgets or kv.memory:
         raise AttnkitError("the compensation token, token budgets and a memory target are not in vLLM's cache: "
                            "leave them off with --engine vllm")
     return {"architectures": [ARCHITECTURES[base]],
-            PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window), "sink": int(kv.sink)}}
+            PLAN_KEY: {"full": [list(h) for h in sorted(kv.full)], "window": int(kv.window), "sink": int(kv.sink),
+                      "prefill": kv.prefill}}
 
 
 ENTRY = register(Entry("kv-cache", "the retrieval-head KV cache: full cache for chosen KV heads, sink + window "

@@ -6,13 +6,18 @@ Imported only in vLLM's environment (it imports vLLM at the top). In reading ord
    `sink_len` tokens, and its block manager. vLLM's own sliding-window manager frees every block behind
    the window, the first ones too; this one frees the blocks between the sink blocks and the window, so
    a window head's memory stays sink blocks + window blocks whatever the sequence's length, and vLLM's
-   admission counts those sink blocks (`max_admission_blocks_per_request`).
+   admission counts those sink blocks (`max_admission_blocks_per_request`). With `full_prefill` it
+   frees nothing until the prompt's last token is computed (vLLM tells a manager the prompt's length),
+   then everything between the sinks and the window at once; admission then reserves the whole prompt
+   for these heads too, since a prompt holds it until its prefill ends.
 2. `SinkWindowImpl` and `SinkWindowBackend`: attention for those layers. vLLM's CPU kernel masks every
-   key left of the window, sinks included, so these layers attend in torch: each query reads the sink
-   tokens and its last `window` tokens (key position k is seen by query position p when k <= p and
-   (k < sink or k > p - window)), the semantics of attnkit's own cache with `prefill="window"`. The
-   layer's cache holds keys and values in a plain [block, kv head, slot, dim] layout that this impl
-   writes and reads itself.
+   key left of the window, sinks included, so these layers attend in torch: each decoding query reads
+   the sink tokens and its last `window` tokens (key position k is seen by query position p when k <= p
+   and (k < sink or k > p - window)). Prefill queries read the same keys (the semantics of attnkit's own
+   cache with `prefill="window"`) or, with `full_prefill`, every earlier key of the prompt (attnkit's
+   `prefill="full"`: every head reads the whole prompt, the cache is trimmed when it ends). The layer's
+   cache holds keys and values in a plain [block, kv head, slot, dim] layout that this impl writes and
+   reads itself.
 3. `HeadSplit`: one model's attention layer split per KV head, each KV head (with its query heads) a vLLM
    attention layer of its own with the plan's cache: full, or sink + window.
 4. `split_model` and the registered model classes: the stock vLLM model for Llama, Mistral, Qwen2 and
@@ -54,18 +59,22 @@ class SinkWindowSpec(SlidingWindowSpec):
     """A sliding window that also keeps the blocks holding the first `sink_len` tokens."""
 
     sink_len: int = 0
+    full_prefill: bool = False  # the whole prompt held (and read) until its prefill ends
 
     @property
     def sink_blocks(self) -> int:
         return cdiv(self.sink_len, self.block_size)
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+        if self.full_prefill:  # a prompt holds every block until its prefill ends: reserve as a full head does
+            return cdiv(max_model_len, self.block_size)
         window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
         return min(window + self.sink_blocks, cdiv(max_model_len, self.block_size) + 1)
 
 
 class SinkWindowManager(SlidingWindowManager):
-    """vLLM's sliding-window manager, freeing [sink blocks, first block the window still reads)."""
+    """vLLM's sliding-window manager, freeing [sink blocks, first block the window still reads); with
+    `full_prefill`, only once the prompt's tokens are all computed."""
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -73,9 +82,12 @@ class SinkWindowManager(SlidingWindowManager):
             raise ValueError("attnkit's sink + window heads cannot share prefix-cache blocks: start vLLM with "
                              "--no-enable-prefix-caching")
         self.sink_blocks = kv_cache_spec.sink_blocks
+        self.full_prefill = kv_cache_spec.full_prefill
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
+        if self.full_prefill and (num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens):
+            return  # the prompt's later queries still read every key
         skipped = self.get_num_skipped_tokens(processed_computed_tokens)
         if skipped <= 0 or request_id not in self.req_to_blocks:
             return
@@ -102,9 +114,10 @@ def _halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SinkWindowImpl(CPUAttentionBackendImpl):
-    """Attention of a sink + window layer; `sink` is set by `SinkWindowAttention`."""
+    """Attention of a sink + window layer; `sink` and `full_prefill` are set by `SinkWindowAttention`."""
 
     sink: int = 0
+    full_prefill: bool = False
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         keys, values = _halves(kv_cache)
@@ -141,7 +154,8 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
             first = length - (b - a)  # position of the request's first query in this step
             for c0 in range(first, length, QUERY_CHUNK):
                 c1 = min(c0 + QUERY_CHUNK, length)
-                low = max(0, c0 - self.sliding_window + 1)  # the chunk's first query reads from here
+                # the chunk's first query reads from `low` (and the sinks before it)
+                low = 0 if self.full_prefill else max(0, c0 - self.sliding_window + 1)
                 pos = torch.cat([torch.arange(min(self.sink, low)), torch.arange(low, c1)])
                 blocks = table[i, pos // size].long()
                 k = keys[blocks, :, pos % size].float()  # [keys, kv heads, dim]
@@ -149,7 +163,9 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
                 q = query[a + c0 - first:a + c1 - first].float().view(c1 - c0, kv_heads, group, -1)
                 logits = torch.einsum("qhgd,khd->hgqk", q, k) * self.scale
                 q_pos = torch.arange(c0, c1)[:, None]
-                seen = (pos[None] <= q_pos) & ((pos[None] < self.sink) | (pos[None] > q_pos - self.sliding_window))
+                seen = pos[None] <= q_pos
+                if not self.full_prefill:
+                    seen &= (pos[None] < self.sink) | (pos[None] > q_pos - self.sliding_window)
                 weights = logits.masked_fill(~seen, float("-inf")).softmax(-1)
                 out = torch.einsum("hgqk,khd->qhgd", weights, v)
                 output[a + c0 - first:a + c1 - first] = out.reshape(c1 - c0, heads, -1).to(output.dtype)
@@ -195,17 +211,18 @@ class SinkWindowBackend(CPUAttentionBackend):
 
 
 class SinkWindowAttention(Attention):
-    """A vLLM attention layer whose cache keeps `sink` first tokens beside its sliding window."""
+    """A vLLM attention layer whose cache keeps `sink` first tokens beside its sliding window (and, with
+    `full_prefill`, the whole prompt until its prefill ends)."""
 
-    def __init__(self, *args, sink: int, **kwargs):
+    def __init__(self, *args, sink: int, full_prefill: bool = False, **kwargs):
         super().__init__(*args, attn_backend=SinkWindowBackend, **kwargs)
-        self.sink = sink
-        self.impl.sink = sink
+        self.sink, self.full_prefill = sink, full_prefill
+        self.impl.sink, self.impl.full_prefill = sink, full_prefill
 
     def get_kv_cache_spec(self, vllm_config):
         spec = super().get_kv_cache_spec(vllm_config)
         given = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init}
-        return SinkWindowSpec(**given, sink_len=self.sink)
+        return SinkWindowSpec(**given, sink_len=self.sink, full_prefill=self.full_prefill)
 
 
 # ---------------------------------------------------------------- 3. one attention layer, split per KV head
@@ -222,8 +239,10 @@ class HeadSplit(nn.Module):
         heads = []
         for h in range(self.kv_heads):
             windowed = (layer, h) not in full
-            sink = {"sink": plan["sink"]} if windowed and plan["sink"] else {}
-            kind = SinkWindowAttention if sink else Attention
+            # vLLM's own window where it does the same (no sink, window prefill), attnkit's layer otherwise
+            ours = windowed and (plan["sink"] > 0 or plan["prefill"] == "full")
+            sink = {"sink": plan["sink"], "full_prefill": plan["prefill"] == "full"} if ours else {}
+            kind = SinkWindowAttention if ours else Attention
             heads.append(kind(self.group, self.dim, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{stock.layer_name}_{head_letters(h)}",
                               # a full head keeps the model's own window (None would inherit it anyway)

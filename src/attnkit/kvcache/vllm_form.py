@@ -13,14 +13,19 @@ PLAN_KEY = "attnkit_kv_plan"
 
 
 def read_plan(plan) -> dict:
-    """The plan from the model config, checked: {'full': {(layer, kv_head), ...}, 'window': W, 'sink': S}."""
-    form = f"the config field {PLAN_KEY} ({{'full': [[layer, kv_head], ...], 'window': W, 'sink': S}})"
+    """The plan from the model config, checked: {'full': {(layer, kv_head), ...}, 'window': W, 'sink': S,
+    'prefill': 'full' | 'window'} (a plan without 'prefill' is a window-prefill plan)."""
+    form = (f"the config field {PLAN_KEY} ({{'full': [[layer, kv_head], ...], 'window': W, 'sink': S, "
+            f"'prefill': 'full' | 'window'}})")
     if not isinstance(plan, dict) or "full" not in plan or "window" not in plan:
         raise ValueError(f"attnkit's split architectures need {form} through --hf-overrides")
-    window, sink = int(plan["window"]), int(plan.get("sink", 0))
+    window, sink, prefill = int(plan["window"]), int(plan.get("sink", 0)), plan.get("prefill", "window")
     if window < 1 or sink < 0:
         raise ValueError(f"{form}: the window must be at least 1 and the sink at least 0")
-    return {"full": {(int(layer), int(h)) for layer, h in plan["full"]}, "window": window, "sink": sink}
+    if prefill not in ("full", "window"):
+        raise ValueError(f"{form}: the prefill is 'full' or 'window', not {prefill!r}")
+    return {"full": {(int(layer), int(h)) for layer, h in plan["full"]}, "window": window, "sink": sink,
+            "prefill": prefill}
 
 
 def head_letters(h: int) -> str:

@@ -17,9 +17,11 @@ The plan travels in the model config (`--hf-overrides`), so every vLLM process s
     {"architectures": ["AttnkitHeadSplitQwen2"],
      "attnkit_kv_plan": {"full": [[layer, kv_head], ...], "window": 128, "sink": 16}}
 
-`attnkit serve --engine vllm --technique kv-cache ...` writes it (`kvcache.technique.vllm_overrides`).
-Window heads attend within sink + window during prefill too: attnkit's own cache with
-`--kv-prefill window` and the same plan decodes the same tokens (tested, greedy, float32).
+`attnkit serve --engine vllm --technique kv-cache ...` writes it (`kvcache.technique.vllm_overrides`),
+with the plan's prefill: "full" (the default: window heads read the whole prompt, their blocks held until
+it ends, then trimmed to sink + window) or "window" (window heads attend within sink + window during
+prefill too, their blocks freed as it moves on). attnkit's own cache with the same plan and prefill
+decodes the same tokens (tested, greedy, float32).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ to `python -m vllm.entrypoints.openai.api_server` in that venv. Techniques throu
 * plain: vLLM's own full cache (and, on Gemma 3, its own sliding-window layers);
 * `kv-cache`: the retrieval-head KV cache by `kvcache/vllm_plugin.py`: full heads keep vLLM's full cache,
   the others sink + window (attnkit's cache spec and block manager: sink blocks and window blocks held,
-  the blocks between them freed). vLLM frees those blocks as a prompt's prefill moves on, so window heads
-  attend within sink + window during prefill too: `--kv-prefill window` (attnkit's own cache with the same
-  settings decodes the same tokens). Prefix caching is turned off for it;
+  the blocks between them freed): with `--kv-prefill full` (the default) once the prompt has run, so
+  window heads read the whole prompt; with `--kv-prefill window` as the prefill moves on, window heads
+  then attending within sink + window during prefill too. attnkit's own cache with the same settings
+  decodes the same tokens. Prefix caching is turned off for it;
 * Attention Buckets: not through vLLM. A request needs one model row per RoPE base, every row its own
   rotary base, and their next-token logits combined before sampling; vLLM applies one rotary embedding
   per layer to every sequence and samples each sequence on its own.
