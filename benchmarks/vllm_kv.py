@@ -179,11 +179,15 @@ def main():
                                        [python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                        text=True).stdout.strip()})
 
-    logs = HERE / ".vllm-logs"  # vLLM's start-up logs (the rows carry its figures) and attnkit's answers
+    logs = HERE / ".vllm-logs"  # vLLM's start-up logs (the rows carry their figures)
     logs.mkdir(exist_ok=True)
+    # the answers and load rows so far, committed beside the results so that a run longer than one sitting
+    # resumes on another machine; their names carry a hash of the settings, so runs never mix
+    trials = HERE.parent / "results" / "benchmarks" / "vllm_kv_trials"
+    trials.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha1(json.dumps([args.model, args.max_new_tokens, sorted(kv[0].full), args.window,
                                    [q["id"] for q in prompts]]).encode()).hexdigest()[:12]
-    done = logs / f"attnkit_{key}.jsonl"  # one line per finished (system, prompt): a rerun resumes
+    done = trials / f"{args.model}_attnkit_{key}.jsonl"  # one line per finished (system, prompt): a rerun resumes
     outputs: dict[str, list[list[int]]] = {}
     finished = {(d["system"], d["prompt"]): d["ids"] for d in map(json.loads, done.read_text().splitlines())} \
         if done.is_file() else {}
@@ -222,7 +226,7 @@ def main():
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     vkey = hashlib.sha1(json.dumps([key, args.kv_gib, args.batched_tokens, args.block_size, args.sink,
                                     args.load_new_tokens, clients]).encode()).hexdigest()[:12]
-    vdone = logs / f"vllm_{vkey}.jsonl"  # vLLM's figures, answers and load rows as they come: a rerun resumes
+    vdone = trials / f"{args.model}_vllm_{vkey}.jsonl"  # vLLM's figures, answers and load rows as they come: a rerun resumes
     kept = [json.loads(x) for x in vdone.read_text().splitlines()] if vdone.is_file() else []
 
     def keep(entry: dict) -> None:

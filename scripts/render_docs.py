@@ -482,8 +482,8 @@ def mdqa_search(model: str = "smollm2-135m-instruct") -> str:
     return "\n".join(out)
 
 
-def bench_vllm_kv(model: str = "smollm2-135m-instruct") -> str:
-    path = RESULTS / "benchmarks" / f"vllm_kv_{model}_cpu.jsonl"
+def bench_vllm_kv(model: str = "smollm2-135m-instruct", variant: str = "") -> str:
+    path = RESULTS / "benchmarks" / f"vllm_kv_{model}{variant}_cpu.jsonl"
     head, rows = read_jsonl(path)
     body = [[r["system"], _est(r["recall"]), r.get("kv_tokens", ""), _ratio(r.get("max_concurrency")),
              _ratio(r.get("concurrency_over_full")),
@@ -495,26 +495,38 @@ def bench_vllm_kv(model: str = "smollm2-135m-instruct") -> str:
          "over vLLM's full cache", "same tokens as"], body)
     plugins = [r for r in rows if "plugin" in r["system"] and r.get("concurrency_over_full") is not None]
     by_name = {r["system"]: r for r in rows}
+    full_peaks = {x["clients"]: x.get("peak_running") for r in rows if r["system"] == "vLLM full cache"
+                  for x in r.get("load", [])}
     for r in plugins:
         hf = by_name.get(r.get("same_tokens_as", ""))
         if not hf:
             continue
         gap = r["recall"]["mean"] - hf["recall"]["mean"]
+        concurrency = (f"{r['concurrency_over_full']:.2f}x by vLLM's start-up figure, "
+                       f"**{'met' if r['concurrency_over_full'] >= 2.5 else 'not met'}**")
+        peaks = [(x["clients"], x["peak_running"], full_peaks.get(x["clients"])) for x in r.get("load", [])
+                 if x.get("peak_running") and full_peaks.get(x["clients"])]
+        for clients, peak, full_peak in peaks:  # what ran at once under load: the full prefill's real admission
+            concurrency += (f"; under {clients} clients at most {peak} requests ran at once against {full_peak} on "
+                            f"vLLM's full cache, {peak / full_peak:.2f}x, **{'met' if peak / full_peak >= 2.5 else 'not met'}**")
         lines += ["", f"Target for {r['system']} (the 0.30x plan: >= 2.5x the concurrent sequences of vLLM's full "
                       f"cache at the same KV memory, recall within 5 points of attnkit's HF cache with the same plan): "
-                      f"{r['concurrency_over_full']:.2f}x, **{'met' if r['concurrency_over_full'] >= 2.5 else 'not met'}**; "
-                      f"recall {_est(r['recall'])} against {_est(hf['recall'])}, {gap:+.1f} points, "
+                      f"{concurrency}; recall {_est(r['recall'])} against {_est(hf['recall'])}, {gap:+.1f} points, "
                       f"**{'met' if abs(gap) <= 5 else 'not met'}**."]
     loaded = [r for r in rows if r.get("load")]
     if loaded:
         table = []
+        peaked = any("peak_running" in x for r in loaded for x in r["load"])
         for r in loaded:
             for x in r["load"]:
-                table.append([r["system"], x["clients"], x["requests"], x["wall_s"], x["req_per_s"], x["gen_tok_per_s"]])
+                table.append([r["system"], x["clients"], x["requests"], x["wall_s"], x["req_per_s"], x["gen_tok_per_s"]]
+                             + ([x.get("peak_running", "")] if peaked else []))
         lines += ["", "Under load: every client sends one long prompt at once and generates "
                       f"{head.get('load_new_tokens', '')} tokens (ignoring end of sequence), on the same server as "
-                      "the row above:", ""] + _table(["system", "clients", "requests", "wall (s)", "requests/s",
-                                                       "generated tokens/s"], table)
+                      "the row above" + (" (most running at once: vLLM's own count, read every half second)" if peaked
+                                         else "") + ":", ""] + _table(
+            ["system", "clients", "requests", "wall (s)", "requests/s", "generated tokens/s"]
+            + (["most running at once"] if peaked else []), table)
     lines += ["", f"*{head['prompts']} prompts ({head['length']}-token number needles), greedy, float32, at most "
                   f"{head.get('max_new_tokens', 40)} new tokens; the plan: {head['full_heads']} of {head['kv_heads']} KV "
                   f"heads full (copy + echo + induction), the others a {head['window']}-token window, with {sink} sink "
@@ -685,6 +697,7 @@ BLOCKS = {
     "mdqa-search-gemma": lambda: mdqa_search("gemma-3-270m"),
     "bench-mdqa-gemma": lambda: bench_mdqa("gemma-3-270m"),
     "bench-vllm-kv-smollm2": bench_vllm_kv,
+    "bench-vllm-kv-smollm2-full-prefill": lambda: bench_vllm_kv(variant="_full_prefill"),
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
     "bench-serve-vllm": bench_serve_vllm,
