@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.attention import Attention
@@ -161,14 +162,15 @@ class SinkWindowImpl(CPUAttentionBackendImpl):
                 k = keys[blocks, :, pos % size].float()  # [keys, kv heads, dim]
                 v = values[blocks, :, pos % size].float()
                 q = query[a + c0 - first:a + c1 - first].float().view(c1 - c0, kv_heads, group, -1)
-                logits = torch.einsum("qhgd,khd->hgqk", q, k) * self.scale
                 q_pos = torch.arange(c0, c1)[:, None]
-                seen = pos[None] <= q_pos
+                seen = pos[None] <= q_pos  # [queries, keys]
                 if not self.full_prefill:
                     seen &= (pos[None] < self.sink) | (pos[None] > q_pos - self.sliding_window)
-                weights = logits.masked_fill(~seen, float("-inf")).softmax(-1)
-                out = torch.einsum("hgqk,khd->qhgd", weights, v)
-                output[a + c0 - first:a + c1 - first] = out.reshape(c1 - c0, heads, -1).to(output.dtype)
+                shape = (kv_heads, group, len(pos), k.shape[-1])  # every query head of a KV head reads its keys
+                out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.transpose(0, 1)[:, None].expand(shape),
+                                                     v.transpose(0, 1)[:, None].expand(shape), attn_mask=seen,
+                                                     scale=self.scale)  # [kv heads, group, queries, dim]
+                output[a + c0 - first:a + c1 - first] = out.permute(2, 0, 1, 3).reshape(c1 - c0, heads, -1).to(output.dtype)
         return output
 
     def _decode_index(self, attn_metadata, table, starts, lengths, rows, size):
