@@ -239,7 +239,7 @@ def main():
         answers = {d["prompt"]: d["ids"] for d in kept if d["system"] == name and "prompt" in d}
         loads[name] = {d["load"]["clients"]: d["load"] for d in kept if d["system"] == name and "load" in d}
         figures[name] = next((d["figures"] for d in kept if d["system"] == name and "figures" in d), None)
-        wants_load = name.startswith("vLLM full") or "sink tokens" in name
+        wants_load = short != "no-sink"  # vLLM's window without sinks keeps too little to be worth loading
         missing_load = [c for c in clients if c not in loads[name]] if wants_load else []
         if figures[name] is None or len(answers) < len(prompts) or missing_load:
             server, base, figures[name] = start_vllm(python, resolve_spec(args.model), ov, args.batched_tokens, args,

@@ -238,18 +238,19 @@ class HeadSplit(nn.Module):
         self.kv_heads, self.dim = stock.num_kv_heads, stock.head_size
         self.group = stock.num_heads // self.kv_heads  # query heads per KV head
         full = {tuple(h) for h in plan["full"]}
+        # a window head: vLLM's own window where it does the same (no sink, window prefill), attnkit's otherwise
+        full_prefill = plan["prefill"] == "full"
+        ours = plan["sink"] > 0 or full_prefill
         heads = []
         for h in range(self.kv_heads):
             windowed = (layer, h) not in full
-            # vLLM's own window where it does the same (no sink, window prefill), attnkit's layer otherwise
-            ours = windowed and (plan["sink"] > 0 or plan["prefill"] == "full")
-            sink = {"sink": plan["sink"], "full_prefill": plan["prefill"] == "full"} if ours else {}
-            kind = SinkWindowAttention if ours else Attention
+            kind, extra = ((SinkWindowAttention, {"sink": plan["sink"], "full_prefill": full_prefill})
+                           if windowed and ours else (Attention, {}))
             heads.append(kind(self.group, self.dim, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{stock.layer_name}_{head_letters(h)}",
                               # a full head keeps the model's own window (None would inherit it anyway)
                               per_layer_sliding_window=plan["window"] if windowed else stock.sliding_window,
-                              **sink))
+                              **extra))
         self.heads = nn.ModuleList(heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
