@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +66,7 @@ from attnkit.heads.patterns import pattern_scores
 def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, window: int, chunk: int,
                 recipe: bool, all_window: bool = True, random_at: list[float] | None = None,
                 token_budgets: list[tuple[float, float, str]] = (), tokens: int = 4096,
-                memory: list[float] = (), memory_full: float = 0.5) -> list[tuple[System, HeadKVConfig | None]]:
+                memory: list[tuple[float, float]] = ()) -> list[tuple[System, HeadKVConfig | None]]:
     sets = load_score_sets(scores_path)
     if recipe:
         sets = sets + list(pattern_scores(model, tok))
@@ -97,7 +98,7 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
             cfg = dataclasses.replace(cfg, select_kernel=kernel[0])
         name = label("retrieval" if full > 0 else "none", full, cfg, importance=importance, split=split)
         out.append((System(name, {"cache": name, "head_tokens": per_head}, cfg), cfg))
-    for target in memory:  # a memory target: full heads and token budgets chosen at each prompt's length
+    for target, memory_full in memory:  # a memory target: full heads and token budgets chosen at each prompt's length
         cfg = plan(sets, model.config, memory=target, memory_full=memory_full, **options)
         name = f"memory {target:g} ({importance}, {memory_full:g} of it on full heads) sink {sink} window {window}"
         out.append((System(name, {"cache": name, "memory": target}, cfg), cfg))
@@ -154,7 +155,8 @@ def main() -> None:
     ap.add_argument("--random-at", default=None, help="fractions of --budgets with a random-heads row (default: all; 'none')")
     ap.add_argument("--token-budgets", default="", help="RATIO:FULL:SPLIT,... caches with token budgets (see above)")
     ap.add_argument("--memory", default="", help="memory targets, fractions of the model's own cache "
-                    "(e.g. 0.5,0.25,0.125,0.1): full heads and token budgets chosen at each prompt's length")
+                    "(e.g. 0.5,0.25,0.125,0.1): full heads and token budgets chosen at each prompt's length; "
+                    "TARGET:SHARE (e.g. 0.25:0.75) spends SHARE of that target on full heads instead of --memory-full")
     ap.add_argument("--memory-full", type=float, default=0.5, help="with --memory: the share of the target "
                     "spent on full heads")
     ap.add_argument("--probe-tokens", type=int, default=16, help="memory probe: every attnkit system (and each "
@@ -199,14 +201,21 @@ def main() -> None:
                 raise ValueError
         except ValueError:
             ap.error(f"--token-budgets: {spec!r} is not RATIO:FULL:SPLIT[:KERNEL] (e.g. 0.27:0.1:importance)")
-    memory = [float(x) for x in args.memory.split(",") if x.strip()]
+    memory = []
+    for spec in filter(None, (x.strip() for x in args.memory.split(","))):
+        try:
+            target, share = (spec.split(":") + [str(args.memory_full)])[:2]
+            memory.append((float(target), float(share)))
+        except ValueError:
+            ap.error(f"--memory: {spec!r} is not TARGET or TARGET:SHARE (e.g. 0.25 or 0.25:0.75)")
     args.dtype = "float32"
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     record = Record(args, "kv_ruler", {"tasks": tasks, "lengths": lengths, "samples": args.samples,
                                        "other_samples": args.other_samples,
                                        "scores": args.scores, "recipe": not args.no_recipe, "all_window": not args.no_all_window,
                                        "budgets": budgets, "random_at": random_at, "token_budgets": token_budgets,
-                                       "memory": memory, "memory_full": args.memory_full, "sink": args.sink,
+                                       "memory": [t if f == args.memory_full else [t, f] for t, f in memory],
+                                       "memory_full": args.memory_full, "sink": args.sink,
                                        "window": args.window, "prefill": "full (the whole prompt, then trimmed)",
                                        "prefill_chunk": args.prefill_chunk or "whole prompt",
                                        "question": "after compression (query-agnostic)" if args.question_after
@@ -215,7 +224,7 @@ def main() -> None:
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
     chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, args.prefill_chunk or max(lengths) + 256,
                          not args.no_recipe, not args.no_all_window, random_at, token_budgets, max(lengths),
-                         memory, args.memory_full)
+                         memory)
     from attnkit.evals.niah import load_haystack
     essays = load_haystack(args.haystack) if args.haystack else None
     samples = {t: args.samples if t in R.NIAH_TASKS or args.other_samples is None else args.other_samples
@@ -445,6 +454,9 @@ def family(row: dict) -> str:
         return row["press"]
     if name.startswith("random"):
         return "random heads full (same count)"
+    if name.startswith("memory "):
+        share = re.search(r", ([0-9.]+) of it on full heads", name)
+        return f"memory target, {share.group(1) if share else '?'} of it on full heads"
     if name.endswith(" evenly"):
         return "no full heads, token budgets evenly (SnapKV layout)"
     if "middle tokens" in name:
