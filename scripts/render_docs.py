@@ -366,6 +366,52 @@ def question_placement(model: str = "smollm2-135m-instruct", aware: str = "_8k",
             f"({_rel(aware_path)})); mean [95% bootstrap interval], n prompts.*"])
 
 
+def kv_ruler_trials(model: str = "qwen2.5-coder-1.5b-instruct", variant: str = "_4k_question_after",
+                    device: str = "cpu", targets: tuple = ()) -> str:
+    """The answers a RULER run has committed so far (its trials file), before its summary exists: each
+    attnkit cache per task and its NIAH average over the prompts every cache of the run has answered
+    (paired with the full cache on those prompts), so a run that spans several sittings shows its n; for
+    each (memory, share) of `targets`, whether the best cache at that memory keeps that share so far."""
+    from attnkit.evals import stats
+    from attnkit.evals.ruler import NIAH_TASKS as NIAH
+
+    path = RESULTS / "benchmarks" / f"kv_ruler_{model}{variant}_{device}_trials.jsonl"
+    head, trials = read_jsonl(path)
+    run = head["attnkit_run"]
+    systems = list(run["systems"])
+    answered: dict[tuple, dict] = {}
+    for r in trials:
+        answered.setdefault((r["task"], r["length"], r["index"]), {})[r["system"]] = r["score"]
+    keys = sorted(k for k, by in answered.items() if all(s in by for s in systems))
+    if not keys:
+        raise MissingResults(f"{_rel(path)}: no prompt answered by every cache yet")
+    tasks = list(dict.fromkeys(k[0] for k in keys))
+    full = [answered[k]["full cache"] for k in keys if k[0] in NIAH]
+    body, kept_at = [], {}
+    for name in systems:
+        memory = run["systems"][name].get("memory")
+        by_task = [_est(stats.bootstrap_mean([answered[k][name] for k in keys if k[0] == t]).as_dict()) for t in tasks]
+        mine = [answered[k][name] for k in keys if k[0] in NIAH]
+        niah = stats.bootstrap_mean(mine)
+        kept = "" if name == "full cache" or not sum(full) else f"{100 * niah.mean / (sum(full) / len(full)):.0f}%"
+        if kept and memory is not None:
+            kept_at.setdefault(memory, []).append((100 * niah.mean / (sum(full) / len(full)), name))
+        body.append([name, "1.00x" if memory is None else f"{memory:.3g}x", *by_task, _est(niah.as_dict()), kept,
+                     "" if name == "full cache" else _est(stats.paired_difference(full, mine).as_dict(), signed=True)])
+    done = len({(k[0], k[2]) for k in keys})
+    return "\n".join([f"*{_rel(path)}: {done} prompts answered by every cache so far ({len(trials)} answers in all); "
+                      f"the run resumes from this file. Model {Path(run['model']).name}, {run['dtype']}, "
+                      f"question {run.get('question', 'in the prompt')}; prefill chunk {run.get('prefill_chunk')}. "
+                      f"Rows: [`{_rel(path)}`]({_rel(path)}).*", ""] + _table(
+        ["cache", "KV memory (target)", *tasks, "NIAH average", "share of the full cache's NIAH average",
+         "minus full (paired)"], body) + [
+        "", "*Mean RULER score (0-100, RULER's string match) [95% bootstrap interval], n prompts; only prompts "
+            "every cache has answered; tasks outside NIAH (vt, cwe, fwe) are indicative at this n.*"] + [
+        f"\n**Target at {memory:g}x** (so far): the best cache there, {best[1]}, keeps {best[0]:.0f}% of the full "
+        f"cache's NIAH average (target {100 * share:.0f}%: {'met' if best[0] >= 100 * share else 'not met'})."
+        for memory, share in targets if (best := max(kept_at.get(memory, [(None, None)]))) [0] is not None])
+
+
 def _chunks(head: dict) -> str:
     chunk = head.get("prefill_chunk")
     return f" in {chunk}-token chunks" if isinstance(chunk, int) else ""
@@ -690,6 +736,8 @@ BLOCKS = {
     "bench-kv-ruler-gemma-16k-kernel15": lambda: bench_kv_ruler("gemma-3-270m", variant="_16k_kernel15",
                                                                 within=((0.5, 5.0),)),
     "kv-choice-gemma": lambda: kv_choice("gemma-3-270m", ("_16k", "_16k_kernel15"), "Gemma-3-270M"),
+    "kv-ruler-qwen-4k-question-after-progress": lambda: kv_ruler_trials(targets=((0.25, 0.95), (0.1, 0.9))),
+    "kv-ruler-qwen-4k-memory-share": lambda: kv_ruler_trials(variant="_4k_memory_share"),
     "bench-mdqa-smollm2": bench_mdqa,
     "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),
     "bench-mdqa-smollm2-20-buckets": lambda: bench_mdqa(variant="_20docs_buckets"),
