@@ -210,6 +210,8 @@ def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
         tmp.write_text(json.dumps(content, indent=1))
         tmp.replace(path)
         done[step] = content
+        from attnkit.reproduce.report import build_report
+        build_report(study.out, study.command)  # the report always shows the steps finished so far
     return done
 
 
