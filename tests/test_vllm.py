@@ -86,6 +86,13 @@ def test_buckets_and_the_proxy_do_not_start_vllm(tmp_path):
         app, ["serve", "--engine", "tgi", "--model", "embedded"]).exception.args[0]
 
 
+def test_auto_means_float32_without_a_gpu_as_in_attnkits_own_engine(tmp_path):
+    assert vllm.engine_dtype("auto", gpu=False) == "float32" and vllm.engine_dtype("auto", gpu=True) == "auto"
+    assert vllm.engine_dtype("bf16", gpu=False) == "bf16"  # asked for by name: given as asked
+    argv = vllm.command("/py", tmp_path, "m", "h", 1, vllm.engine_dtype("auto", gpu=False))
+    assert argv[argv.index("--dtype") + 1] == "float32"
+
+
 def test_the_command_keeps_the_key_out_of_the_arguments(tmp_path):
     argv = vllm.command("/py", tmp_path, "m", "127.0.0.1", 8011, "fp32", {"a": [1]}, 4096, ("--enforce-eager",))
     assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]

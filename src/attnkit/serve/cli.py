@@ -110,11 +110,13 @@ def serve_vllm(model: str, choice, python: str | None, host: str, port: int, dty
     from attnkit.core.loading import resolve_spec
     from attnkit.serve import vllm
 
+    import torch
+
     python = vllm.find_python(python)
     path = resolve_spec(model)
     quiet_transformers()
-    argv = vllm.command(python, path, Path(model).name or model, host, port, dtype, vllm.overrides(choice, model),
-                        extra=extra)
+    argv = vllm.command(python, path, Path(model).name or model, host, port,
+                        vllm.engine_dtype(dtype, torch.cuda.is_available()), vllm.overrides(choice, model), extra=extra)
     console.print(f"attnkit serve --engine vllm: {' '.join(argv[1:])}", highlight=False, soft_wrap=True)
     os.execve(python, argv, vllm.environment(api_key))
 

@@ -68,6 +68,14 @@ def overrides(choice, model: str) -> dict | None:
     return entry.vllm(choice.finish(record, mdl, tok), config)
 
 
+def engine_dtype(dtype: str, gpu: bool) -> str:
+    """The --dtype vLLM is given: attnkit's `auto` means float32 without a GPU, as it does for attnkit's
+    own engine (vLLM's `auto` takes the checkpoint's bfloat16, which a CPU without native bfloat16
+    emulates: a 1.5B model's start-up warm-up alone ran past 10 minutes that way on 2 cores, against
+    under 4 in float32). On a GPU, or for any other name, vLLM gets what was asked."""
+    return "float32" if dtype.lower() == "auto" and not gpu else dtype
+
+
 def command(python: str, model_path: Path, name: str, host: str, port: int, dtype: str = "auto",
             overrides: dict | None = None, max_model_len: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The vLLM server's command line. An API key travels in the environment (VLLM_API_KEY), not here."""
