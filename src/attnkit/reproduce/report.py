@@ -75,7 +75,11 @@ def ablate_claims(r: dict) -> list[dict]:
 
 def _kv_name(x: dict) -> str:
     if x["system"] == "memory":
-        return f"memory target, heads by {x['importance']} ({x.get('budget_tokens', 0)} middle tokens)"
+        name = f"memory target, heads by {x['importance']} ({x.get('budget_tokens', 0)} middle tokens)"
+        if x.get("kv_ratio") is not None and x["kv_ratio"] > x["full"] + 0.01:  # below what sink + window hold
+            name += (f": out of reach, every head's sink + window alone hold {x['kv_ratio']:.2f}x at this length "
+                     "(a shorter window reaches it)")
+        return name
     return f"heads by {x['importance']}" if x["system"] == "retrieval" and x.get("importance") else x["system"]
 
 
