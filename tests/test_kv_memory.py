@@ -166,3 +166,34 @@ def test_a_prompt_in_one_forward_peaks_at_the_trimmed_cache_plus_one_layer(famil
     peak, held = peak_and_held(chosen)
     assert peak == full and held == chosen.kv_bytes(arch, ids.shape[1], batch=2, bytes_per_value=4)
     assert generate(model, TOK, ids, mask, chosen, 10, stop_rule="eos").ids == fast
+
+
+def test_the_ruler_benchmark_takes_a_share_per_memory_target_and_refuses_a_bad_one(tmp_path):
+    """`kv_ruler.py --memory 0.25:0.75` spends 0.75 of that target on full heads (a sweep of shares in
+    one run); a spec that is not TARGET or TARGET:SHARE ends in one line, before any model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    r = subprocess.run([sys.executable, str(bench / "kv_ruler.py"), "--scores", str(tmp_path / "s.json"),
+                        "--memory", "0.25:half"], capture_output=True, text=True, cwd=bench)
+    assert r.returncode == 2 and "--memory: '0.25:half' is not TARGET or TARGET:SHARE" in r.stderr
+    assert "Traceback" not in r.stderr
+    sys.path.insert(0, str(bench))
+    try:
+        import kv_ruler
+    finally:
+        sys.path.remove(str(bench))
+    from attnkit.heads import scores as S
+
+    model = tiny_model("llama", 2)
+    S.save_scores({(l, h): [1.0 - 0.1 * (4 * l + h)] for l in range(3) for h in range(4)}, tmp_path / "s.json")
+    chosen = kv_ruler.systems_for(model, None, str(tmp_path / "s.json"), [], 1, 2, 64, recipe=False,
+                                  all_window=False, memory=[(0.5, 0.25), (0.5, 1.0)])
+    (low, a), (high, b) = chosen[1:]
+    assert "0.25 of it on full heads" in low.name and "1 of it on full heads" in high.name
+    arch = architecture(model.config)
+    few, many = a.resolve(arch, 64), b.resolve(arch, 64)
+    middle = [sum(n for _, n in c.budgets) for c in (few, many)]
+    assert len(few.full) < len(many.full) and middle[0] > middle[1]  # the rest of the target: middle tokens
