@@ -115,8 +115,10 @@ def study_verdicts() -> str:
                 parts.append(f"{label}: not run")
                 continue
             overall = V.all_hold([c["verdict"] for c in cs])
-            held = sum(c["verdict"].word == V.HOLDS for c in cs)
-            parts.append(f"{label}: {overall.word} ({held} of {len(cs)} claims hold)")
+            words = [c["verdict"].word for c in cs]
+            rest = "".join(f", {words.count(w)} " + (w.replace("does", "do") if words.count(w) > 1 else w)
+                           for w in dict.fromkeys(words) if w != V.HOLDS)
+            parts.append(f"{label}: {overall.word} ({words.count(V.HOLDS)} of {len(cs)} claims hold{rest})")
         lines.append(f"* **{title}**: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
