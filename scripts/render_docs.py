@@ -389,29 +389,35 @@ def kv_ruler_trials(model: str = "qwen2.5-coder-1.5b-instruct", variant: str = "
         raise MissingResults(f"{_rel(path)}: no prompt answered by every cache yet")
     tasks = list(dict.fromkeys(k[0] for k in keys))
     full = [answered[k]["full cache"] for k in keys if k[0] in NIAH]
-    body, kept_at = [], {}
+    full_mean = sum(full) / len(full) if full else 0.0
+    body, best = [], {}  # best: {memory: (share of the full cache's average, cache)}
     for name in systems:
         memory = run["systems"][name].get("memory")
         by_task = [_est(stats.bootstrap_mean([answered[k][name] for k in keys if k[0] == t]).as_dict()) for t in tasks]
         mine = [answered[k][name] for k in keys if k[0] in NIAH]
         niah = stats.bootstrap_mean(mine)
-        kept = "" if name == "full cache" or not sum(full) else f"{100 * niah.mean / (sum(full) / len(full)):.0f}%"
-        if kept and memory is not None:
-            kept_at.setdefault(memory, []).append((100 * niah.mean / (sum(full) / len(full)), name))
-        body.append([name, "1.00x" if memory is None else f"{memory:.3g}x", *by_task, _est(niah.as_dict()), kept,
+        share = 100 * niah.mean / full_mean if name != "full cache" and full_mean else None
+        if share is not None and memory is not None:
+            best[memory] = max(best.get(memory, (share, name)), (share, name))
+        body.append([name, "1.00x" if memory is None else f"{memory:.3g}x", *by_task, _est(niah.as_dict()),
+                     "" if share is None else f"{share:.0f}%",
                      "" if name == "full cache" else _est(stats.paired_difference(full, mine).as_dict(), signed=True)])
     done = len({(k[0], k[2]) for k in keys})
-    return "\n".join([f"*{_rel(path)}: {done} prompts answered by every cache so far ({len(trials)} answers in all); "
-                      f"the run resumes from this file. Model {Path(run['model']).name}, {run['dtype']}, "
-                      f"question {run.get('question', 'in the prompt')}; prefill chunk {run.get('prefill_chunk')}. "
-                      f"Rows: [`{_rel(path)}`]({_rel(path)}).*", ""] + _table(
+    lines = [f"*{_rel(path)}: {done} prompts answered by every cache so far ({len(trials)} answers in all); "
+             f"the run resumes from this file. Model {Path(run['model']).name}, {run['dtype']}, "
+             f"question {run.get('question', 'in the prompt')}; prefill chunk {run.get('prefill_chunk')}. "
+             f"Rows: [`{_rel(path)}`]({_rel(path)}).*", ""] + _table(
         ["cache", "KV memory (target)", *tasks, "NIAH average", "share of the full cache's NIAH average",
          "minus full (paired)"], body) + [
         "", "*Mean RULER score (0-100, RULER's string match) [95% bootstrap interval], n prompts; only prompts "
-            "every cache has answered; tasks outside NIAH (vt, cwe, fwe) are indicative at this n.*"] + [
-        f"\n**Target at {memory:g}x** (so far): the best cache there, {best[1]}, keeps {best[0]:.0f}% of the full "
-        f"cache's NIAH average (target {100 * share:.0f}%: {'met' if best[0] >= 100 * share else 'not met'})."
-        for memory, share in targets if (best := max(kept_at.get(memory, [(None, None)]))) [0] is not None])
+            "every cache has answered; tasks outside NIAH (vt, cwe, fwe) are indicative at this n.*"]
+    for memory, wanted in targets:
+        if memory in best:
+            kept, name = best[memory]
+            lines.append(f"\n**Target at {memory:g}x** (so far): the best cache there, {name}, keeps {kept:.0f}% of "
+                         f"the full cache's NIAH average (target {100 * wanted:.0f}%: "
+                         f"{'met' if kept >= 100 * wanted else 'not met'}).")
+    return "\n".join(lines)
 
 
 def _chunks(head: dict) -> str:

@@ -182,6 +182,8 @@ def run_facts(study: Study) -> dict:
 
 def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
     """Run (or resume) the steps named in `only`; returns {step: its result file's content}."""
+    from attnkit.reproduce.report import build_report
+
     bad = [s for s in only if s not in STEPS]
     if bad:
         raise AttnkitError(f"unknown study step {bad[0]!r}: choose among {', '.join(STEPS)}")
@@ -210,7 +212,6 @@ def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
         tmp.write_text(json.dumps(content, indent=1))
         tmp.replace(path)
         done[step] = content
-        from attnkit.reproduce.report import build_report
         build_report(study.out, study.command)  # the report always shows the steps finished so far
     return done
 
