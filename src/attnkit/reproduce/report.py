@@ -8,7 +8,7 @@ import html
 import json
 from pathlib import Path
 
-from attnkit.reproduce.study import STEPS
+from attnkit.reproduce import STEPS
 from attnkit.evals import stats
 from attnkit.reproduce import verdicts as V
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from attnkit.kvcache.config import KV_DEFAULTS
 from attnkit.errors import AttnkitError
-
-STEPS = ("heads", "ablate", "kv", "buckets", "s2a")
+from attnkit.reproduce import STEPS
+from attnkit.reproduce.report import build_report
 
 
 @dataclass(frozen=True)
@@ -182,8 +182,6 @@ def run_facts(study: Study) -> dict:
 
 def run_study(study: Study, only: tuple[str, ...] = STEPS) -> dict[str, dict]:
     """Run (or resume) the steps named in `only`; returns {step: its result file's content}."""
-    from attnkit.reproduce.report import build_report
-
     bad = [s for s in only if s not in STEPS]
     if bad:
         raise AttnkitError(f"unknown study step {bad[0]!r}: choose among {', '.join(STEPS)}")
