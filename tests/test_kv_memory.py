@@ -130,8 +130,8 @@ def test_a_memory_target_shares_one_prefill_with_the_full_cache(embedded):
     assert target.observed_queries == target.select_window and HeadKVConfig().observed_queries == 0
     systems = [System("full cache", {}), System("memory 0.3", {}, target)]
     args = (model, tok, ["niah_multikey_1"], [384], 2, systems)
-    shared = R.evaluate_ruler(*args, quiet=True, share_prefill=True)
-    alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False)
+    shared = R.evaluate_ruler(*args, quiet=True, share_prefill=True, max_new_tokens=24)
+    alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False, max_new_tokens=24)
     assert [r["answer"] for r in shared] == [r["answer"] for r in alone]
 
 

@@ -118,12 +118,12 @@ def test_lm_evals_own_ruler_runs_offline_on_a_pulled_model_and_equals_attnkits_l
 
     out = lm_eval.simple_evaluate(model="attnkit", model_args="model=smollm2-135m-instruct,technique=kv-cache,memory=0.25",
                                   tasks=["niah_single_2"], task_manager=tasks, batch_size=1, device="cpu",
-                                  log_samples=True, bootstrap_iters=0)
+                                  log_samples=True, bootstrap_iters=0, gen_kwargs="max_gen_toks=24")
     choice = registry.choice("kv-cache", ["memory=0.25"])
     record = choice.finish(choice.build(model.config), model, tok)  # what lm-eval's backend holds
     for sample in out["samples"]["niah_single_2"]:
         ids = tok(sample["arguments"][0][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
-        mine = tok.decode(generate(model, tok, ids, None, record, 128, stop_rule="eos").ids[0], skip_special_tokens=True)
+        mine = tok.decode(generate(model, tok, ids, None, record, 24, stop_rule="eos").ids[0], skip_special_tokens=True)
         assert sample["resps"][0][0].strip() == mine.strip() and any(c.isdigit() for c in mine), mine
     offline_ruler(None)
     with pytest.raises(AttnkitError, match="essay haystack comes from the Hugging Face Hub"):

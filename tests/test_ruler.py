@@ -122,8 +122,8 @@ def test_one_prefill_per_prompt_gives_the_answers_of_one_prefill_per_system(embe
                System("budgets", {}, HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full",
                                                   budgets=budgets))]
     args = (model, tok, ["niah_multikey_1"], [512], 2, systems)
-    shared = R.evaluate_ruler(*args, quiet=True)  # several shareable systems: shared by default
-    alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False)
+    shared = R.evaluate_ruler(*args, quiet=True, max_new_tokens=24)  # several shareable systems: shared by default
+    alone = R.evaluate_ruler(*args, quiet=True, share_prefill=False, max_new_tokens=24)
     assert [r["answer"] for r in shared] == [r["answer"] for r in alone]
     by_system = {}
     for r in alone:
@@ -195,16 +195,17 @@ def test_the_run_with_the_question_after_compression(embedded, tmp_path, monkeyp
                System("budgets", {}, HeadKVConfig(frozenset(heads[:1]), sink=4, window=16, prefill="full",
                                                   budgets=tuple((k, 24) for k in heads[1:])))]
     args = (model, tok, ["niah_single_1"], [512], 3, systems)
-    aware = R.evaluate_ruler(*args, quiet=True)
+    aware = R.evaluate_ruler(*args, quiet=True, max_new_tokens=24)
     seen, once = [], kvfork.record_prefill
     monkeypatch.setattr(kvfork, "record_prefill",
                         lambda m, ids, mask, cfg, chunk: seen.append((ids.shape[1], chunk)) or once(m, ids, mask, cfg, chunk))
-    shared = R.evaluate_ruler(*args, quiet=True, question_after=True, out=tmp_path / "after.jsonl", prefill_chunk=128)
+    shared = R.evaluate_ruler(*args, quiet=True, question_after=True, out=tmp_path / "after.jsonl", prefill_chunk=128,
+                              max_new_tokens=24)
     assert len(seen) == 3 and all(c == 128 and n < 512 for n, c in seen)  # one context prefill per prompt
-    alone = R.evaluate_ruler(*args, quiet=True, question_after=True, share_prefill=False)
+    alone = R.evaluate_ruler(*args, quiet=True, question_after=True, share_prefill=False, max_new_tokens=24)
     assert [r["answer"] for r in shared] == [r["answer"] for r in alone]  # one context prefill serves every cache
     full = [r["answer"] for r in shared if r["system"] == "full cache"]
     assert full == [r["answer"] for r in aware if r["system"] == "full cache"]
     assert [r["answer"] for r in shared] != [r["answer"] for r in aware]  # the budgets' choice moved
     with pytest.raises(AttnkitError, match="other settings"):  # never mixed with query-aware rows
-        R.evaluate_ruler(*args, quiet=True, out=tmp_path / "after.jsonl", prefill_chunk=128)
+        R.evaluate_ruler(*args, quiet=True, out=tmp_path / "after.jsonl", prefill_chunk=128, max_new_tokens=24)

@@ -277,7 +277,7 @@ def question_start(tokenizer, example: RulerExample, chat: bool) -> int:
 def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: int | dict, systems: list,
                    out=None, quiet: bool = False, chat_template: bool | None = None, essays: str | None = None,
                    seed: int = 0, share_prefill: bool | None = None, prefill_chunk: int | None = None,
-                   question_after: bool = False) -> list[dict]:
+                   question_after: bool = False, max_new_tokens: int | None = None) -> list[dict]:
     """Rows {task, length, index, system, answer, score} for every (task, length, sample, system),
     through the one generation loop; rows go to `out` as they finish and a rerun resumes. `samples`:
     prompts per task and length, or {task: prompts}.
@@ -288,7 +288,8 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     as Gemma 3 chunks spare the sliding layers a prompt-by-prompt mask (several times faster at 16K).
     `question_after`: each prompt's context is prefilled and the cache compressed before its question
     arrives (query-agnostic, as kvpress measures by default); else the question is inside the
-    compressed prompt (query-aware)."""
+    compressed prompt (query-aware). `max_new_tokens`: at most this many answer tokens for every task
+    (None: RULER's own length per task); a run with a cap never resumes one without."""
     from ..core.decode import use_chat_template
     from ..core.family import architecture
     from ..core.generate import encode_prompts
@@ -335,7 +336,8 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
                     ids, mask = ids[:, :split], mask[:, :split]
                 prefilled[key] = runs_prefill.prefill_once(model, ids, mask, chunk=prefill_chunk, select_window=select)
             shared = prefilled[key]
-        text = answer(model, tokenizer, ex.prompt(chat), ANSWER_TOKENS.get(ex.task, 128),
+        budget = ANSWER_TOKENS.get(ex.task, 128)
+        text = answer(model, tokenizer, ex.prompt(chat), min(budget, max_new_tokens or budget),
                       by_name[cell["system"]].technique, chat, shared, prefill_chunk, split)
         return {"answer": text, "answers": ex.answers, "score": score(text, ex.answers)}
 
@@ -343,7 +345,8 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
         "kind": "ruler", **model_identity(model), "seed": seed, "chat_template": chat,
         "essays": digest(essays) if essays else "built-in prose", "systems": {s.name: s.fields for s in systems},
         **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}),
-        **({"question": "after compression"} if question_after else {})}
+        **({"question": "after compression"} if question_after else {}),
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
     return run_grid(cells, ("task", "length", "index", "system"), work, out, "ruler", quiet, settings=settings)
 
 
