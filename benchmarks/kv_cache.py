@@ -71,7 +71,8 @@ def measure(model, ids, args, new_cache) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run(model, ids, 1, args.chunk, new_cache())  # warm-up
+    warm = ids[:, :args.warmup_tokens] if args.warmup_tokens else ids
+    run(model, warm, 1, args.chunk, new_cache())  # warm-up
     prefill_s, steps_s, row = [], [], {}
     for _ in range(args.repeats):
         cache = new_cache()
@@ -126,7 +127,8 @@ def main():
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk for both caches")
-    ap.add_argument("--prefill", default="window", help="window, full or both (window,full): how window heads prefill")
+    ap.add_argument("--prefill", default="window", help="window, full or both (window,full): how window heads prefill "
+                    "in the --full rows; none: no such row (only the full cache and the --memory rows)")
     ap.add_argument("--scores", default=None, help="choose heads from this score file (default: seeded random)")
     ap.add_argument("--memory", default="", help="memory targets too (fractions of the model's own cache, e.g. "
                     "0.25,0.1; needs --scores): full heads and token budgets planned at each length, full prefill")
@@ -134,6 +136,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup-tokens", type=int, default=0, help="prompt tokens of each cache's warm-up run (0: the "
+                    "whole prompt; on a CPU a short one warms up as well and spares a long prefill per cache)")
     ap.add_argument("--find-max", action="store_true", help="longest context that fits, per cache (CUDA)")
     ap.add_argument("--max-step", type=int, default=16384, help="--find-max resolution (tokens)")
     add_record_option(ap, "kv_cache")
@@ -142,10 +146,14 @@ def main():
         torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build(args.model, args.device, getattr(torch, args.dtype))
     full = choose(model, args.full, 0, args.scores)
-    configs = {p: HeadKVConfig(full, args.sink, args.window, args.chunk, prefill=p) for p in args.prefill.split(",")}
+    modes = [] if args.prefill == "none" else [p for p in args.prefill.split(",") if p]
+    bad = [p for p in modes if p not in ("window", "full")]
+    if bad:
+        ap.error(f"--prefill: {bad[0]!r} is not window, full or none")
+    configs = {p: HeadKVConfig(full, args.sink, args.window, args.chunk, prefill=p) for p in modes}
     rec = Record(args, "kv_cache", {"full_fraction": args.full, "sink": args.sink, "window": args.window,
                       "chunk": args.chunk, "steps": args.steps, "repeats": args.repeats, "prefill": args.prefill,
-                      "scores": args.scores, "memory": args.memory})
+                      "scores": args.scores, "memory": args.memory, "warmup_tokens": args.warmup_tokens})
     targets = []
     if args.memory:
         if not args.scores:
@@ -154,7 +162,7 @@ def main():
         targets = [plan(load_score_sets(args.scores), model.config, memory=float(m), sink=args.sink,
                         window=args.window, prefill_chunk=args.chunk, prefill_mode="full")
                    for m in args.memory.split(",") if m.strip()]
-    with head_kv(model, next(iter(configs.values()))):
+    with head_kv(model, next(iter(configs.values()), HeadKVConfig(full, args.sink, args.window, args.chunk))):
         caches = {"full cache": lambda: DynamicCache(config=model.config)}
         for p, config in configs.items():
             caches[f"retrieval-head cache, {p} prefill"] = lambda config=config: HeadKVCache(model, config)
