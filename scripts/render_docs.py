@@ -754,6 +754,7 @@ BLOCKS = {
     "bench-mdqa-gemma": lambda: bench_mdqa("gemma-3-270m"),
     "bench-vllm-kv-smollm2": bench_vllm_kv,
     "bench-vllm-kv-smollm2-full-prefill": lambda: bench_vllm_kv(variant="_full_prefill"),
+    "bench-vllm-kv-smollm2-full-prefill-batched2048": lambda: bench_vllm_kv(variant="_full_prefill_batched2048"),
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
     "bench-serve-vllm": bench_serve_vllm,
