@@ -733,6 +733,7 @@ BLOCKS = {
     "bench-kv-cache-embedded": bench_kv_cache,
     "bench-kv-cache-smollm2": lambda: bench_kv_cache("smollm2-135m-instruct", decode_target=0.6,
                                                      window_prefill_target=0.8),
+    "bench-kv-cache-qwen-16k": lambda: bench_kv_cache("qwen2.5-coder-1.5b-instruct", decode_target=0.5),
     "bench-kv-ruler-smollm2": bench_kv_ruler,
     "kv-choice-smollm2": kv_choice,
     "bench-kv-ruler-smollm2-8k": lambda: bench_kv_ruler(variant="_8k", targets=((0.30, 0.9), (0.15, 0.0))),
