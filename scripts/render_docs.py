@@ -192,9 +192,15 @@ def bench_kv_cache(model: str = "embedded", device: str = "cpu", decode_target: 
     body = [[r["length"], r["cache"], _mib(r.get("kv_bytes")), _ratio(r.get("kv_over_full")), r.get("prefill_s"),
              _ratio(r.get("prefill_over_full")), r.get("decode_ms_per_token"), _ratio(r.get("decode_over_full")),
              r.get("rss_after_prefill_mib", "")] for r in rows]
+    peaks = any("peak_kv_bytes" in r for r in rows)  # the most a cache held at once while the prompt ran
+    if peaks:
+        full = {r["length"]: r.get("kv_bytes") for r in rows if r["cache"] == "full cache"}
+        for line, r in zip(body, rows):
+            peak = r.get("peak_kv_bytes", r.get("kv_bytes") if r["cache"] == "full cache" else None)
+            line.insert(4, f"{_mib(peak)} ({_ratio(peak / full[r['length']])})" if peak and full.get(r["length"]) else "")
     lines = [provenance(head, path), ""] + _table(
-        ["context", "cache", "KV bytes", "ratio", "prefill s", "ratio", "decode ms/token", "ratio",
-         "RSS after prefill, MiB"], body)
+        ["context", "cache", "KV bytes", "ratio"] + (["peak KV during prefill (ratio)"] if peaks else [])
+        + ["prefill s", "ratio", "decode ms/token", "ratio", "RSS after prefill, MiB"], body)
     if decode_target is not None:
         longest = max(r["length"] for r in rows)
         for r in rows:
