@@ -18,6 +18,7 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -150,7 +151,8 @@ def main():
     bad = [p for p in modes if p not in ("window", "full")]
     if bad:
         ap.error(f"--prefill: {bad[0]!r} is not window, full or none")
-    configs = {p: HeadKVConfig(full, args.sink, args.window, args.chunk, prefill=p) for p in modes}
+    base = HeadKVConfig(full, args.sink, args.window, args.chunk)
+    configs = {p: replace(base, prefill=p) for p in modes}
     rec = Record(args, "kv_cache", {"full_fraction": args.full, "sink": args.sink, "window": args.window,
                       "chunk": args.chunk, "steps": args.steps, "repeats": args.repeats, "prefill": args.prefill,
                       "scores": args.scores, "memory": args.memory, "warmup_tokens": args.warmup_tokens})
@@ -162,7 +164,7 @@ def main():
         targets = [plan(load_score_sets(args.scores), model.config, memory=float(m), sink=args.sink,
                         window=args.window, prefill_chunk=args.chunk, prefill_mode="full")
                    for m in args.memory.split(",") if m.strip()]
-    with head_kv(model, next(iter(configs.values()), HeadKVConfig(full, args.sink, args.window, args.chunk))):
+    with head_kv(model, next(iter(configs.values()), base)):
         caches = {"full cache": lambda: DynamicCache(config=model.config)}
         for p, config in configs.items():
             caches[f"retrieval-head cache, {p} prefill"] = lambda config=config: HeadKVCache(model, config)

@@ -189,15 +189,16 @@ def bench_kv_cache(model: str = "embedded", device: str = "cpu", decode_target: 
     path = RESULTS / "benchmarks" / f"kv_cache_{model}_{device}.jsonl"
     head, rows = read_jsonl(path)
     rows = [r for r in rows if "cache" in r and "length" in r]
-    body = [[r["length"], r["cache"], _mib(r.get("kv_bytes")), _ratio(r.get("kv_over_full")), r.get("prefill_s"),
+    peaks = any("peak_kv_bytes" in r for r in rows)  # the most a cache held at once while the prompt ran
+    full = {r["length"]: r.get("kv_bytes") for r in rows if r["cache"] == "full cache"}
+
+    def peak(r) -> list:
+        held = r.get("peak_kv_bytes", full.get(r["length"]) if r["cache"] == "full cache" else None)
+        return [] if not peaks else [f"{_mib(held)} ({_ratio(held / full[r['length']])})" if held and full.get(r["length"]) else ""]
+
+    body = [[r["length"], r["cache"], _mib(r.get("kv_bytes")), _ratio(r.get("kv_over_full")), *peak(r), r.get("prefill_s"),
              _ratio(r.get("prefill_over_full")), r.get("decode_ms_per_token"), _ratio(r.get("decode_over_full")),
              r.get("rss_after_prefill_mib", "")] for r in rows]
-    peaks = any("peak_kv_bytes" in r for r in rows)  # the most a cache held at once while the prompt ran
-    if peaks:
-        full = {r["length"]: r.get("kv_bytes") for r in rows if r["cache"] == "full cache"}
-        for line, r in zip(body, rows):
-            peak = r.get("peak_kv_bytes", r.get("kv_bytes") if r["cache"] == "full cache" else None)
-            line.insert(4, f"{_mib(peak)} ({_ratio(peak / full[r['length']])})" if peak and full.get(r["length"]) else "")
     lines = [provenance(head, path), ""] + _table(
         ["context", "cache", "KV bytes", "ratio"] + (["peak KV during prefill (ratio)"] if peaks else [])
         + ["prefill s", "ratio", "decode ms/token", "ratio", "RSS after prefill, MiB"], body)

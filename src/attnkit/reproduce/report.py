@@ -8,9 +8,8 @@ import html
 import json
 from pathlib import Path
 
-from attnkit.reproduce import STEPS
 from attnkit.evals import stats
-from attnkit.reproduce import verdicts as V
+from attnkit.reproduce import STEPS, verdicts as V
 
 
 def load_results(out: Path) -> dict[str, dict]:
