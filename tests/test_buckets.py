@@ -8,7 +8,7 @@ import torch
 from attnkit import AttnkitError
 from attnkit.buckets import BucketedModel, BucketsConfig, combine, search_bases, waveform
 from attnkit.core.generate import Sampling
-from attnkit.buckets.search import _merge, dominant_peaks, dominant_troughs
+from attnkit.buckets.search import _merge, dominant_peaks, dominant_troughs, model_grid
 from attnkit.core.loading import rope_base
 from attnkit.core.rope import config_with_base
 from conftest import tiny_model
@@ -72,6 +72,30 @@ def test_reference_search_adds_bases_whose_extrema_interleave():
 def test_search_stops_with_a_message_when_nothing_covers():
     result = search_bases(tolerance=-1)
     assert result.bases == [10000.0] and "stopped" in result.message
+
+
+def _long_context_config(head_dim: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+                       num_hidden_layers=1, max_position_embeddings=32768, rope_theta=1e6, vocab_size=32)
+
+
+def test_long_context_search_never_degenerates_to_the_single_base():
+    """At base 1e6 over a 32K model's distances the reference tolerance pairs nothing with the seed; the
+    model search widens it with the range (head dim 128), then takes the paper's reading (head dim 256),
+    and says which; an explicit tolerance is the reference's, unchanged."""
+    from attnkit.buckets.search import scaled_tolerance, search_for_model
+
+    assert scaled_tolerance((1000, 4090)) == 3 and scaled_tolerance((8000, 32762)) == 24
+    strict, _, span = search_for_model(_long_context_config(128), n=4, tolerance=3)
+    assert strict.bases == [1e6] and span == (8000, 32762)
+    widened = search_for_model(_long_context_config(128), n=4)[0]
+    assert widened.bases == search_bases([1e6], 4, *model_grid(1e6), span, 128, 24).bases
+    assert len(widened.bases) == 4 and "tolerance 24" in widened.message
+    fallback = search_for_model(_long_context_config(256), n=4)[0]
+    assert len(set(fallback.bases)) == 4 and 1e6 in fallback.bases and "paper" in fallback.message
+    assert fallback.bases == search_bases([1e6], 4, *model_grid(1e6), span, 256, method="paper").bases
 
 
 def test_paper_search_raises_the_envelope_floor():

@@ -30,7 +30,7 @@ buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et
 
 
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[str], distances: Optional[str],
-            head_dim: int, tolerance: int, method: str):
+            head_dim: int, tolerance: Optional[int], method: str):
     from attnkit.buckets import search_bases
     from attnkit.buckets.search import search_for_model
     from attnkit.core.loading import load_config
@@ -45,7 +45,8 @@ def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[s
     else:
         m0, m1 = span_m or (1000, 4090)
         lo, hi, step = (lo, hi, step) if grid is not None else (10000.0, 30000.0, 500.0)
-        result = search_bases(seed_list or [10000.0], n, lo, hi, step, (m0, m1), head_dim, tolerance, method)
+        result = search_bases(seed_list or [10000.0], n, lo, hi, step, (m0, m1), head_dim,
+                              3 if tolerance is None else tolerance, method)
     if result.message:
         console.print(f"[yellow]{result.message}[/yellow]")
     return result, head_dim, (int(m0), int(m1))
@@ -108,7 +109,9 @@ def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with t
                                                                      "base/20 apart (10000:30000:500 without --model)"),
                      distances: Optional[str] = typer.Option(None, help="distance range a:b (default 1000:4090)"),
                      head_dim: int = typer.Option(128, help="head dimension (taken from --model when given)"),
-                     tolerance: int = typer.Option(3, help="max offset between a peak and a trough that match"),
+                     tolerance: Optional[int] = typer.Option(None, help="max offset between a peak and a trough "
+                                                             "that match (default 3; with --model, scaled with the "
+                                                             "distance range where 3 pairs no base with the seed)"),
                      method: str = typer.Option("reference", help="reference (authors' search) or paper"),
                      plot: Optional[Path] = typer.Option(None, help="plot the chosen bases' waveforms"),
                      as_json: bool = typer.Option(False, "--json", help="print one JSON object")):

@@ -207,12 +207,28 @@ def model_grid(base: float) -> tuple[float, float, float]:
     return (float(base), 3.0 * base, base / 20)
 
 
+# the reference tolerance (3 positions) was set for the reference distances, 1000..4090
+REFERENCE_TOLERANCE, REFERENCE_SPAN = 3, 4090 - 1000
+
+
+def scaled_tolerance(distances: tuple[int, int]) -> int:
+    """The reference tolerance grown in proportion to a distance range wider than the reference one
+    (3 positions over 3,090; 24 over Qwen2.5's and Gemma-3's 8000..32762)."""
+    return max(REFERENCE_TOLERANCE, round(REFERENCE_TOLERANCE * (distances[1] - distances[0]) / REFERENCE_SPAN))
+
+
 def search_for_model(model_config, seeds: list[float] | None = None, n: int = 6,
                      grid: tuple[float, float, float] | None = None, distances: tuple[int, int] | None = None,
-                     tolerance: int = 3, method: Literal["reference", "paper"] = "reference"):
+                     tolerance: int | None = None, method: Literal["reference", "paper"] = "reference"):
     """The base search seeded with the model's own RoPE base (that of its global layers), over the
     distances its context spans and with its head dim, over `grid` (lo, hi, step; default: `model_grid`
-    of the model's base). Returns (SearchResult, head dim, (m0, m1))."""
+    of the model's base). Returns (SearchResult, head dim, (m0, m1)).
+
+    `tolerance=None` takes the reference's 3 positions; where that finds no base to pair with the seed
+    (a 32K model's range is 8x the reference's, and its waveform's extrema lie farther apart: Qwen2.5
+    and Gemma-3 at base 1e6 stop at their own base alone, which would make the buckets the single base),
+    the search runs again with `scaled_tolerance`, and where that pairs none either (Gemma-3's head dim
+    256), the bases come from `method="paper"`; the result's message says which."""
     from ..core.family import architecture
 
     arch = architecture(model_config)
@@ -220,8 +236,23 @@ def search_for_model(model_config, seeds: list[float] | None = None, n: int = 6,
         raise AttnkitError(f"{arch.model_type} has no RoPE base in its config; Attention Buckets needs a RoPE model")
     m0, m1 = default_distances(arch.max_positions) if distances is None else distances
     grid = grid or model_grid(arch.rope_base)
-    result = search_bases(seeds or [arch.rope_base], n, *grid, (int(m0), int(m1)), arch.head_dim, tolerance, method)
-    return result, arch.head_dim, (int(m0), int(m1))
+    span = (int(m0), int(m1))
+    tol = REFERENCE_TOLERANCE if tolerance is None else tolerance
+    result = search_bases(seeds or [arch.rope_base], n, *grid, span, arch.head_dim, tol, method)
+    wider = scaled_tolerance(span)
+    if tolerance is None and method == "reference" and n > 1 and len(result.bases) < 2 and wider > tol:
+        retry = search_bases(seeds or [arch.rope_base], n, *grid, span, arch.head_dim, wider, method)
+        retry.message = (f"tolerance {tol} paired no base with the seed over distances {span[0]}-{span[1]}; "
+                         f"searched again with tolerance {wider} (scaled with the range)"
+                         + (f"; {retry.message}" if retry.message else ""))
+        result = retry
+    if tolerance is None and method == "reference" and n > 1 and len(result.bases) < 2:
+        found = _search_paper(list(result.bases), n, *grid, span, arch.head_dim)
+        found.message = (f"the reference search paired no base with the seed over distances {span[0]}-{span[1]} "
+                         f"(tolerance {tol}, then {max(tol, wider)}); bases by the paper's reading instead "
+                         "(method 'paper': raise the envelope's floor)")
+        result = found
+    return result, arch.head_dim, span
 
 
 def choose_bases(model_config, bases: list[float] | None, search: bool) -> tuple[list[float], str]:
