@@ -267,7 +267,7 @@ def _mdqa_result(single: list, ours: list, docs: int = 10) -> dict:
 
     positions = [0, 4, 9]
     rows = [{"index": i, "n_docs": docs, "position": p, "system": name, "correct": bool(v[i * 3 + k]), "tokens": 1500}
-            for name, v in (("one base", single), ("buckets", ours)) for i in range(len(single) // 3)
+            for name, v in (("one base", single), ("buckets", ours)) if v for i in range(len(single) // 3)
             for k, p in enumerate(positions)]
     return {"docs": docs, "positions": positions, "questions": len(single) // 3, "tokens": 1500, "curve": Q.curve(rows),
             "correct": {"one base": single, "buckets": ours}}
@@ -292,13 +292,23 @@ def test_buckets_are_judged_on_multi_document_qa_only_where_the_middle_dips(tmp_
     text = build_report(tmp_path).read_text()
     assert "does not hold" in _row(text, "| the model loses the middle")
     assert "not measurable (no middle dip shown" in _row(text, "| buckets raise multi-document QA")
+    skipped = step(flat, [])  # the study ran no buckets: the one base showed no dip
+    skipped["mdqa"]["correct"]["buckets"] = []
+    skipped["mdqa"]["buckets_skipped"] = "one base shows no middle dip (paired 95% interval includes 0)"
+    _write(tmp_path, "buckets", skipped)
+    row = _row(build_report(tmp_path).read_text(), "| buckets raise multi-document QA")
+    assert "buckets not run: one base shows no middle dip" in row and "not measurable (no middle dip shown" in row
     few = step(dipped[:30], fixed[:30])  # 10 questions
     _write(tmp_path, "buckets", few)
     assert "too few to say" in _row(build_report(tmp_path).read_text(), "| the model loses the middle")
 
 
-def test_the_buckets_step_runs_multi_document_qa_with_data(tmp_path, embedded):
+def test_the_buckets_step_runs_multi_document_qa_with_data(tmp_path, embedded, monkeypatch):
+    """The one base answers first; the buckets follow only where it shows a middle dip (forced here:
+    two questions cannot show one), resuming the same file."""
     import gzip
+
+    from attnkit.reproduce import verdicts as V
 
     from attnkit.buckets import BucketsConfig, single_vs_buckets
     from conftest import result_lines
@@ -315,9 +325,15 @@ def test_the_buckets_step_runs_multi_document_qa_with_data(tmp_path, embedded):
     study = ST.Study("embedded", model, tok, tmp_path / "out", settings, data=data, quiet=True)
     study.out.mkdir()
     systems = single_vs_buckets(model, BucketsConfig([10000.0, 20000.0]))
+    alone = ST.buckets_mdqa(study, systems)  # 2 questions: no dip shown, so no buckets
+    assert "no middle dip" in alone["buckets_skipped"] and "fewer than" in alone["buckets_skipped"]
+    assert [len(alone["correct"][s.name]) for s in systems] == [2 * 3, 0] and list(alone["curve"]) == [systems[0].name]
+    first = result_lines(study.out / "buckets_mdqa.jsonl")
+    monkeypatch.setattr(V, "middle_dip", lambda est: V.Verdict(V.HOLDS, "forced"))
     m = ST.buckets_mdqa(study, systems)
-    assert m["positions"] == [0, 2, 3] and m["docs"] == 4
+    assert m["positions"] == [0, 2, 3] and m["docs"] == 4 and "buckets_skipped" not in m
     assert {len(v) for v in m["correct"].values()} == {2 * 3}  # every question at every position, per system
+    assert result_lines(study.out / "buckets_mdqa.jsonl")[:len(first)] == first  # the one base's rows kept
     trials = [json.loads(x) for x in result_lines(study.out / "buckets_mdqa.jsonl") if '"position"' in x]
     assert len(trials) == 2 * 3 * 2 and (study.out / "mdqa.png").is_file()
     for system in systems:  # the rows the curve and the pairs come from

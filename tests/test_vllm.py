@@ -135,7 +135,9 @@ class VLLMServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         if not vllm.wait_until_healthy(self.process, f"http://127.0.0.1:{self.port}", 600):
             self.stop()
-            pytest.fail(f"vLLM did not start: {self.log.read_text()[-3000:]}")
+            text = self.log.read_text()
+            causes = list(dict.fromkeys(re.findall(r"\b\w+Error: .*", text)))  # vLLM's own reason first
+            pytest.fail(f"vLLM did not start: {' | '.join(causes[:3]) or text[-3000:]}")
 
     def served(self) -> int:
         """Requests vLLM has finished, from its own metrics."""
@@ -150,23 +152,41 @@ class VLLMServer:
             self.process.kill()
 
 
+# SmolLM2's plan in the plugin tests: every other layer's first KV head and two more full, 16 sink
+# tokens and a window of 64 for the rest (30 layers, 3 KV heads of 3 query heads each)
+PLUGIN_FULL = sorted({(layer, 0) for layer in range(0, 30, 2)} | {(5, 2), (23, 1)})
+
+
+def plugin_server(tmp: Path, prefill: str) -> VLLMServer:
+    """`attnkit serve --engine vllm` on SmolLM2 with the plugin and exactly PLUGIN_FULL full (a score
+    file naming them), prompts prefilled 256 tokens a step."""
+    scores = tmp / "scores.json"
+    scores.write_text(json.dumps({f"{layer}-{q}": [1.0 if (layer, q // 3) in PLUGIN_FULL else 0.0]
+                                  for layer in range(30) for q in range(9)}))
+    return VLLMServer(tmp, "--kv-scores", str(scores), "--kv-full", str(len(PLUGIN_FULL) / 90), "--no-kv-recipe",
+                      "--kv-sink", "16", "--kv-window", "64", "--kv-prefill", prefill,
+                      "--vllm-arg=--max-num-batched-tokens=256")
+
+
 @pytest.fixture(scope="module")
-def plain_vllm(tmp_path_factory, smollm2):
-    server = VLLMServer(tmp_path_factory.mktemp("vllm"))
+def plugin_vllm(tmp_path_factory, smollm2):
+    """One vLLM server with the plugin (full prefill) for the module: the plugin's test of that prefill
+    and the S2A proxy's test (any vLLM endpoint serves the proxy) share its start-up."""
+    server = plugin_server(tmp_path_factory.mktemp("vllm"), "full")
     yield server
     server.stop()
 
 
 @needs_vllm
 @pytest.mark.slow
-def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
+def test_s2a_proxy_and_s2a_eval_over_real_vllm(plugin_vllm, tmp_path):
     from test_s2a_pipeline import write_sycophancy
     from test_serve import LOUVRE, Running, client
 
     from attnkit.serve.proxy import proxy_app
 
-    before = plain_vllm.served()
-    proxy = Running(proxy_app(plain_vllm.url, "s2a"))
+    before = plugin_vllm.served()
+    proxy = Running(proxy_app(plugin_vllm.url, "s2a"))
     try:
         r = client(proxy.url).chat.completions.create(model="smollm2-135m-instruct", messages=LOUVRE, max_tokens=48,
                                                       temperature=0)
@@ -175,11 +195,11 @@ def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
     info = r.model_extra["s2a"]
     assert info["variant"] == "s2a" and r.choices[0].message.content.strip()
     assert r.system_fingerprint and r.system_fingerprint.startswith("vllm")  # vLLM answered, through the proxy
-    assert plain_vllm.served() - before == 2  # the rewrite, then the answer from the rewrite alone
+    assert plugin_vllm.served() - before == 2  # the rewrite, then the answer from the rewrite alone
     write_sycophancy(tmp_path / "answer.jsonl", n=2)
     out = tmp_path / "rows.jsonl"
     r = CliRunner().invoke(app, ["s2a", "eval", "sycophancy", "--data", str(tmp_path / "answer.jsonl"),
-                                 "--backend", "openai", "--base-url", plain_vllm.url, "--model", "smollm2-135m-instruct",
+                                 "--backend", "openai", "--base-url", plugin_vllm.url, "--model", "smollm2-135m-instruct",
                                  "--templates", "suggest-incorrect", "--variants", "baseline,s2a",
                                  "--max-tokens", "24", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
@@ -192,7 +212,7 @@ def test_s2a_proxy_and_s2a_eval_over_real_vllm(plain_vllm, tmp_path):
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("prefill", ["full", "window"])
-def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path, prefill):
+def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path, prefill, request):
     """vLLM with the per-head split against attnkit's HF cache with the same plan (16 sink tokens, a
     window of 64) and prefill, greedy in float32, on three prompts of 500-900 tokens sent at once
     (decoded together by vLLM, the prompts prefilled in chunks of 256 tokens): the window heads' middle
@@ -204,10 +224,10 @@ def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path, prefi
     from attnkit.evals import niah as N
 
     model, tok = smollm2
-    full = sorted({(layer, 0) for layer in range(0, 30, 2)} | {(5, 2), (23, 1)})
-    kv = HeadKVConfig(frozenset(full), sink=16, window=64, prefill=prefill)
-    other = HeadKVConfig(frozenset(full), sink=16, window=64, prefill={"full": "window", "window": "full"}[prefill])
-    no_sink = HeadKVConfig(frozenset(full), sink=0, window=64, prefill=prefill)
+    kv = HeadKVConfig(frozenset(PLUGIN_FULL), sink=16, window=64, prefill=prefill)
+    other = HeadKVConfig(frozenset(PLUGIN_FULL), sink=16, window=64,
+                         prefill={"full": "window", "window": "full"}[prefill])
+    no_sink = HeadKVConfig(frozenset(PLUGIN_FULL), sink=0, window=64, prefill=prefill)
     haystack = N.load_haystack(None)
     prompts = [N.prompt_builder("clean", tok, haystack, True, n).build(needle, n, 50).input_ids
                for n, needle in zip((900, 700, 500), N.passkey_needles())]
@@ -217,12 +237,8 @@ def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path, prefi
     without = generate(model, tok, ids, None, no_sink, 24, stop_rule="eos").ids[0]
     assert want[0] != plain and want[0] != without, "the sinks or the window change nothing here: the test could not fail"
     assert want[0] != generate(model, tok, ids, None, other, 24, stop_rule="eos").ids[0], "the prefill changes nothing"
-    scores = tmp_path / "scores.json"  # the plan's full heads as a score file: exactly those are chosen
-    scores.write_text(json.dumps({f"{layer}-{q}": [1.0 if (layer, q // 3) in full else 0.0]
-                                  for layer in range(30) for q in range(9)}))  # 9 query heads, 3 per KV head
-    flags = ["--kv-scores", str(scores), "--kv-full", str(len(full) / 90), "--no-kv-recipe", "--kv-sink", "16",
-             "--kv-window", "64", "--kv-prefill", prefill]
-    server = VLLMServer(tmp_path, *flags, "--vllm-arg=--max-num-batched-tokens=256")
+    shared = prefill == "full"  # the module's server; the window prefill gets a server of its own
+    server = request.getfixturevalue("plugin_vllm") if shared else plugin_server(tmp_path, prefill)
 
     def ask(ids):
         r = httpx.post(server.url + "/completions", json={"model": "smollm2-135m-instruct", "prompt": ids[0].tolist(),
@@ -235,8 +251,9 @@ def test_the_plugin_decodes_what_attnkits_cache_decodes(smollm2, tmp_path, prefi
             got = list(pool.map(ask, prompts))
         log = server.log.read_text()
     finally:
-        server.stop()
-    assert "AttnkitHeadSplitLlama" in log
+        if not shared:
+            server.stop()
+    assert "AttnkitHeadSplitLlama" in log and f'"prefill": "{prefill}"' in log
     for g, w in zip(got, want):
         assert g == w, (tok.decode(g), tok.decode(w))
 

@@ -130,10 +130,11 @@ def positions_for(n_docs: int, count: int = 5) -> list[int]:
 
 def evaluate_mdqa(model, tokenizer, questions: list[Question], indices: list[int], n_docs: int,
                   positions: list[int], systems: list, out=None, quiet: bool = False,
-                  chat_template: bool | None = None, seed: int = 0) -> list[dict]:
+                  chat_template: bool | None = None, seed: int = 0, run: list[str] | None = None) -> list[dict]:
     """Rows {index, n_docs, position, system, answer, answers, correct, tokens} for every question,
     gold position and system, through the one generation loop; rows go to `out` as they finish and a
-    rerun resumes."""
+    rerun resumes. `run` names the systems to answer now (default: all); `out`'s settings name every
+    system given, so a later call with more of them resumes the same file."""
     from attnkit.core.decode import use_chat_template
     from attnkit.core.family import architecture
     from attnkit.core.loading import model_identity
@@ -149,8 +150,11 @@ def evaluate_mdqa(model, tokenizer, questions: list[Question], indices: list[int
     if limit and first + ANSWER_TOKENS > limit:
         raise AttnkitError(f"{n_docs} documents take about {first} tokens, past the model's {limit}; use fewer")
     by_name = {s.name: s for s in systems}
+    unknown = sorted(set(run or []) - set(by_name))
+    if unknown:
+        raise AttnkitError(f"no system named {unknown[0]!r} among {', '.join(by_name)}")
     cells = [{"index": i, "n_docs": n_docs, "position": p, "system": s} for i in indices for p in positions
-             for s in by_name]
+             for s in by_name if run is None or s in run]
 
     def work(cell):
         ex = build(questions, cell["index"], n_docs, cell["position"], seed)

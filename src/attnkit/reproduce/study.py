@@ -372,24 +372,40 @@ def step_buckets(study: Study) -> dict:
 def buckets_mdqa(study: Study, systems: list) -> dict:
     """Multi-document QA with the gold passage swept over the documents, one base and buckets on the
     same prompts: the curve per system, and per system the correct answers (0/100) in (question,
-    position) order, paired across systems."""
+    position) order, paired across systems. The one base runs first; where it shows no middle dip
+    the buckets do not run (their gain there would be judged not measurable whatever it was, and on
+    a CPU they cost the base's time once per base) and `buckets_skipped` says why."""
     from attnkit.evals import mdqa as Q
+    from attnkit.evals import stats
     from attnkit.evals.plots import position_curve
+    from attnkit.reproduce import verdicts as V
 
     st = study.settings
     path = None if study.data is None else study.data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz"
     if path is None or not path.is_file():
         return {"skipped": "no --data folder with lost_in_the_middle/nq-open-oracle.jsonl.gz"}
     positions = Q.positions_for(st.mdqa_docs, st.mdqa_positions)
-    rows = Q.evaluate_mdqa(study.model, study.tokenizer, Q.load_nq(path), list(range(st.mdqa_questions)), st.mdqa_docs,
-                           positions, systems, study.out / "buckets_mdqa.jsonl", quiet=study.quiet,
-                           chat_template=st.chat_template)
+
+    def answer(names: list[str]) -> list[dict]:
+        return Q.evaluate_mdqa(study.model, study.tokenizer, Q.load_nq(path), list(range(st.mdqa_questions)),
+                               st.mdqa_docs, positions, systems, study.out / "buckets_mdqa.jsonl", quiet=study.quiet,
+                               chat_template=st.chat_template, run=names)
+
+    rows = answer([systems[0].name])
+    raw = Q.curve(rows)[systems[0].name][str(st.mdqa_docs)]["ends_minus_middle"]
+    dip = V.middle_dip(stats.Estimate.from_dict(raw) if raw else stats.Estimate(None, None, None, 0))
+    skipped = None
+    if dip.word == V.HOLDS:
+        rows = answer([s.name for s in systems])
+    else:
+        skipped = f"one base shows no middle dip ({dip.why}): nothing for buckets to fix"
     curve = Q.curve(rows)
     position_curve(curve, study.out / "mdqa.png", f"{study.model_name}: multi-document QA, {st.mdqa_docs} documents")
     rows.sort(key=lambda r: (r["index"], r["position"]))
     correct = {s.name: [100.0 * r["correct"] for r in rows if r["system"] == s.name] for s in systems}
     return {"docs": st.mdqa_docs, "positions": positions, "questions": st.mdqa_questions,
-            "tokens": round(sum(r["tokens"] for r in rows) / len(rows)), "curve": curve, "correct": correct}
+            "tokens": round(sum(r["tokens"] for r in rows) / len(rows)), "curve": curve, "correct": correct,
+            **({"buckets_skipped": skipped} if skipped else {})}
 
 
 # ---------------------------------------------------------------- System 2 Attention
