@@ -95,6 +95,7 @@ def test_long_context_search_never_degenerates_to_the_single_base():
     assert len(widened.bases) == 4 and "tolerance 24" in widened.message
     fallback = search_for_model(_long_context_config(256), n=4)[0]
     assert len(set(fallback.bases)) == 4 and 1e6 in fallback.bases and "paper" in fallback.message
+    assert (strict.method, widened.method, fallback.method) == ("reference", "reference", "paper")
     assert fallback.bases == search_bases([1e6], 4, *model_grid(1e6), span, 256, method="paper").bases
 
 

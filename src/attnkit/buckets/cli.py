@@ -122,10 +122,10 @@ def search_bases_cmd(model: Optional[str] = typer.Option(None, help="seed with t
     if plot:
         from attnkit.evals.plots import waveform_plot
         waveform_plot(result.bases, head_dim, np.arange(0, m1 + 1), plot, search_range=(m0, m1))
-    out = {"bases": result.bases, "method": method, "head_dim": head_dim, "distances": [m0, m1],
+    out = {"bases": result.bases, "method": result.method, "head_dim": head_dim, "distances": [m0, m1],
            "steps": result.steps, "message": result.message}
     emit(out, as_json, lambda: Console().print(
-        f"bases ({method}, head dim {head_dim}, m {m0}..{m1}): " + ", ".join(f"{b:g}" for b in result.bases)))
+        f"bases ({result.method}, head dim {head_dim}, m {m0}..{m1}): " + ", ".join(f"{b:g}" for b in result.bases)))
 
 
 @buckets_app.command("generate")

@@ -31,6 +31,7 @@ class SearchResult:
     bases: list[float]
     message: str = ""  # set when the search stopped early
     steps: list[dict] = field(default_factory=list)  # base added, cover, distance
+    method: str = "reference"  # the search that chose the bases
 
 
 def _local(f: np.ndarray, sign: int) -> np.ndarray:
@@ -183,11 +184,11 @@ def _search_paper(seeds, n, lo, hi, step, distances, head_dim) -> SearchResult:
         order = np.lexsort((grid, -score[:, 1], -score[:, 0]))  # floor, then mean, then small base
         pick = int(order[0])
         if not np.isfinite(score[pick, 0]):
-            return SearchResult(sorted(chosen), "stopped early: no bases left in the range", steps)
+            return SearchResult(sorted(chosen), "stopped early: no bases left in the range", steps, "paper")
         chosen.append(float(grid[pick]))
         envelope = candidates[pick]
         steps.append({"base": float(grid[pick]), "floor": float(score[pick, 0]), "mean": float(score[pick, 1])})
-    return SearchResult(sorted(chosen), "", steps)
+    return SearchResult(sorted(chosen), "", steps, "paper")
 
 
 def default_distances(max_positions: int) -> tuple[int, int]:
