@@ -122,6 +122,40 @@ def test_evaluation_scores_resumes_and_summarises(tmp_path):
     assert evaluate_s2a(again, T.TASKS["sycophancy"], exs, ["baseline", "oracle", "s2a"], out, quiet=True) == rows
 
 
+def test_a_run_stopped_early_holds_every_variant_of_the_same_examples(tmp_path):
+    """Examples go in blocks of `batch`, each answered by every variant before the next block: a run
+    killed after its first block leaves baseline, S2A and oracle rows of the same examples (paired),
+    and the rerun answers only what is missing."""
+    write_sycophancy(tmp_path / "answer.jsonl")
+    exs = T.load_sycophancy(tmp_path / "answer.jsonl", templates=["suggest-incorrect"])
+    assert len(exs) >= 3
+    calls = []
+
+    class StopAfterOneBlock(Scripted):
+        def identity(self):  # the same backend as the rerun's, which then resumes the file
+            return {"backend": "Scripted"}
+
+        def chat(self, conversations, sampling):
+            calls.append(len(conversations))
+            if len(calls) > 4:  # baseline, the S2A rewrite and answer, oracle: one block's four calls
+                raise KeyboardInterrupt
+            return super().chat(conversations, sampling)
+
+    out = tmp_path / "rows.jsonl"
+    variants = ["baseline", "s2a", "oracle"]
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_s2a(StopAfterOneBlock(step1_then(lambda p: "Paris")), T.TASKS["sycophancy"], exs, variants, out,
+                     batch=2, quiet=True)
+    kept = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert sorted((r["variant"], r["example"]) for r in kept) == sorted(
+        (v, e.id) for v in variants for e in exs[:2])
+    rest = Scripted(step1_then(lambda p: "Paris"))
+    rows = evaluate_s2a(rest, T.TASKS["sycophancy"], exs, variants, out, batch=2, quiet=True)
+    assert len(rows) == len(variants) * len(exs) and len(rest.seen) == 4 * (len(exs) - 2)  # 4 prompts an example
+    answered = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert len(answered) == len(variants) * len(exs)  # nothing answered twice
+
+
 def test_gsm_ic_generator_inserts_one_distractor_before_the_question(shared_data):
     exs = T.gsm_ic_from_gsm8k(shared_data / "gsm8k" / "gsm8k_validation.jsonl", limit=30, seed=1)
     assert len(exs) == 30 and {e.group for e in exs} == {"in-topic", "off-topic"}

@@ -40,22 +40,21 @@ def _identity(backend) -> dict:
 
 def _evaluate(backend, task, examples, variants, results, done, sampling, judge, judging, fallback, batch,
               quiet) -> list[dict]:
+    """Examples go in blocks of `batch`, every variant answering a block before the next block starts:
+    a run stopped at any point holds every variant of the same examples, paired."""
     rows = {}
+    pipes = {v: S2A(backend, v, sampling, fallback, task.answer_suffix) for v in variants}
     with progress_bar(quiet) as bar:
         job = bar.add_task(f"s2a {task.name}", total=len(examples) * len(variants))
-        for variant in variants:
-            pipe = S2A(backend, variant, sampling, fallback, task.answer_suffix)
-            todo = []
-            for ex in examples:
-                key = (task.name, ex.id, variant)
-                if key in done:
-                    rows[key] = done[key]
-                    bar.advance(job)
-                else:
-                    todo.append(ex)
-            for i in range(0, len(todo), batch):
-                chunk = todo[i:i + batch]
-                answers = pipe.run([e.text for e in chunk], [e.oracle for e in chunk])
+        for key in [(task.name, ex.id, v) for v in variants for ex in examples if (task.name, ex.id, v) in done]:
+            rows[key] = done[key]
+            bar.advance(job)
+        for i in range(0, len(examples), batch):
+            for variant in variants:
+                chunk = [ex for ex in examples[i:i + batch] if (task.name, ex.id, variant) not in done]
+                if not chunk:
+                    continue
+                answers = pipes[variant].run([e.text for e in chunk], [e.oracle for e in chunk])
                 for ex, res in zip(chunk, answers):
                     row = {"task": task.name, "example": ex.id, "variant": variant, "group": ex.group,
                            "prompt": ex.text, **res.to_dict(), **task.score(ex, res.answer, judge, judging)}
