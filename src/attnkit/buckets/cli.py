@@ -32,7 +32,7 @@ buckets_app = typer.Typer(no_args_is_help=True, help="Attention Buckets (Chen et
 def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[str], distances: Optional[str],
             head_dim: int, tolerance: Optional[int], method: str):
     from attnkit.buckets import search_bases
-    from attnkit.buckets.search import search_for_model
+    from attnkit.buckets.search import REFERENCE_TOLERANCE, search_for_model
     from attnkit.core.loading import load_config
 
     lo, hi, step = span(grid, "--grid", 3) if grid is not None else (None, None, None)
@@ -46,7 +46,7 @@ def _search(model: Optional[str], seeds: Optional[str], n: int, grid: Optional[s
         m0, m1 = span_m or (1000, 4090)
         lo, hi, step = (lo, hi, step) if grid is not None else (10000.0, 30000.0, 500.0)
         result = search_bases(seed_list or [10000.0], n, lo, hi, step, (m0, m1), head_dim,
-                              3 if tolerance is None else tolerance, method)
+                              REFERENCE_TOLERANCE if tolerance is None else tolerance, method)
     if result.message:
         console.print(f"[yellow]{result.message}[/yellow]")
     return result, head_dim, (int(m0), int(m1))

@@ -241,13 +241,14 @@ def search_for_model(model_config, seeds: list[float] | None = None, n: int = 6,
     tol = REFERENCE_TOLERANCE if tolerance is None else tolerance
     result = search_bases(seeds or [arch.rope_base], n, *grid, span, arch.head_dim, tol, method)
     wider = scaled_tolerance(span)
-    if tolerance is None and method == "reference" and n > 1 and len(result.bases) < 2 and wider > tol:
+    fallback = tolerance is None and method == "reference" and n > 1  # the default search may widen, then switch
+    if fallback and len(result.bases) < 2 and wider > tol:
         retry = search_bases(seeds or [arch.rope_base], n, *grid, span, arch.head_dim, wider, method)
         retry.message = (f"tolerance {tol} paired no base with the seed over distances {span[0]}-{span[1]}; "
                          f"searched again with tolerance {wider} (scaled with the range)"
                          + (f"; {retry.message}" if retry.message else ""))
         result = retry
-    if tolerance is None and method == "reference" and n > 1 and len(result.bases) < 2:
+    if fallback and len(result.bases) < 2:
         found = _search_paper(list(result.bases), n, *grid, span, arch.head_dim)
         found.message = (f"the reference search paired no base with the seed over distances {span[0]}-{span[1]} "
                          f"(tolerance {tol}, then {max(tol, wider)}); bases by the paper's reading instead "

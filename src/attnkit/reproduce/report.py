@@ -137,20 +137,17 @@ def mdqa_claims(res: dict) -> list[dict]:
     if "curve" not in m:
         return []
     single, buckets = res["niah_names"]
-    raw = m["curve"][single][str(m["docs"])]["ends_minus_middle"]  # None with fewer than 3 positions
-    dip_est = stats.Estimate.from_dict(raw) if raw else stats.Estimate(None, None, None, 0)
-    dip = V.middle_dip(dip_est)
+    dip, dip_est = V.middle_dip_of(m["curve"][single][str(m["docs"])]["ends_minus_middle"])
     v_gain, d_gain = V.gain_where_dip(dip, m["correct"].get(single, []), m["correct"].get(buckets, []))
     where = f"{m['docs']} documents (about {m['tokens']} tokens), gold at {len(m['positions'])} positions"
+    one = stats.proportion(m["correct"].get(single, [])).text()
     if m.get("buckets_skipped"):  # the buckets did not run: the one base left them nothing to fix
-        gain_claim = {"ours": f"{stats.proportion(m['correct'].get(single, [])).text()} with one base (Wilson, every "
-                              f"position); buckets not run: {m['buckets_skipped']}",
+        gain_claim = {"ours": f"{one} with one base (Wilson, every position); buckets not run: {m['buckets_skipped']}",
                       "verdict": V.Verdict(V.NOT_MEASURABLE, "no middle dip shown on this model: nothing for "
                                                              "buckets to fix")}
     else:
-        gain_claim = {"ours": f"{stats.proportion(m['correct'].get(single, [])).text()} -> "
-                              f"{stats.proportion(m['correct'].get(buckets, [])).text()} (Wilson, every position); "
-                              f"gain {_diff(d_gain)}", "verdict": v_gain}
+        gain_claim = {"ours": f"{one} -> {stats.proportion(m['correct'].get(buckets, [])).text()} (Wilson, every "
+                              f"position); gain {_diff(d_gain)}", "verdict": v_gain}
     return [{"claim": "the model loses the middle of its context (one base)", "paper": "a U-shaped curve (Liu et al.)",
              "source": V.PAPER["middle-dip"]["source"],
              "ours": f"{where}: ends minus middle {_diff(dip_est)} points", "verdict": dip},

@@ -376,7 +376,6 @@ def buckets_mdqa(study: Study, systems: list) -> dict:
     the buckets do not run (their gain there would be judged not measurable whatever it was, and on
     a CPU they cost the base's time once per base) and `buckets_skipped` says why."""
     from attnkit.evals import mdqa as Q
-    from attnkit.evals import stats
     from attnkit.evals.plots import position_curve
     from attnkit.reproduce import verdicts as V
 
@@ -385,15 +384,15 @@ def buckets_mdqa(study: Study, systems: list) -> dict:
     if path is None or not path.is_file():
         return {"skipped": "no --data folder with lost_in_the_middle/nq-open-oracle.jsonl.gz"}
     positions = Q.positions_for(st.mdqa_docs, st.mdqa_positions)
+    questions = Q.load_nq(path)
 
     def answer(names: list[str]) -> list[dict]:
-        return Q.evaluate_mdqa(study.model, study.tokenizer, Q.load_nq(path), list(range(st.mdqa_questions)),
+        return Q.evaluate_mdqa(study.model, study.tokenizer, questions, list(range(st.mdqa_questions)),
                                st.mdqa_docs, positions, systems, study.out / "buckets_mdqa.jsonl", quiet=study.quiet,
                                chat_template=st.chat_template, run=names)
 
     rows = answer([systems[0].name])
-    raw = Q.curve(rows)[systems[0].name][str(st.mdqa_docs)]["ends_minus_middle"]
-    dip = V.middle_dip(stats.Estimate.from_dict(raw) if raw else stats.Estimate(None, None, None, 0))
+    dip, _ = V.middle_dip_of(Q.curve(rows)[systems[0].name][str(st.mdqa_docs)]["ends_minus_middle"])
     skipped = None
     if dip.word == V.HOLDS:
         rows = answer([s.name for s in systems])

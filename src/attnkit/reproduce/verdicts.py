@@ -105,6 +105,12 @@ def middle_dip(ends_minus_middle: stats.Estimate) -> Verdict:
                                                                          else "includes 0"))
 
 
+def middle_dip_of(raw: dict | None) -> tuple[Verdict, stats.Estimate]:
+    """`middle_dip` of a curve's stored "ends_minus_middle" (None with fewer than 3 positions)."""
+    est = stats.Estimate.from_dict(raw) if raw else stats.Estimate(None, None, None, 0)
+    return middle_dip(est), est
+
+
 def gain_where_dip(dip: Verdict, before: list, after: list) -> tuple[Verdict, stats.Estimate]:
     """`gain`, decided only where the model has a middle dip to fix: without one, not measurable."""
     verdict, diff = gain(before, after)
