@@ -303,7 +303,8 @@ def s2a_section(r: dict) -> list[str]:
               "[Wilson 95% interval], n examples; S2A - baseline paired by example.", ""]
     open_book = res.get("form") == "open-book"
     differs = {"sycophancy": "Ours differs: NaturalQuestions-Open questions (not TriviaQA) in SycophancyEval's "
-                             "opinion templates, scored by answer-alias match (no GPT-4 judge)."
+                             "opinion templates, scored by whether the answer asserts a gold alias (names it "
+                             "with no negation beside it; no GPT-4 judge)."
                              + (" Open-book: each question comes with its gold passage, so a model that cannot "
                                 "recall the trivia can still answer it; every question is asked plainly, with an "
                                 "incorrect answer suggested and with the correct one discouraged, and the claim "

@@ -46,9 +46,11 @@ def _evaluate(backend, task, examples, variants, results, done, sampling, judge,
     pipes = {v: S2A(backend, v, sampling, fallback, task.answer_suffix) for v in variants}
     with progress_bar(quiet) as bar:
         job = bar.add_task(f"s2a {task.name}", total=len(examples) * len(variants))
-        for key in [(task.name, ex.id, v) for v in variants for ex in examples if (task.name, ex.id, v) in done]:
-            rows[key] = done[key]
-            bar.advance(job)
+        for ex in examples:
+            for key in [(task.name, ex.id, v) for v in variants if (task.name, ex.id, v) in done]:
+                # the kept answers scored again by today's scorer (a judge's verdicts are kept as they are)
+                rows[key] = done[key] if task.needs_judge else {**done[key], **task.score(ex, done[key]["answer"])}
+                bar.advance(job)
         for i in range(0, len(examples), batch):
             for variant in variants:
                 chunk = [ex for ex in examples[i:i + batch] if (task.name, ex.id, variant) not in done]
