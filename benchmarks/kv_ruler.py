@@ -105,7 +105,7 @@ def systems_for(model, tok, scores_path: str, budgets: list[float], sink: int, w
     return out
 
 
-def probe_memory(model, tok, chosen, example, chat: bool, new_tokens: int) -> dict[str, dict]:
+def probe_memory(model, tok, chosen, example, chat: bool, new_tokens: int, answer_prefix: bool) -> dict[str, dict]:
     """Each system's memory on one prompt run alone, the prompt in one forward: key and value bytes
     held after it and the most held at once (`HeadKVCache.peak_kv_bytes`; the model's own cache holds
     all of it), the process's peak resident memory over the prefill and `new_tokens` decoding steps,
@@ -115,9 +115,9 @@ def probe_memory(model, tok, chosen, example, chat: bool, new_tokens: int) -> di
 
     from _rss import PeakRSS
 
-    from attnkit.core.generate import encode_prompts, prefill_prompt, step_logits, _session
+    from attnkit.core.generate import prefill_prompt, step_logits, _session
 
-    ids = encode_prompts(tok, [example.prompt(chat)], chat)[0]
+    ids = example.encode(tok, chat, answer_prefix)[0]
     out = {}
     for system, _ in chosen:
         with PeakRSS() as rss, torch.no_grad():
@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--kvpress-venv", type=Path, default=Path(__file__).resolve().parent / ".kvpress-venv")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward, every "
                     "system (0: the whole prompt at once; chunks spare a hybrid model's sliding layers)")
+    ap.add_argument("--no-answer-prefix", action="store_true", help="under the chat template, ask the question "
+                    "alone; default: the reply starts with RULER's answer prefix, as RULER and kvpress do")
     ap.add_argument("--question-after", action="store_true", help="compress each context before its question "
                     "arrives (query-agnostic, kvpress's default); default: the question inside the compressed prompt")
     ap.add_argument("--trials", type=Path, default=None, help="JSONL of every answer (default: beside the record)")
@@ -220,6 +222,8 @@ def main() -> None:
                                        "prefill_chunk": args.prefill_chunk or "whole prompt",
                                        "question": "after compression (query-agnostic)" if args.question_after
                                        else "in the compressed prompt (query-aware)",
+                                       "reply_prefix": "none (the question alone)" if args.no_answer_prefix
+                                       else "RULER's answer prefix (chat models)",
                                        "haystack": args.haystack.name if args.haystack else "attnkit filler prose"})
     trials = args.trials or (record.path.with_name(record.path.stem + "_trials.jsonl") if record.path else None)
     chosen = systems_for(model, tok, args.scores, budgets, args.sink, args.window, args.prefill_chunk or max(lengths) + 256,
@@ -230,12 +234,14 @@ def main() -> None:
     samples = {t: args.samples if t in R.NIAH_TASKS or args.other_samples is None else args.other_samples
                for t in tasks}
     rows = R.evaluate_ruler(model, tok, tasks, lengths, samples, [s for s, _ in chosen], trials, essays=essays,
-                            prefill_chunk=args.prefill_chunk or None, question_after=args.question_after)
+                            prefill_chunk=args.prefill_chunk or None, question_after=args.question_after,
+                            answer_prefix=not args.no_answer_prefix)
     from attnkit.core.decode import use_chat_template
     probe_example = R.make_example(tasks[0], tok, max(lengths), 0, essays, 0)
     probes = {}
     if args.probe_tokens:
-        probes = probe_memory(model, tok, chosen, probe_example, use_chat_template(tok, None), args.probe_tokens)
+        probes = probe_memory(model, tok, chosen, probe_example, use_chat_template(tok, None), args.probe_tokens,
+                              not args.no_answer_prefix)
     press_rows, press_probes = [], {}
     if args.kvpress:
         job = kvpress_job(model, tok, args, tasks, lengths, essays, trials, samples)
@@ -295,7 +301,6 @@ def kvpress_job(model, tok, args, tasks, lengths, essays, trials, samples: dict)
     from kv_vs_kvpress import count_for, duo_scores
 
     from attnkit.core.decode import eos_ids, use_chat_template
-    from attnkit.core.generate import encode_prompts
     from attnkit.core.models import pulled_path
     from attnkit.evals.runner import digest
 
@@ -307,13 +312,14 @@ def kvpress_job(model, tok, args, tasks, lengths, essays, trials, samples: dict)
         for L in lengths:
             for i in range(min(samples[t], args.kvpress_samples or samples[t])):
                 ex = R.make_example(t, tok, L, i, essays, 0)
-                ids = encode_prompts(tok, [ex.prompt(chat)], chat)[0][0].tolist()
+                ids = ex.encode(tok, chat, not args.no_answer_prefix)[0][0].tolist()
                 key = f"{t}-{L}-{i}-{digest(ids)}"  # rows never mix prompts
                 examples[key] = (t, L, i, ex, len(ids))
                 prompts.append({"id": key, "input_ids": ids, "max_new_tokens": R.ANSWER_TOKENS.get(t, 128),
                                 **({"no_own_pass": True} if args.own_pass_samples is not None
                                    and i >= args.own_pass_samples else {}),
-                                **({"question_from": R.question_start(tok, ex, chat)} if args.question_after else {})})
+                                **({"question_from": R.question_start(tok, ex, chat, not args.no_answer_prefix)}
+                                   if args.question_after else {})})
     targets = [float(x) for x in args.kvpress_targets.split(",")]
     sets = load_score_sets(args.scores) + ([] if args.no_recipe else list(pattern_scores(model, tok)))
     duo = duo_scores(sets, arch)
@@ -332,7 +338,8 @@ def kvpress_job(model, tok, args, tasks, lengths, essays, trials, samples: dict)
     marker = out.with_suffix(".settings.json")
     mine = {"model": args.model, "sink": args.sink, "window": args.window, "stop": "eos" if chat else "clean",
             "chat_template": chat, "essays": digest(essays) if essays else "built-in prose",
-            **({"question": "after compression"} if args.question_after else {})}
+            **({"question": "after compression"} if args.question_after else {}),
+            **({"reply_prefix": "RULER's answer prefix"} if chat and not args.no_answer_prefix else {})}
     if marker.is_file() and json.loads(marker.read_text()) != mine:
         raise SystemExit(f"{out} holds kvpress rows of other settings ({marker.read_text().strip()}): move it away")
     marker.write_text(json.dumps(mine))

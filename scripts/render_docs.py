@@ -312,7 +312,8 @@ def bench_kv_ruler(model: str = "smollm2-135m-instruct", device: str = "cpu", va
     lines += ["", f"*Mean RULER score (0-100, RULER's string match) [95% bootstrap interval], n prompts; haystack "
                   f"{head.get('haystack')}; heads chosen by {'copy + echo + induction' if head.get('recipe') else 'copy'} "
                   f"scores, full prefill{_chunks(head)} then trimmed; token budgets chosen by the "
-                  f"{_question(head)}; the same generated prompts for every cache.{how}*"]
+                  f"{_question(head)}; {head.get('reply_prefix', 'no answer prefix in a chat reply (a raw prompt ends with it)')}; "
+                  f"the same generated prompts for every cache.{how}*"]
     return "\n".join(lines)
 
 
@@ -412,7 +413,8 @@ def kv_ruler_trials(model: str = "qwen2.5-coder-1.5b-instruct", variant: str = "
     done = len({(k[0], k[2]) for k in keys})
     lines = [f"*{_rel(path)}: {done} prompts answered by every cache so far ({len(trials)} answers in all); "
              f"the run resumes from this file. Model {Path(run['model']).name}, {run['dtype']}, "
-             f"question {run.get('question', 'in the prompt')}; prefill chunk {run.get('prefill_chunk')}. "
+             f"question {run.get('question', 'in the prompt')}; {_reply(run)}; prefill chunk "
+             f"{run.get('prefill_chunk')}. "
              f"Rows: [`{_rel(path)}`]({_rel(path)}).*", ""] + _table(
         ["cache", "KV memory (target)", *tasks, "NIAH average", "share of the full cache's NIAH average",
          "minus full (paired)"], body) + [
@@ -425,6 +427,14 @@ def kv_ruler_trials(model: str = "qwen2.5-coder-1.5b-instruct", variant: str = "
                          f"the full cache's NIAH average (target {100 * wanted:.0f}%: "
                          f"{'met' if kept >= 100 * wanted else 'not met'}).")
     return "\n".join(lines)
+
+
+def _reply(run: dict) -> str:
+    """How a RULER run's chat replies began: RULER's answer prefix, or the question alone."""
+    if not run.get("chat_template"):
+        return "raw prompts ending with RULER's answer prefix"
+    return "the reply starting with RULER's answer prefix" if run.get("reply_prefix") else \
+        "the question alone (no answer prefix in the reply)"
 
 
 def _chunks(head: dict) -> str:
@@ -752,7 +762,8 @@ BLOCKS = {
     "bench-kv-ruler-gemma-16k-kernel15": lambda: bench_kv_ruler("gemma-3-270m", variant="_16k_kernel15",
                                                                 within=((0.5, 5.0),)),
     "kv-choice-gemma": lambda: kv_choice("gemma-3-270m", ("_16k", "_16k_kernel15"), "Gemma-3-270M"),
-    "kv-ruler-qwen-4k-question-after-progress": lambda: kv_ruler_trials(targets=((0.25, 0.95), (0.1, 0.9))),
+    "kv-ruler-qwen-4k-question-after-no-prefix-progress": lambda: kv_ruler_trials(
+        variant="_4k_question_after_no_prefix"),
     "kv-ruler-qwen-4k-memory-share": lambda: kv_ruler_trials(variant="_4k_memory_share"),
     "bench-mdqa-smollm2": bench_mdqa,
     "bench-mdqa-smollm2-20": lambda: bench_mdqa(variant="_20docs"),

@@ -135,19 +135,42 @@ def test_one_prefill_per_prompt_gives_the_answers_of_one_prefill_per_system(embe
                          share_prefill=True)
 
 
-def test_the_question_starts_where_the_context_ends(embedded):
-    from attnkit.core.generate import encode_prompts
+def test_a_chat_reply_starts_with_rulers_answer_prefix(smollm2, tmp_path):
+    """Under the chat template the answer prefix ("... they are:") opens the assistant's turn, as RULER
+    and kvpress ask chat models; without it the question alone; a raw prompt ends with it either way."""
+    from attnkit.evals.systems import System
 
-    _, tok = embedded
-    for chat in (False, True) if getattr(tok, "chat_template", None) else (False,):
-        ex = R.make_example("niah_multikey_1", tok, 1024, 0)
-        ids = encode_prompts(tok, [ex.prompt(chat)], chat)[0][0].tolist()
-        split = R.question_start(tok, ex, chat)
-        before, after = tok.decode(ids[:split]), tok.decode(ids[split:])
-        key = ex.meta["keys"][0]
-        assert ex.question[:20] not in before and before.count(key) == 1  # the needle only, not the question
-        assert ex.question.strip()[-20:] in after and split > 0.9 * len(ids)
-        assert ex.question.split()[0] in tok.decode(ids[split:split + 3])  # nothing of the context after it
+    model, tok = smollm2
+    ex = R.make_example("vt", tok, 512, 0)
+    with_prefix = tok.decode(ex.encode(tok, True)[0][0])
+    alone = tok.decode(ex.encode(tok, True, answer_prefix=False)[0][0])
+    assert with_prefix.endswith("assistant\n" + ex.answer_prefix) and alone.endswith("assistant\n")
+    assert with_prefix.startswith(alone) and ex.question in alone
+    assert tok.decode(ex.encode(tok, False)[0][0]).endswith(ex.answer_prefix)
+    assert ex.encode(tok, False)[0].tolist() == ex.encode(tok, False, answer_prefix=False)[0].tolist()
+    out, systems = tmp_path / "r.jsonl", [System("full cache", {})]
+    R.evaluate_ruler(model, tok, ["vt"], [512], 1, systems, out, quiet=True, max_new_tokens=4)
+    with pytest.raises(AttnkitError, match="other settings"):  # never resumed by a run that asks otherwise
+        R.evaluate_ruler(model, tok, ["vt"], [512], 1, systems, out, quiet=True, max_new_tokens=4,
+                         answer_prefix=False)
+
+
+@pytest.mark.parametrize("answer_prefix", [True, False])
+def test_the_question_starts_where_the_context_ends(embedded, smollm2, answer_prefix):
+    for tok in (embedded[1], smollm2[1]):
+        for chat in (False, True) if getattr(tok, "chat_template", None) else (False,):
+            _question_split_is_right(tok, chat, answer_prefix)
+
+
+def _question_split_is_right(tok, chat, answer_prefix):
+    ex = R.make_example("niah_multikey_1", tok, 1024, 0)
+    ids = ex.encode(tok, chat, answer_prefix)[0][0].tolist()
+    split = R.question_start(tok, ex, chat, answer_prefix)
+    before, after = tok.decode(ids[:split]), tok.decode(ids[split:])
+    key = ex.meta["keys"][0]
+    assert ex.question[:20] not in before and before.count(key) == 1  # the needle only, not the question
+    assert ex.question.strip()[-20:] in after and split > 0.9 * len(ids)
+    assert ex.question.split()[0] in tok.decode(ids[split:split + 3])  # nothing of the context after it
 
 
 def test_a_question_after_compression_reads_only_what_the_context_kept(embedded):

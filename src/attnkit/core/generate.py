@@ -317,15 +317,17 @@ def greedy_decode(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
     return generate(model, tokenizer, input_ids, None, technique, max_new_tokens, stop_rule, stop_strings).ids[0]
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False,
+                   reply_prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) of text prompts, each one user turn of the chat
-    template if asked."""
+    template if asked; `reply_prefix` (chat only): the start of the assistant's reply, written for it
+    (RULER's answer prefix), so the model continues it."""
     from attnkit.core.decode import left_padded, render_chat
 
     add_special = True
     if chat_template:
         rendered = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-        prompts, add_special = [text for text, _ in rendered], rendered[0][1]
+        prompts, add_special = [text + reply_prefix for text, _ in rendered], rendered[0][1]
     batch = left_padded(tokenizer, prompts, add_special_tokens=add_special)
     return batch["input_ids"], batch["attention_mask"]
 

@@ -110,6 +110,9 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
                                                           "the prompt the cache compresses (query-aware)"),
           prefill_chunk: int = typer.Option(2048, help="prompt tokens per prefill forward, every system (0: the "
                                                        "whole prompt at once)"),
+          answer_prefix: bool = typer.Option(True, help="under the chat template, start the reply with RULER's "
+                                                        "answer prefix, as RULER and kvpress do (off: the question "
+                                                        "alone)"),
           technique: Optional[str] = TECHNIQUE, settings: Optional[List[str]] = SETTINGS,
           chat_template: Optional[bool] = CHAT_TEMPLATE,
           device: str = DEVICE, dtype: str = DTYPE, device_map: Optional[str] = DEVICE_MAP,
@@ -151,7 +154,8 @@ def ruler(model: str = typer.Option("embedded", help=MODEL_HELP),
         systems.append(System(name, {entry(choice.name).row_field: name, **record.describe()}, record))
     rows = R.evaluate_ruler(mdl, tok, task_list, length_list, samples, systems, out, quiet=as_json,
                             chat_template=chat_template, essays=essays, seed=seed,
-                            prefill_chunk=prefill_chunk or None, question_after=question_after)
+                            prefill_chunk=prefill_chunk or None, question_after=question_after,
+                            answer_prefix=answer_prefix)
     summary = R.summarize_ruler(rows)
 
     def render():

@@ -85,18 +85,20 @@ def is_correct(answer: str, value: str) -> bool:
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int, technique=None, chat_template: bool = False,
-           shared=None, prefill_chunk: int | None = None, question_from: int | None = None) -> str:
+           shared=None, prefill_chunk: int | None = None, question_from: int | None = None,
+           reply_prefix: str = "") -> str:
     """Greedy answer to one prompt. A raw prompt's answer is cut at the first newline once it has
     begun; with `chat_template` the prompt is one user turn and the answer runs to the end of the turn.
     `shared`: this prompt already prefilled once for several caches (a record's `prefill_once` of
     `encode_prompts(tokenizer, [prompt], chat_template)`). `prefill_chunk`: prompt tokens per prefill
     forward (None: the technique's own, else the whole prompt). `question_from`: the prompt's tokens
     from this index on (its question) reach the cache only after the tokens before it were prefilled
-    and compressed (query-agnostic; `shared` then holds the tokens before it only)."""
+    and compressed (query-agnostic; `shared` then holds the tokens before it only). `reply_prefix`: the
+    start of the reply, written for the model after the chat template's assistant turn begins."""
     from ..core.generate import answer_text, continue_prompt, encode_prompts, generate, prefill_prompt
 
     stop = () if chat_template else ("\n",)
-    ids, mask = encode_prompts(tokenizer, [prompt], chat_template)
+    ids, mask = encode_prompts(tokenizer, [prompt], chat_template, reply_prefix)
     start = shared.start(model, technique) if shared is not None else None
     if question_from:
         if start is None:

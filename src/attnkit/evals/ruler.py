@@ -44,12 +44,22 @@ class RulerExample:
     context: str
     question: str
     answers: list[str]
-    answer_prefix: str = ""  # what a raw (no chat template) prompt ends with
+    answer_prefix: str = ""  # how the answer starts: a raw prompt ends with it, a chat reply begins with it
     meta: dict = field(default_factory=dict)
 
     def prompt(self, chat: bool) -> str:
         text = f"{self.context}\n\n{self.question}"
         return text if chat else f"{text} {self.answer_prefix}".rstrip()
+
+    def reply_prefix(self, chat: bool, answer_prefix: bool = True) -> str:
+        """What the assistant's reply starts with under the chat template: RULER's answer prefix (as
+        RULER and kvpress's pipeline give it), or nothing (`answer_prefix=False`: the question alone)."""
+        return self.answer_prefix if chat and answer_prefix else ""
+
+    def encode(self, tokenizer, chat: bool, answer_prefix: bool = True):
+        """(input_ids, attention_mask) of the prompt as every system of a run receives it."""
+        from ..core.generate import encode_prompts
+        return encode_prompts(tokenizer, [self.prompt(chat)], chat, self.reply_prefix(chat, answer_prefix))
 
 
 def score(output: str, answers: list[str]) -> float:
@@ -252,20 +262,20 @@ def _frequent_words(tokenizer, length: int, rng: random.Random) -> RulerExample:
 
 # ---------------------------------------------------------------- running and scoring
 
-def question_start(tokenizer, example: RulerExample, chat: bool) -> int:
-    """Index of the first token of `example`'s prompt (as `encode_prompts` gives it) that holds any of
-    its question: the tokens before it are the context a query-agnostic cache compresses alone."""
+def question_start(tokenizer, example: RulerExample, chat: bool, answer_prefix: bool = True) -> int:
+    """Index of the first token of `example`'s prompt (as `RulerExample.encode` gives it) that holds any
+    of its question: the tokens before it are the context a query-agnostic cache compresses alone."""
     from ..core.decode import render_chat
-    from ..core.generate import encode_prompts
 
     text, add_special = example.prompt(chat), True
     if chat:
         text, add_special = render_chat(tokenizer, [{"role": "user", "content": text}])
+        text += example.reply_prefix(chat, answer_prefix)
     try:
         enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     except NotImplementedError:
         raise AttnkitError("the question after compression needs a fast tokenizer (character offsets)") from None
-    if enc["input_ids"] != encode_prompts(tokenizer, [example.prompt(chat)], chat)[0][0].tolist():
+    if enc["input_ids"] != example.encode(tokenizer, chat, answer_prefix)[0][0].tolist():
         raise AttnkitError("this tokenizer encodes the prompt differently with offsets: cannot split its question")
     at = text.rfind(example.question)
     split = next((i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > at), None)
@@ -277,7 +287,8 @@ def question_start(tokenizer, example: RulerExample, chat: bool) -> int:
 def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: int | dict, systems: list,
                    out=None, quiet: bool = False, chat_template: bool | None = None, essays: str | None = None,
                    seed: int = 0, share_prefill: bool | None = None, prefill_chunk: int | None = None,
-                   question_after: bool = False, max_new_tokens: int | None = None) -> list[dict]:
+                   question_after: bool = False, max_new_tokens: int | None = None,
+                   answer_prefix: bool = True) -> list[dict]:
     """Rows {task, length, index, system, answer, score} for every (task, length, sample, system),
     through the one generation loop; rows go to `out` as they finish and a rerun resumes. `samples`:
     prompts per task and length, or {task: prompts}.
@@ -289,10 +300,11 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
     `question_after`: each prompt's context is prefilled and the cache compressed before its question
     arrives (query-agnostic, as kvpress measures by default); else the question is inside the
     compressed prompt (query-aware). `max_new_tokens`: at most this many answer tokens for every task
-    (None: RULER's own length per task); a run with a cap never resumes one without."""
+    (None: RULER's own length per task); a run with a cap never resumes one without. `answer_prefix`:
+    under the chat template the reply starts with RULER's answer prefix ("... they are:"), as RULER
+    and kvpress ask chat models; False asks the question alone (how the model answers unprompted)."""
     from ..core.decode import use_chat_template
     from ..core.family import architecture
-    from ..core.generate import encode_prompts
     from ..core.loading import model_identity
     from .kv_retrieval import answer
     from .runner import digest, run_grid
@@ -325,20 +337,21 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
         key = (cell["task"], cell["length"], cell["index"])
         if key not in examples:
             ex = make_example(key[0], tokenizer, key[1], key[2], essays, seed)
-            examples[key] = ex, question_start(tokenizer, ex, chat) if question_after else None
+            examples[key] = ex, question_start(tokenizer, ex, chat, answer_prefix) if question_after else None
         ex, split = examples[key]
         shared = None
         if share:
             if key not in prefilled:
                 prefilled.clear()
-                ids, mask = encode_prompts(tokenizer, [ex.prompt(chat)], chat)
+                ids, mask = ex.encode(tokenizer, chat, answer_prefix)
                 if split:
                     ids, mask = ids[:, :split], mask[:, :split]
                 prefilled[key] = runs_prefill.prefill_once(model, ids, mask, chunk=prefill_chunk, select_window=select)
             shared = prefilled[key]
         budget = ANSWER_TOKENS.get(ex.task, 128)
         text = answer(model, tokenizer, ex.prompt(chat), min(budget, max_new_tokens or budget),
-                      by_name[cell["system"]].technique, chat, shared, prefill_chunk, split)
+                      by_name[cell["system"]].technique, chat, shared, prefill_chunk, split,
+                      ex.reply_prefix(chat, answer_prefix))
         return {"answer": text, "answers": ex.answers, "score": score(text, ex.answers)}
 
     settings = None if out is None else {
@@ -346,7 +359,8 @@ def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], sampl
         "essays": digest(essays) if essays else "built-in prose", "systems": {s.name: s.fields for s in systems},
         **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}),
         **({"question": "after compression"} if question_after else {}),
-        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+        **({"reply_prefix": "RULER's answer prefix"} if chat and answer_prefix else {})}
     return run_grid(cells, ("task", "length", "index", "system"), work, out, "ruler", quiet, settings=settings)
 
 
