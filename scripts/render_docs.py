@@ -774,6 +774,7 @@ BLOCKS = {
     "bench-vllm-kv-smollm2": bench_vllm_kv,
     "bench-vllm-kv-smollm2-full-prefill": lambda: bench_vllm_kv(variant="_full_prefill"),
     "bench-vllm-kv-smollm2-full-prefill-batched2048": lambda: bench_vllm_kv(variant="_full_prefill_batched2048"),
+    "bench-vllm-kv-qwen": lambda: bench_vllm_kv("qwen2.5-coder-1.5b-instruct"),
     "bench-serve-throughput": bench_serve_throughput,
     "bench-serve-robustness": bench_serve_robustness,
     "bench-serve-vllm": bench_serve_vllm,
