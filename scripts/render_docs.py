@@ -762,6 +762,7 @@ BLOCKS = {
     "bench-kv-ruler-gemma-16k-kernel15": lambda: bench_kv_ruler("gemma-3-270m", variant="_16k_kernel15",
                                                                 within=((0.5, 5.0),)),
     "kv-choice-gemma": lambda: kv_choice("gemma-3-270m", ("_16k", "_16k_kernel15"), "Gemma-3-270M"),
+    "kv-ruler-qwen-4k-question-after-progress": lambda: kv_ruler_trials(targets=((0.25, 0.95), (0.1, 0.9))),
     "kv-ruler-qwen-4k-question-after-no-prefix-progress": lambda: kv_ruler_trials(
         variant="_4k_question_after_no_prefix"),
     "kv-ruler-qwen-4k-memory-share": lambda: kv_ruler_trials(variant="_4k_memory_share"),
