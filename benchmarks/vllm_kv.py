@@ -44,6 +44,7 @@ from attnkit.core.generate import Stopper, generate
 from attnkit.core.loading import load_config, load_model, resolve_spec
 from attnkit.evals import niah as N
 from attnkit.evals import stats
+from attnkit.evals.runner import progress_bar
 from attnkit.kvcache.plan import choosable, plan
 from attnkit.heads.patterns import pattern_scores
 from attnkit.heads.scores import load_scores
@@ -199,15 +200,17 @@ def main():
     if set(wanted) - set(hf):
         sys.exit(f"--attnkit-systems: choose among {', '.join(hf)}")
     for name, technique in (hf[w] for w in wanted):
-        for q in prompts:
-            if (name, q["id"]) not in finished:
-                ids = generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
-                               stop_rule="eos").ids[0]
-                finished[(name, q["id"])] = ids
-                with done.open("a") as fh:
-                    fh.write(json.dumps({"system": name, "prompt": q["id"], "ids": ids}) + "\n")
+        with progress_bar() as bar:
+            job = bar.add_task(name, total=len(prompts))
+            for q in prompts:
+                if (name, q["id"]) not in finished:
+                    ids = generate(model, tok, torch.tensor([q["input_ids"]]), None, technique, args.max_new_tokens,
+                                   stop_rule="eos").ids[0]
+                    finished[(name, q["id"])] = ids
+                    with done.open("a") as fh:
+                        fh.write(json.dumps({"system": name, "prompt": q["id"], "ids": ids}) + "\n")
+                bar.advance(job)
         outputs[name] = [finished[(name, q["id"])] for q in prompts]
-        print(f"{name}: done", flush=True)
     del model
     figures, loads = {}, {}
     config = load_config(args.model)
@@ -246,11 +249,13 @@ def main():
                                                      logs / f"vllm_{short}.log")
             keep({"system": name, "figures": figures[name]})
             try:
-                for q in prompts:
-                    if q["id"] not in answers:
-                        answers[q["id"]] = ask_vllm(base, q["input_ids"], args.max_new_tokens)
-                        keep({"system": name, "prompt": q["id"], "ids": answers[q["id"]]})
-                print(f"{name}: answered", flush=True)
+                with progress_bar() as bar:
+                    job = bar.add_task(name, total=len(prompts))
+                    for q in prompts:
+                        if q["id"] not in answers:
+                            answers[q["id"]] = ask_vllm(base, q["input_ids"], args.max_new_tokens)
+                            keep({"system": name, "prompt": q["id"], "ids": answers[q["id"]]})
+                        bar.advance(job)
                 for c in missing_load:
                     loads[name][c] = load(base, prompts, c, args.load_new_tokens)
                     keep({"system": name, "load": loads[name][c]})
