@@ -24,6 +24,7 @@ from attnkit.core.registry import choice
 from attnkit.errors import AttnkitError
 from attnkit.kvcache.technique import vllm_overrides
 from attnkit.kvcache.vllm_form import ARCHITECTURE, ARCHITECTURES, PLAN_KEY, head_letters, read_plan
+from attnkit.s2a import tasks as T
 from attnkit.serve import vllm
 from conftest import result_lines, tiny_config
 
@@ -205,8 +206,9 @@ def test_s2a_proxy_and_s2a_eval_over_real_vllm(plugin_vllm, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in result_lines(out) if "variant" in x]
     assert len(rows) == 4 and all(row["tokens"]["completion"] > 0 for row in rows)
-    for row in rows:  # scored from vLLM's answers by the task's rule (the alias among the answer's words)
-        assert row["score"] == float("paris" in re.findall(r"[a-z]+", row["answer"].lower()))
+    for row in rows:  # scored from vLLM's answers by the task's rule (the alias named, not negated)
+        assert row["mentioned"] == float("paris" in re.findall(r"[a-z]+", row["answer"].lower()))
+        assert row["score"] == float(T.asserted_match(row["answer"], ["Paris"]))
 
 
 @needs_vllm
