@@ -260,6 +260,9 @@ def main():
                     loads[name][c] = load(base, prompts, c, args.load_new_tokens)
                     keep({"system": name, "load": loads[name][c]})
                     print(f"{name}: load {loads[name][c]}", flush=True)
+            except httpx.HTTPError as e:  # the server died or failed a request: what it finished is kept
+                sys.exit(f"{name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); its log: {logs / f'vllm_{short}.log'}; "
+                         f"the answers and load rows so far are in {vdone}, and a rerun resumes from them")
             finally:
                 server.terminate()
                 server.wait(30)
