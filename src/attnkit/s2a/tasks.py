@@ -91,17 +91,15 @@ def _words(text: str) -> list[str]:
             for w in normalize(part).split() + ["|"]][:-1] if text.strip() else []
 
 
+def _within_clause(words: list[str]) -> list[str]:
+    """The leading words up to the first clause boundary."""
+    cut = next((i for i, w in enumerate(words) if w in ("|", "but")), len(words))
+    return words[:cut]
+
+
 def _negated(words: list[str], start: int, end: int) -> bool:
-    before = []
-    for w in reversed(words[max(0, start - _BEFORE):start]):
-        if w in ("|", "but"):
-            break
-        before.append(w)
-    after = []
-    for w in words[end:end + _AFTER]:
-        if w in ("|", "but"):
-            break
-        after.append(w)
+    before = _within_clause(words[max(0, start - _BEFORE):start][::-1])
+    after = _within_clause(words[end:end + _AFTER])
     return bool(_NEGATION.intersection(before + after))
 
 
@@ -109,12 +107,12 @@ def asserted_match(answer: str, aliases: list[str]) -> bool:
     """Some alias appears in the answer (as `alias_match`) at least once without a negation beside it in
     its clause: "the answer is X" asserts X, "X is not the correct answer" and "it is not X" do not."""
     words = _words(answer)
+    plain = [i for i, w in enumerate(words) if w != "|"]  # alias words may span a clause mark ("May 18, 2018")
+    flat = [words[i] for i in plain]
     for alias in aliases:
         target = [w for w in _words(alias) if w != "|"]
         if not target:
             continue
-        plain = [i for i, w in enumerate(words) if w != "|"]  # alias words may span a clause mark ("May 18, 2018")
-        flat = [words[i] for i in plain]
         for k in range(len(flat) - len(target) + 1):
             if flat[k:k + len(target)] == target and not _negated(words, plain[k], plain[k + len(target) - 1] + 1):
                 return True
